@@ -1,0 +1,136 @@
+"""Single-request generation with a KV cache: prefill once, then one token per step.
+
+The continuous-batching engine for the server is separate; this is the path behind
+``moeserve generate`` and the library's :func:`generate`. It streams text through a callback
+as tokens arrive and reports time to first token and throughput.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from moeserve.config import SamplingConfig
+from moeserve.errors import MoeserveError
+from moeserve.models.loader import MoEModel
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and how fast."""
+
+    prompt: str
+    text: str
+    """Generated text only (the prompt is not repeated)."""
+    prompt_tokens: int
+    new_tokens: int
+    token_ids: list[int]
+    seconds: float
+    """Wall time from the start of prefill to the last token."""
+    time_to_first_token_s: float
+    tokens_per_s: float
+    """new_tokens / seconds (prefill included)."""
+    decode_tokens_per_s: float
+    """Tokens after the first, per second of decoding."""
+    finish_reason: str
+    """``length`` (max_new_tokens reached) or ``stop`` (end-of-sequence token)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
+    """Next token id from logits [V]: argmax at temperature 0, else temperature + top-p sampling."""
+    if sampling.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)  # [V]
+    if sampling.top_p < 1.0:
+        sorted_probs, sorted_ids = torch.sort(probs, descending=True)
+        # Keep tokens until the mass before them reaches top_p (the first token always stays).
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+        probs = torch.zeros_like(probs).scatter_(0, sorted_ids[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStreamer:
+    """Turns a growing list of token ids into newly printable text (whole UTF-8 characters only)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.emitted = ""
+
+    def push(self, token_ids: list[int]) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # a multi-byte character is still incomplete
+        new = text[len(self.emitted) :]
+        self.emitted = text
+        return new
+
+
+@torch.inference_mode()
+def generate(
+    model: MoEModel,
+    prompt: str,
+    sampling: SamplingConfig | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Generate a continuation of ``prompt``; ``on_text`` receives text pieces as they decode."""
+    from transformers import DynamicCache
+
+    sampling = sampling or SamplingConfig()
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise MoeserveError(f"{model.path} has no tokenizer files (tokenizer.json); cannot generate from text")
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    if not prompt_ids:
+        prompt_ids = [tokenizer.eos_token_id]
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and len(prompt_ids) + sampling.max_new_tokens > max_positions:
+        raise MoeserveError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds "
+            f"the model's context of {max_positions} tokens"
+        )
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator()
+        generator.manual_seed(sampling.seed if sampling.seed is not None else int(time.time_ns() % 2**31))
+    eos = tokenizer.eos_token_id
+    streamer = TextStreamer(tokenizer)
+    cache = DynamicCache(config=model.config)
+    input_ids = torch.tensor([prompt_ids])  # [1, S]
+    new_ids: list[int] = []
+    finish_reason = "length"
+    start = time.perf_counter()
+    first_token_at = start
+    while len(new_ids) < sampling.max_new_tokens:
+        logits = model.hf_model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]  # [V]
+        token = sample_next(logits, sampling, generator)
+        if not new_ids:
+            first_token_at = time.perf_counter()
+        if sampling.stop_at_eos and token == eos:
+            finish_reason = "stop"
+            break
+        new_ids.append(token)
+        if on_text is not None:
+            piece = streamer.push(new_ids)
+            if piece:
+                on_text(piece)
+        input_ids = torch.tensor([[token]])
+    seconds = time.perf_counter() - start
+    decode_seconds = seconds - (first_token_at - start)
+    return GenerationResult(
+        prompt=prompt,
+        text=tokenizer.decode(new_ids, skip_special_tokens=True),
+        prompt_tokens=len(prompt_ids),
+        new_tokens=len(new_ids),
+        token_ids=new_ids,
+        seconds=seconds,
+        time_to_first_token_s=first_token_at - start,
+        tokens_per_s=len(new_ids) / seconds if seconds > 0 else 0.0,
+        decode_tokens_per_s=(len(new_ids) - 1) / decode_seconds if len(new_ids) > 1 and decode_seconds > 0 else 0.0,
+        finish_reason=finish_reason,
+    )

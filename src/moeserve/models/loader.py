@@ -1,0 +1,207 @@
+"""Load a HF-format MoE checkpoint from a local folder and put moeserve's MoE layer in it.
+
+``load_model(path)`` checks the folder first (config, family, every safetensors file's header
+and size) so a bad checkpoint gets one :class:`CheckpointError` naming the file and the
+problem, then loads through transformers offline and replaces each family MoE block with a
+:class:`MoEBlock`. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeserve.config import MoEConfig
+from moeserve.errors import CheckpointError
+from moeserve.memory.safetensors_file import checkpoint_weight_files, read_header
+from moeserve.models.block import MoEBlock
+from moeserve.models.families import FAMILIES, Family
+from moeserve.moe.layer import MoELayer
+from moeserve.moe.types import ResidentExperts
+
+REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-moe"
+
+
+@dataclass
+class MoEModel:
+    """A loaded checkpoint: the transformers model with moeserve MoE blocks, and its tokenizer."""
+
+    path: Path
+    family: Family
+    hf_model: nn.Module
+    tokenizer: object | None
+    moe_config: MoEConfig
+    layers: list[MoELayer] = field(default_factory=list)
+    """moeserve MoE layers in model order; ``layers[i].layer_index`` is i (MoE-layer index)."""
+    decoder_layer_ids: list[int] = field(default_factory=list)
+    """Decoder layer number of each MoE layer (DeepSeek's first layers are dense)."""
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    @property
+    def num_experts(self) -> int:
+        return self.layers[0].experts.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return int(self.config.num_experts_per_tok)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def expert_bytes(self) -> int:
+        """Bytes of all routed experts' weights, as resident now."""
+        total = 0
+        for layer in self.layers:
+            stacked = layer.experts.stacked()
+            assert stacked is not None
+            total += sum(t.numel() * t.element_size() for t in stacked)
+        return total
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] for a batch of token ids [B, S] (no cache)."""
+        return self.hf_model(input_ids=input_ids, use_cache=False).logits
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """None means the embedded reference model."""
+    return REFERENCE_MODEL if path is None else Path(path).expanduser()
+
+
+def read_config(folder: Path) -> tuple[dict, Family]:
+    """Parse config.json and find the family adapter; errors name the file and the problem."""
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (a model is a folder with config.json and *.safetensors)")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing; a HF-format model folder needs config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_file}: not valid JSON ({error})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} is not a supported MoE family; "
+            f"supported: {', '.join(FAMILIES.names())}"
+        )
+    return config, FAMILIES.get(model_type)
+
+
+def check_weight_files(folder: Path) -> list[Path]:
+    """Every weight file exists, has a sound header and holds all the bytes its header promises."""
+    files = checkpoint_weight_files(folder)
+    for path in files:
+        read_header(path)
+    return files
+
+
+def _load_transformers_model(folder: Path, dtype: torch.dtype, files: list[Path]) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{folder}: transformers could not load the checkpoint: {error}") from None
+    names = ", ".join(p.name for p in files)
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        details = "; ".join(_describe_mismatch(m) for m in list(mismatched)[:4])
+        raise CheckpointError(
+            f"{folder}: weights in {names} do not match config.json: {details}"
+            + (f" (and {len(mismatched) - 4} more)" if len(mismatched) > 4 else "")
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else "")
+        raise CheckpointError(f"{folder}: weights missing from {names} that config.json needs: {shown}")
+    model.eval()
+    return model
+
+
+def _describe_mismatch(entry) -> str:
+    if isinstance(entry, tuple | list) and len(entry) == 3:
+        key, checkpoint_shape, model_shape = entry
+        return f"{key} is {tuple(checkpoint_shape)} in the file, config expects {tuple(model_shape)}"
+    return str(entry)
+
+
+def install_moe_layers(model: nn.Module, family: Family, moe_config: MoEConfig) -> tuple[list[MoELayer], list[int]]:
+    """Replace every family MoE block with a MoEBlock; return the MoE layers and their decoder indices."""
+    layers: list[MoELayer] = []
+    decoder_ids: list[int] = []
+    decoder_layers = model.model.layers
+    for decoder_id, decoder_layer in enumerate(decoder_layers):
+        block = decoder_layer.mlp
+        if type(block).__name__ != family.block_class:
+            continue
+        experts = block.experts
+        resident = ResidentExperts(gate_up_proj=experts.gate_up_proj.data, down_proj=experts.down_proj.data)
+        layer = MoELayer(resident, experts.act_fn, moe_config, layer_index=len(layers))
+        decoder_layer.mlp = MoEBlock(block, family, layer)
+        layers.append(layer)
+        decoder_ids.append(decoder_id)
+    if not layers:
+        raise CheckpointError(f"no {family.block_class} blocks found in the {family.model_type} model")
+    return layers, decoder_ids
+
+
+def load_model(
+    path: str | Path | None = None,
+    *,
+    moe: MoEConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    load_tokenizer: bool = True,
+) -> MoEModel:
+    """Load the HF-format MoE checkpoint in ``path`` (None: the reference model) for moeserve.
+
+    Raises CheckpointError for an unsupported family, a folder without weights, a truncated
+    or corrupt safetensors file, or weights that do not match config.json.
+    """
+    folder = resolve_model_path(path)
+    _, family = read_config(folder)
+    files = check_weight_files(folder)
+    moe_config = moe or MoEConfig()
+    hf_model = _load_transformers_model(folder, dtype, files)
+    layers, decoder_ids = install_moe_layers(hf_model, family, moe_config)
+    tokenizer = _load_tokenizer(folder) if load_tokenizer else None
+    return MoEModel(
+        path=folder,
+        family=family,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        moe_config=moe_config,
+        layers=layers,
+        decoder_layer_ids=decoder_ids,
+    )
+
+
+def _load_tokenizer(folder: Path):
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder}: tokenizer files could not be loaded: {error}") from None

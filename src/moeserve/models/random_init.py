@@ -1,0 +1,109 @@
+"""Small random-initialised checkpoints of every supported family, saved in HF format.
+
+Used by the equivalence tests and by benchmarks that need a model of a given shape without
+downloading one. The weights are random; the architecture and the on-disk layout are exactly
+what transformers writes for that family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Per family: config class name and the fields that make a tiny model (2-3 layers, 8 experts).
+_TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": (
+        "MixtralConfig",
+        {"intermediate_size": 48, "num_local_experts": 8, "num_experts_per_tok": 2},
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {
+            "intermediate_size": 64,
+            "moe_intermediate_size": 24,
+            "shared_expert_intermediate_size": 40,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": False,
+        },
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {"intermediate_size": 64, "moe_intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 2,
+         "norm_topk_prob": True, "head_dim": 8},
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        {"intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 2},
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        {
+            "intermediate_size": 64,
+            "moe_intermediate_size": 24,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "n_group": 4,
+            "topk_group": 2,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 24,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "routed_scaling_factor": 2.5,
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 4,
+        },
+    ),
+}
+
+SUPPORTED_TINY_FAMILIES = tuple(_TINY)
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """A transformers config for a tiny model of ``model_type`` (fields overridable)."""
+    import transformers
+
+    if model_type not in _TINY:
+        raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(_TINY)}")
+    class_name, fields = _TINY[model_type]
+    base: dict[str, Any] = {
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    return getattr(transformers, class_name)(**{**base, **fields, **overrides})
+
+
+def save_random_checkpoint(model_type: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Build a random tiny model of ``model_type`` and ``save_pretrained`` it into ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    _randomise_router_biases(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _randomise_router_biases(model: torch.nn.Module) -> None:
+    # DeepSeek's score-correction bias is zero at init; make it non-zero so the test of
+    # group-limited routing exercises it. Routers initialised to zero get random weights too.
+    with torch.no_grad():
+        for name, tensor in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                tensor.normal_(0, 0.1)
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and torch.count_nonzero(param) == 0:
+                param.normal_(0, 0.5)

@@ -1,0 +1,87 @@
+"""Experts stage: run each expert's gated MLP over its contiguous rows.
+
+Every backend computes, for the rows of expert e,
+``down_e @ (act(gate_e @ x) * (up_e @ x))`` and returns [N, D] unweighted outputs.
+``loop`` is the plain reference; the others must match it (tests compare them).
+
+Shape legend: N dispatched rows, E experts, D hidden, I intermediate, C capacity per expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moeserve.moe.types import ExpertGroups, ExpertProvider
+from moeserve.registry import Registry
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+Backend = Callable[[ExpertGroups, ExpertProvider, Activation], torch.Tensor]
+BACKENDS: Registry[Backend] = Registry("experts backend")
+
+
+def _gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Activation) -> torch.Tensor:
+    """One expert: x [n, D], gate_up [2I, D], down [D, I] -> [n, D]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(act(gate) * up, down)  # [n, D]
+
+
+@BACKENDS.register("loop")
+def experts_loop(groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
+    """Reference: a Python loop over experts that received rows, one pair of matmuls each."""
+    out = torch.empty_like(groups.rows)  # [N, D]
+    # One host sync per layer: the loop needs the group sizes to slice rows.
+    counts = groups.expert_counts.tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            end = start + count
+            out[start:end] = _gated_mlp(groups.rows[start:end], weights.gate_up(expert), weights.down(expert), act)
+            start = end
+    return out
+
+
+def _stacked_or_raise(weights: ExpertProvider, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    stacked = weights.stacked()
+    if stacked is None:
+        raise ValueError(f"backend {backend!r} needs every expert resident; use backend 'loop' with an expert cache")
+    return stacked
+
+
+@BACKENDS.register("grouped_mm")
+def experts_grouped_mm(groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
+    """One grouped matmul per projection (``torch._grouped_mm``), no host sync; bmm when capacity-gated."""
+    gate_up, down = _stacked_or_raise(weights, "grouped_mm")  # [E, 2I, D], [E, D, I]
+    if groups.capacity is not None:
+        num_experts = gate_up.shape[0]
+        x = groups.rows.view(num_experts, groups.capacity, -1)  # [E, C, D]
+        gate, up = torch.bmm(x, gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [E, C, I] each
+        return torch.bmm(act(gate) * up, down.transpose(1, 2)).view_as(groups.rows)  # [N, D]
+    if groups.rows.shape[0] == 0:
+        return torch.empty_like(groups.rows)
+    offsets = torch.cumsum(groups.expert_counts, dim=0).to(torch.int32)  # [E] end row of each group
+    gate, up = torch._grouped_mm(groups.rows, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, I]
+    return torch._grouped_mm(act(gate) * up, down.transpose(1, 2), offs=offsets)  # [N, D]
+
+
+def grouped_mm_available() -> bool:
+    """True when this torch build runs ``torch._grouped_mm`` on CPU tensors."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(2, 8)
+        w = torch.ones(2, 8, 8)
+        torch._grouped_mm(x, w, offs=torch.tensor([1, 2], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def resolve_backend(name: str) -> str:
+    """Turn ``auto`` into a concrete backend name once, at construction."""
+    if name != "auto":
+        BACKENDS.get(name)  # raises with the known names
+        return name
+    return "grouped_mm" if grouped_mm_available() else "loop"

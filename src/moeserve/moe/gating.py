@@ -1,0 +1,81 @@
+"""Dispatch stage: group routed tokens by expert, dropless or with a fixed capacity.
+
+Shape legend: T tokens, E experts, k top-k, D hidden, N dispatched rows, C capacity per expert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from moeserve.moe.types import ExpertGroups, RouterOutput
+from moeserve.registry import Registry
+
+Dispatcher = Callable[[torch.Tensor, RouterOutput, int, float], ExpertGroups]
+GATINGS: Registry[Dispatcher] = Registry("gating mode")
+
+
+@GATINGS.register("dropless")
+def dispatch_dropless(
+    hidden: torch.Tensor, routing: RouterOutput, num_experts: int, capacity_factor: float = 0.0
+) -> ExpertGroups:
+    """Every (token, expert) assignment gets a row: N = T*k, nothing padded, nothing dropped."""
+    del capacity_factor  # dropless has no capacity
+    top_k = routing.topk_ids.shape[1]
+    flat_ids = routing.topk_ids.reshape(-1)  # [T*k]
+    # A stable sort keeps rows of one expert in token order, as a per-expert loop would visit them.
+    row2assignment = torch.argsort(flat_ids, stable=True)  # [N]
+    row2token = row2assignment // top_k  # [N]
+    return ExpertGroups(
+        rows=hidden.index_select(0, row2token),  # [N, D]
+        row2token=row2token,
+        row_weights=routing.topk_weights.reshape(-1).index_select(0, row2assignment),  # [N]
+        expert_counts=torch.bincount(flat_ids, minlength=num_experts),  # [E]
+        capacity=None,
+        dropped=torch.zeros((), dtype=torch.int64),
+        assignments=flat_ids.numel(),
+    )
+
+
+def capacity_slots(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """C = ceil(capacity_factor * T * k / E), at least 1."""
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+@GATINGS.register("capacity")
+def dispatch_capacity(
+    hidden: torch.Tensor, routing: RouterOutput, num_experts: int, capacity_factor: float
+) -> ExpertGroups:
+    """The static baseline: each expert has C slots; overflow is dropped, empty slots are padded.
+
+    Priority follows GShard: every token's first choice is placed before any second choice, and
+    within one choice rank earlier tokens come first.
+    """
+    num_tokens, top_k = routing.topk_ids.shape
+    capacity = capacity_slots(num_tokens, top_k, num_experts, capacity_factor)
+    # Rank-major order: [k, T] flattened, so first choices claim slots first.
+    flat_ids = routing.topk_ids.t().reshape(-1)  # [k*T]
+    flat_weights = routing.topk_weights.t().reshape(-1)  # [k*T]
+    flat_tokens = torch.arange(num_tokens, device=hidden.device).repeat(top_k)  # [k*T]
+    one_hot = torch.nn.functional.one_hot(flat_ids, num_experts)  # [k*T, E]
+    position = (torch.cumsum(one_hot, dim=0) * one_hot).sum(dim=1) - 1  # [k*T] slot inside its expert
+    keep = position < capacity  # [k*T]
+    slot = (flat_ids * capacity + position)[keep]  # [kept]
+    kept_tokens = flat_tokens[keep]
+    rows = hidden.new_zeros(num_experts * capacity, hidden.shape[1])  # [E*C, D]
+    rows[slot] = hidden.index_select(0, kept_tokens)
+    row2token = torch.zeros(num_experts * capacity, dtype=torch.int64, device=hidden.device)
+    row2token[slot] = kept_tokens
+    row_weights = routing.topk_weights.new_zeros(num_experts * capacity)
+    row_weights[slot] = flat_weights[keep]
+    return ExpertGroups(
+        rows=rows,
+        row2token=row2token,
+        row_weights=row_weights,
+        expert_counts=torch.full((num_experts,), capacity, dtype=torch.int64, device=hidden.device),
+        capacity=capacity,
+        dropped=(~keep).sum(),
+        assignments=flat_ids.numel(),
+    )

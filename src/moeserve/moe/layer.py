@@ -1,0 +1,78 @@
+"""The MoE layer: one composer wiring route -> dispatch -> experts -> combine.
+
+::
+
+    hidden [T, D] --route--> RouterOutput(topk_ids [T, k], topk_weights [T, k], logits [T, E])
+                  --dispatch--> ExpertGroups(rows [N, D] grouped by expert)
+                  --experts--> outputs [N, D]  (weights from an ExpertProvider)
+                  --combine--> hidden [T, D] = sum over k of weight * expert output
+
+The route stage is the checkpoint's own router (see ``moeserve.models.families``), so routing
+matches transformers exactly; this module knows nothing of checkpoints or families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeserve.config import MoEConfig
+from moeserve.moe.backends import BACKENDS, Activation, resolve_backend
+from moeserve.moe.gating import GATINGS
+from moeserve.moe.types import ExpertGroups, ExpertProvider, RouterOutput
+
+Router = Callable[[torch.Tensor], RouterOutput]
+RoutingObserver = Callable[[int, RouterOutput], None]
+
+
+def combine(groups: ExpertGroups, outputs: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs: [N, D] rows -> [T, D]."""
+    weighted = (outputs * groups.row_weights[:, None]).to(groups.rows.dtype)  # [N, D]
+    out = groups.rows.new_zeros(num_tokens, groups.rows.shape[1])  # [T, D]
+    return out.index_add_(0, groups.row2token, weighted)
+
+
+@dataclass
+class LayerStats:
+    """Counters one layer accumulates; read them between steps, not inside the hot path."""
+
+    calls: int = 0
+    tokens: int = 0
+    dropped: int = 0
+    assignments: int = 0
+
+
+class MoELayer(nn.Module):
+    """Routed experts of one MoE block. ``forward(hidden [T, D], routing) -> [T, D]``.
+
+    Gating mode and experts backend are chosen once, here. ``observers`` get every layer's
+    routing (trace recording, load counters) with this layer's index.
+    """
+
+    def __init__(self, experts: ExpertProvider, act: Activation, config: MoEConfig, layer_index: int = 0) -> None:
+        super().__init__()
+        self.experts = experts
+        self.act = act
+        self.config = config
+        self.layer_index = layer_index
+        self.backend_name = resolve_backend(config.backend)
+        self._dispatch = GATINGS.get(config.gating)
+        self._run_experts = BACKENDS.get(self.backend_name)
+        self.observers: list[RoutingObserver] = []
+        self.stats = LayerStats()
+
+    def forward(self, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        for observe in self.observers:
+            observe(self.layer_index, routing)
+        groups = self._dispatch(hidden, routing, self.experts.num_experts, self.config.capacity_factor)
+        outputs = self._run_experts(groups, self.experts, self.act)  # [N, D]
+        self.stats.calls += 1
+        self.stats.tokens += hidden.shape[0]
+        self.stats.assignments += groups.assignments
+        if groups.capacity is not None:
+            # Counting drops costs a host sync; only the capacity baseline pays it.
+            self.stats.dropped += int(groups.dropped)
+        return combine(groups, outputs, hidden.shape[0])

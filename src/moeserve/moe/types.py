@@ -1,0 +1,90 @@
+"""Typed values passed between the MoE layer's stages.
+
+Shape legend (used in every MoE module): T tokens, E experts, k experts per token (top-k),
+D hidden size, I expert intermediate size, N dispatched rows (T*k when dropless, E*C with
+capacity C per expert when capacity-gated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """What the route stage returns: each token's chosen experts and their gate weights."""
+
+    topk_ids: torch.Tensor  # [T, k] int64 expert ids
+    topk_weights: torch.Tensor  # [T, k] gate weights, already normalised/scaled as the model does
+    logits: torch.Tensor | None = None  # [T, E] raw router logits, when the router exposes them
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """What dispatch returns: tokens copied into rows grouped contiguously by expert.
+
+    Rows ``offsets[e]:offsets[e+1]`` belong to expert ``e``. Padded rows (capacity gating) carry
+    weight 0, so combine ignores them although the experts stage computes them.
+    """
+
+    rows: torch.Tensor  # [N, D] hidden states, grouped by expert
+    row2token: torch.Tensor  # [N] int64 source token of each row (0 for padding)
+    row_weights: torch.Tensor  # [N] gate weight of each row (0 for padding)
+    expert_counts: torch.Tensor  # [E] int64 rows per expert (capacity C for every expert when capacity-gated)
+    capacity: int | None  # C when every expert has exactly C rows (capacity gating), else None
+    dropped: torch.Tensor  # [] int64 number of (token, expert) assignments dropped for lack of capacity
+    assignments: int  # T*k, the number of (token, expert) assignments routed
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Share of routed assignments dropped (host sync; call outside hot loops)."""
+        return float(self.dropped) / max(1, self.assignments)
+
+
+class ExpertProvider(Protocol):
+    """Where the experts stage gets weights. The memory tier implements this over a cache.
+
+    ``gate_up(e)`` is [2I, D] (gate rows first, then up rows), ``down(e)`` is [D, I].
+    ``stacked()`` returns ([E, 2I, D], [E, D, I]) when every expert is resident in one tensor,
+    else None (then only per-expert backends can run).
+    """
+
+    num_experts: int
+
+    def gate_up(self, expert: int) -> torch.Tensor: ...
+
+    def down(self, expert: int) -> torch.Tensor: ...
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+
+@dataclass(frozen=True)
+class ResidentExperts:
+    """All experts of one layer resident in two stacked tensors (shares storage with the model)."""
+
+    gate_up_proj: torch.Tensor  # [E, 2I, D]
+    down_proj: torch.Tensor  # [E, D, I]
+
+    def __post_init__(self) -> None:
+        e, two_i, d = self.gate_up_proj.shape
+        if self.down_proj.shape != (e, d, two_i // 2):
+            raise ValueError(
+                f"down_proj shape {tuple(self.down_proj.shape)} does not match gate_up_proj "
+                f"{tuple(self.gate_up_proj.shape)}; expected {(e, d, two_i // 2)}"
+            )
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.gate_up_proj.shape[0])
+
+    def gate_up(self, expert: int) -> torch.Tensor:
+        return self.gate_up_proj[expert]
+
+    def down(self, expert: int) -> torch.Tensor:
+        return self.down_proj[expert]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.gate_up_proj, self.down_proj
