@@ -390,3 +390,12 @@ def test_store_rejects_inconsistent_experts(tmp_path, tensors, message):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=message):
         ExpertStore(tmp_path)
+
+
+def test_file_truncated_after_header_was_read(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(8)}, str(path))
+    header = read_header(path)
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match="ended early"):
+        read_tensor(header, "a")

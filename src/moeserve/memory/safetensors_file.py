@@ -226,7 +226,7 @@ def read_range_into(path: Path, offset: int, out: torch.Tensor) -> None:
     nbytes = out.numel() * out.element_size()
     if nbytes == 0:
         return
-    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    buffer = out.view(-1).view(torch.uint8).numpy().data  # a writable memoryview over out
     with path.open("rb") as f:
         f.seek(offset)
         filled = 0

@@ -276,7 +276,8 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {
+    # Any, not np.ndarray: numpy's stubs type **kwds of savez_compressed like its allow_pickle flag.
+    arrays: dict[str, Any] = {
         "experts": trace.experts,
         "offsets": trace.offsets,
         "meta": np.array(trace.meta.to_json()),  # 0-d str array, as in the published traces
@@ -285,9 +286,12 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
         arrays["weights"] = trace.weights
     partial = path.with_name(path.name + ".partial")
     # A file object stops numpy from appending ".npz" to names that lack it.
-    with open(partial, "wb") as file:
-        np.savez_compressed(file, **arrays)
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as file:
+            np.savez_compressed(file, **arrays)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -176,7 +176,7 @@ def _load_balance(known_ids: np.ndarray, num_experts: int) -> tuple[float, float
 def _temporal_locality(layer_experts: np.ndarray, known: np.ndarray, pair_in_sequence: np.ndarray) -> float:
     # A pair where either token's routing is wholly unknown says nothing about reuse, so it is
     # left out rather than counted as a miss.
-    routed = known.any(axis=1)  # [T]
+    routed = np.any(known, axis=1)  # [T]
     usable = pair_in_sequence & routed[:-1] & routed[1:]  # [T-1]
     current = layer_experts[:-1][usable]  # [P, K]
     following = layer_experts[1:][usable]  # [P, K]

@@ -1,0 +1,184 @@
+"""MoE layer invariants (STYLE.md 16): every backend against the loop reference, and the
+mixture identities that pin down dispatch and combine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeserve.config import MoEConfig
+from moeserve.moe.backends import BACKENDS, experts_loop
+from moeserve.moe.gating import capacity_slots, dispatch_capacity, dispatch_dropless
+from moeserve.moe.layer import MoELayer
+from moeserve.moe.types import ResidentExperts, RouterOutput
+
+T, E, K, D, I = 37, 6, 2, 16, 24  # tokens, experts, top-k, hidden, intermediate
+
+
+def _experts(num_experts: int = E, dtype=torch.float32, seed: int = 0) -> ResidentExperts:
+    generator = torch.Generator().manual_seed(seed)
+    return ResidentExperts(
+        gate_up_proj=(torch.randn(num_experts, 2 * I, D, generator=generator) / D**0.5).to(dtype),
+        down_proj=(torch.randn(num_experts, D, I, generator=generator) / I**0.5).to(dtype),
+    )
+
+
+def _routing(num_tokens: int = T, num_experts: int = E, top_k: int = K, seed: int = 1, skew: float = 0.0) -> RouterOutput:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    logits[:, 0] += skew  # skew > 0 makes expert 0 hot
+    weights, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+    return RouterOutput(topk_ids=ids, topk_weights=weights / weights.sum(-1, keepdim=True), logits=logits)
+
+
+def _dense_expert(x: torch.Tensor, experts: ResidentExperts, e: int) -> torch.Tensor:
+    gate, up = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ experts.down_proj[e].T
+
+
+def _hidden(num_tokens: int = T, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(num_tokens, D, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS.names())
+@pytest.mark.parametrize("num_tokens", [1, 2, 5, T, 300])
+def test_backends_match_loop_reference_dropless(backend, num_tokens):
+    experts, hidden, routing = _experts(), _hidden(num_tokens), _routing(num_tokens)
+    reference = MoELayer(experts, F.silu, MoEConfig(backend="loop"))(hidden, routing)
+    actual = MoELayer(experts, F.silu, MoEConfig(backend=backend))(hidden, routing)
+    torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS.names())
+def test_backends_match_loop_reference_bfloat16(backend):
+    experts, hidden, routing = _experts(dtype=torch.bfloat16), _hidden(64, torch.bfloat16), _routing(64)
+    reference = MoELayer(experts, F.silu, MoEConfig(backend="loop"))(hidden, routing)
+    actual = MoELayer(experts, F.silu, MoEConfig(backend=backend))(hidden, routing)
+    torch.testing.assert_close(actual.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS.names())
+def test_capacity_backends_match_loop(backend):
+    experts, hidden, routing = _experts(), _hidden(), _routing(skew=2.0)
+    config = MoEConfig(gating="capacity", capacity_factor=1.0)
+    reference = MoELayer(experts, F.silu, MoEConfig(gating="capacity", capacity_factor=1.0, backend="loop"))
+    actual = MoELayer(experts, F.silu, MoEConfig(gating=config.gating, capacity_factor=1.0, backend=backend))
+    torch.testing.assert_close(actual(hidden, routing), reference(hidden, routing), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_naive_per_token_mixture():
+    """Output of token t is sum_j w[t,j] * expert_{id[t,j]}(x_t), computed token by token."""
+    experts, hidden, routing = _experts(), _hidden(), _routing()
+    out = MoELayer(experts, F.silu, MoEConfig())(hidden, routing)
+    for t in range(T):
+        want = sum(
+            routing.topk_weights[t, j] * _dense_expert(hidden[t : t + 1], experts, int(routing.topk_ids[t, j]))
+            for j in range(K)
+        )
+        torch.testing.assert_close(out[t : t + 1], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS.names())
+def test_one_expert_equals_dense_mlp(backend):
+    experts, hidden = _experts(num_experts=1), _hidden()
+    routing = RouterOutput(topk_ids=torch.zeros(T, 1, dtype=torch.int64), topk_weights=torch.ones(T, 1))
+    out = MoELayer(experts, F.silu, MoEConfig(backend=backend))(hidden, routing)
+    torch.testing.assert_close(out, _dense_expert(hidden, experts, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS.names())
+def test_top_k_equal_to_num_experts_is_dense_mixture(backend):
+    experts, hidden = _experts(), _hidden()
+    routing = _routing(top_k=E)
+    out = MoELayer(experts, F.silu, MoEConfig(backend=backend))(hidden, routing)
+    # Every expert sees every token; weight them by each token's gate weight of that expert.
+    dense_weights = torch.zeros(T, E).scatter(1, routing.topk_ids, routing.topk_weights)  # [T, E]
+    want = sum(dense_weights[:, e : e + 1] * _dense_expert(hidden, experts, e) for e in range(E))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dropless_keeps_every_assignment_grouped_by_expert():
+    hidden, routing = _hidden(), _routing(skew=3.0)
+    groups = dispatch_dropless(hidden, routing, E)
+    assert groups.rows.shape == (T * K, D)
+    assert int(groups.dropped) == 0 and groups.dropped_fraction == 0.0
+    assert groups.expert_counts.tolist() == torch.bincount(routing.topk_ids.flatten(), minlength=E).tolist()
+    # Rows are grouped by expert in ascending order and each row is its token's hidden state.
+    row_experts = torch.repeat_interleave(torch.arange(E), groups.expert_counts)
+    assert torch.equal(groups.rows, hidden[groups.row2token])
+    assert bool((row_experts[1:] >= row_experts[:-1]).all())
+
+
+def test_capacity_drops_overflow_and_pads():
+    hidden, routing = _hidden(), _routing(skew=3.0)
+    capacity = capacity_slots(T, K, E, 1.0)
+    groups = dispatch_capacity(hidden, routing, E, 1.0)
+    assert groups.capacity == capacity == -(-T * K // E)
+    assert groups.rows.shape == (E * capacity, D)
+    counts = torch.bincount(routing.topk_ids.flatten(), minlength=E)
+    expected_dropped = int((counts - capacity).clamp(min=0).sum())
+    assert int(groups.dropped) == expected_dropped > 0
+    assert groups.dropped_fraction == pytest.approx(expected_dropped / (T * K))
+    # Padded rows carry weight 0; kept rows are copies of their token.
+    kept = groups.row_weights != 0
+    assert int(kept.sum()) == T * K - expected_dropped
+    assert torch.equal(groups.rows[kept], hidden[groups.row2token[kept]])
+
+
+def test_capacity_first_choices_win_slots():
+    # Two experts, capacity 1 each: token 0 and token 1 both choose expert 0 first.
+    hidden = _hidden(2)
+    routing = RouterOutput(topk_ids=torch.tensor([[0, 1], [0, 1]]), topk_weights=torch.full((2, 2), 0.5))
+    groups = dispatch_capacity(hidden, routing, 2, 0.5)  # C = ceil(0.5 * 2 * 2 / 2) = 1
+    assert groups.capacity == 1
+    assert groups.row2token.tolist() == [0, 0]  # expert 0 keeps token 0, expert 1 keeps token 0's 2nd choice
+    assert int(groups.dropped) == 2
+
+
+def test_large_capacity_equals_dropless():
+    experts, hidden, routing = _experts(), _hidden(), _routing(skew=2.0)
+    dropless = MoELayer(experts, F.silu, MoEConfig())(hidden, routing)
+    capacity = MoELayer(experts, F.silu, MoEConfig(gating="capacity", capacity_factor=float(E)))
+    torch.testing.assert_close(capacity(hidden, routing), dropless, rtol=1e-5, atol=1e-5)
+    assert capacity.stats.dropped == 0
+
+
+def test_layer_counts_drops_and_calls():
+    layer = MoELayer(_experts(), F.silu, MoEConfig(gating="capacity", capacity_factor=1.0))
+    layer(_hidden(), _routing(skew=3.0))
+    assert layer.stats.calls == 1 and layer.stats.tokens == T and layer.stats.assignments == T * K
+    assert layer.stats.dropped > 0
+
+
+def test_loop_backend_reads_experts_one_at_a_time():
+    """The loop reference only asks the provider for experts that received tokens."""
+    experts = _experts()
+    asked: list[int] = []
+
+    class Recording:
+        num_experts = E
+
+        def gate_up(self, e):
+            asked.append(e)
+            return experts.gate_up(e)
+
+        def down(self, e):
+            return experts.down(e)
+
+        def stacked(self):
+            return None
+
+    routing = RouterOutput(topk_ids=torch.tensor([[3, 1]]), topk_weights=torch.tensor([[0.7, 0.3]]))
+    groups = dispatch_dropless(_hidden(1), routing, E)
+    experts_loop(groups, Recording(), F.silu)
+    assert asked == [1, 3]
+
+
+def test_unknown_names_list_known_ones():
+    with pytest.raises(KeyError, match="known: grouped_mm, loop"):
+        MoELayer(_experts(), F.silu, MoEConfig(backend="nope"))
+    with pytest.raises(ValueError, match="gating must be"):
+        MoEConfig(gating="static")
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        MoEConfig(gating="capacity", capacity_factor=0)
