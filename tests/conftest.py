@@ -34,3 +34,11 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {family: save_random_checkpoint(family, root / family) for family in SUPPORTED_TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """The embedded reference model, loaded once through moeserve (fp32, dropless, auto backend)."""
+    from moeserve.models.loader import load_model
+
+    return load_model()

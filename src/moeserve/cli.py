@@ -66,6 +66,7 @@ def generate(
     """Generate text, streaming tokens to the terminal; reports tokens/s and time to first token."""
     from moeserve.config import SamplingConfig
     from moeserve.engine.generate import generate as run_generate
+    from moeserve.engine.generate import warm_up
     from moeserve.models.loader import load_model
     from moeserve.traces.record import RoutingRecorder
     from moeserve.traces.stats import trace_stats
@@ -73,6 +74,7 @@ def generate(
     try:
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         moe_model = load_model(model, moe=_moe_config(gating, capacity_factor, backend))
+        warm_up(moe_model)
         recorder = RoutingRecorder(moe_model) if routing or as_json else None
         if not as_json:
             console.print(f"[dim]{moe_model.name} ({moe_model.family.model_type}, {len(moe_model.layers)} MoE layers, "
@@ -106,6 +108,82 @@ def generate(
         from moeserve.traces.stats import render_stats_table
 
         console.print(render_stats_table(stats))
+
+
+@app.command("train-tiny")
+def train_tiny(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the model, tokenizer, training.json and README.md into.")],
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps (16 x 256 tokens each).")] = 1500,
+    max_minutes: Annotated[float, typer.Option(help="Stop training after this many minutes even if steps remain.")] = 18.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the reference MoE model (Mixtral architecture, 16 experts, top-2) on the standard library's source."""
+    from moeserve.models.reference import ReferenceModelConfig, train_reference_model, write_model_card
+
+    try:
+        cfg = ReferenceModelConfig(max_steps=max_steps, max_minutes=max_minutes, seed=seed)
+    except ValueError as error:
+        _fail(error)
+        return
+    result = train_reference_model(out, cfg, progress=True)
+    console.print(f"trained {result.steps} steps, {result.tokens_seen:,} tokens, final loss {result.final_loss}")
+    figures = write_model_card(out)
+    quality = figures["quality"]
+    console.print(f"held-out perplexity {quality['perplexity']:.2f}, next-token accuracy {quality['accuracy']:.4f}")
+    console.print(f"wrote {out}")
+
+
+@trace_app.command("record")
+def trace_record(
+    text: Annotated[Path, typer.Option("--text", help="Text file to run through the model (split into chunks).")],
+    out: Annotated[Path, typer.Option("--out", help="Output .npz (moeserve-trace/1).")],
+    chunk_chars: Annotated[int, typer.Option(help="Characters per sequence.")] = 4000,
+    max_tokens: Annotated[int, typer.Option(help="Tokens kept per sequence.")] = 1024,
+    max_sequences: Annotated[int | None, typer.Option(help="Stop after this many sequences.")] = None,
+    model: ModelArg = None,
+) -> None:
+    """Record the model's routing (expert ids and gate weights) over a text file."""
+    from rich.progress import Progress
+
+    from moeserve.models.loader import load_model
+    from moeserve.traces.format import save_trace
+    from moeserve.traces.record import record_texts, split_text_file
+
+    if not text.is_file():
+        _fail(MoeserveError(f"{text}: no such file"))
+    try:
+        moe_model = load_model(model)
+        chunks = split_text_file(text, chunk_chars)[:max_sequences]
+        with Progress(transient=True) as progress:
+            task = progress.add_task("recording", total=len(chunks))
+            trace = record_texts(moe_model, chunks, max_tokens, on_text=lambda: progress.advance(task))
+        save_trace(trace, out)
+    except (MoeserveError, ValueError) as error:
+        _fail(error)
+        return
+    console.print(f"wrote {out}: {trace.num_tokens:,} tokens, {trace.num_sequences} sequences, "
+                  f"{trace.num_layers} MoE layers, {trace.meta.num_experts} experts, top-{trace.meta.top_k}")
+
+
+@trace_app.command("stats")
+def trace_stats_command(
+    file: Annotated[Path, typer.Argument(help="A moeserve-trace/1 .npz file.")],
+    pairs: Annotated[int, typer.Option(help="Most co-activated pairs to list per layer.")] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per layer: load skew (max/mean), routing entropy, temporal locality, most co-activated pairs."""
+    from moeserve.traces.format import load_trace
+    from moeserve.traces.stats import render_stats_table, trace_stats
+
+    try:
+        stats = trace_stats(load_trace(file), top_pairs=pairs)
+    except MoeserveError as error:
+        _fail(error)
+        return
+    if as_json:
+        print(json.dumps(stats.to_dict()))
+    else:
+        console.print(render_stats_table(stats, pairs_shown=min(pairs, 3)))
 
 
 class _null:

@@ -13,7 +13,7 @@ from moeserve.moe.gating import capacity_slots, dispatch_capacity, dispatch_drop
 from moeserve.moe.layer import MoELayer
 from moeserve.moe.types import ResidentExperts, RouterOutput
 
-T, E, K, D, I = 37, 6, 2, 16, 24  # tokens, experts, top-k, hidden, intermediate
+T, E, K, D, I = 37, 6, 2, 16, 24  # noqa: E741  tokens, experts, top-k, hidden, intermediate
 
 
 def _experts(num_experts: int = E, dtype=torch.float32, seed: int = 0) -> ResidentExperts:

@@ -19,6 +19,9 @@ from moeserve.moe.types import RouterOutput
 class MoEBlock(nn.Module):
     """Drop-in replacement for one family MoE block: ``forward(hidden [B, S, D]) -> [B, S, D]``."""
 
+    gate: nn.Module
+    """The family's router: ``gate(hidden [T, D]) -> (logits [T, E], topk_weights [T, k], topk_ids [T, k])``."""
+
     def __init__(self, original: nn.Module, family: Family, layer: MoELayer) -> None:
         super().__init__()
         for name, child in original.named_children():

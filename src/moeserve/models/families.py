@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from moeserve.registry import Registry
 
-SharedExperts = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+SharedExperts = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,12 @@ class Family:
     """Output of the always-on shared expert(s) for flat hidden [T, D], or None."""
 
 
-def _qwen2_shared(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _qwen2_shared(block: Any, hidden: torch.Tensor) -> torch.Tensor:
     # Qwen2-MoE scales its shared expert by a learned sigmoid gate per token.
     return F.sigmoid(block.shared_expert_gate(hidden)) * block.shared_expert(hidden)
 
 
-def _deepseek_shared(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _deepseek_shared(block: Any, hidden: torch.Tensor) -> torch.Tensor:
     return block.shared_experts(hidden)
 
 

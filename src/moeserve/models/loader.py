@@ -12,9 +12,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from moeserve.config import MoEConfig
 from moeserve.errors import CheckpointError
@@ -33,8 +33,9 @@ class MoEModel:
 
     path: Path
     family: Family
-    hf_model: nn.Module
-    tokenizer: object | None
+    hf_model: Any
+    """transformers ``*ForCausalLM`` whose MoE blocks are MoEBlocks."""
+    tokenizer: Any | None
     moe_config: MoEConfig
     layers: list[MoELayer] = field(default_factory=list)
     """moeserve MoE layers in model order; ``layers[i].layer_index`` is i (MoE-layer index)."""
@@ -77,7 +78,7 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return REFERENCE_MODEL if path is None else Path(path).expanduser()
 
 
-def read_config(folder: Path) -> tuple[dict, Family]:
+def read_config(folder: Path) -> tuple[dict[str, Any], Family]:
     """Parse config.json and find the family adapter; errors name the file and the problem."""
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such folder")
@@ -96,7 +97,7 @@ def read_config(folder: Path) -> tuple[dict, Family]:
             f"{config_file}: model_type {model_type!r} is not a supported MoE family; "
             f"supported: {', '.join(FAMILIES.names())}"
         )
-    return config, FAMILIES.get(model_type)
+    return config, FAMILIES.get(str(model_type))
 
 
 def check_weight_files(folder: Path) -> list[Path]:
@@ -107,14 +108,14 @@ def check_weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _load_transformers_model(folder: Path, dtype: torch.dtype, files: list[Path]) -> nn.Module:
+def _load_transformers_model(folder: Path, dtype: torch.dtype, files: list[Path]) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             folder,
             dtype=dtype,
             local_files_only=True,
@@ -123,6 +124,7 @@ def _load_transformers_model(folder: Path, dtype: torch.dtype, files: list[Path]
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{folder}: transformers could not load the checkpoint: {error}") from None
+    model, info = loaded
     names = ", ".join(p.name for p in files)
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
@@ -146,7 +148,7 @@ def _describe_mismatch(entry) -> str:
     return str(entry)
 
 
-def install_moe_layers(model: nn.Module, family: Family, moe_config: MoEConfig) -> tuple[list[MoELayer], list[int]]:
+def install_moe_layers(model: Any, family: Family, moe_config: MoEConfig) -> tuple[list[MoELayer], list[int]]:
     """Replace every family MoE block with a MoEBlock; return the MoE layers and their decoder indices."""
     layers: list[MoELayer] = []
     decoder_ids: list[int] = []

@@ -191,10 +191,13 @@ def train_reference_model(out: Path, cfg: ReferenceModelConfig, progress: bool =
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, cfg.max_steps // 40)
 
-    def lr_at(step: int) -> float:
+    def lr_at(step: int, elapsed: float) -> float:
         if step < warmup:
             return cfg.learning_rate * (step + 1) / warmup
-        progress_fraction = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        # Cosine decay over whichever budget runs out first: steps or wall time.
+        by_steps = (step - warmup) / max(1, cfg.max_steps - warmup)
+        by_time = elapsed / (cfg.max_minutes * 60)
+        progress_fraction = min(1.0, max(by_steps, by_time))
         return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
 
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -216,7 +219,7 @@ def train_reference_model(out: Path, cfg: ReferenceModelConfig, progress: bool =
             starts = torch.randint(0, train_ids.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=generator)
             batch = torch.stack([train_ids[s : s + cfg.seq_len].long() for s in starts.tolist()])  # [B, S]
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = lr_at(step, time.perf_counter() - start)
             output = model(input_ids=batch, labels=batch)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
@@ -245,3 +248,75 @@ def train_reference_model(out: Path, cfg: ReferenceModelConfig, progress: bool =
         json.dumps({"config": asdict(cfg), "result": asdict(result), "held_out_every": cfg.held_out_every}, indent=2)
     )
     return result
+
+
+def write_model_card(out: Path, eval_tokens: int = 65_536) -> dict:
+    """Evaluate the trained model in ``out`` on the held-out files and write README.md there.
+
+    Returns the figures written (also saved in ``evaluation.json``).
+    """
+    from moeserve.models.evaluate import evaluate_tokens
+    from moeserve.models.loader import load_model
+
+    training = json.loads((out / "training.json").read_text())
+    cfg = ReferenceModelConfig(**training["config"])
+    model = load_model(out)
+    _, held_files = split_corpus(cfg.held_out_every)
+    held_ids = encode_corpus(model.tokenizer, read_texts(held_files))
+    quality, stats = evaluate_tokens(model, held_ids, seq_len=cfg.seq_len, max_tokens=eval_tokens, record_routing=True)
+    assert stats is not None
+    result = training["result"]
+    figures = {"quality": quality.to_dict(), "routing": stats.to_dict(), "training": result}
+    (out / "evaluation.json").write_text(json.dumps(figures, indent=2))
+    rows = "\n".join(
+        f"| {layer.layer} | {layer.load_skew:.2f} | {layer.normalized_entropy:.3f} | {layer.temporal_locality:.3f} |"
+        for layer in stats.layers
+    )
+    card = f"""# tiny-moe: moeserve's reference model
+
+A small Mixture-of-Experts language model of Python source, trained from scratch by
+`moeserve train-tiny` on this interpreter's standard library (`Lib/**/*.py`), with one file in
+{cfg.held_out_every} (by a hash of its path) held out. It is moeserve's embedded default: every command
+that takes a model runs on it with nothing downloaded. Licence: Apache-2.0, like moeserve.
+
+## Architecture (transformers `MixtralForCausalLM`)
+| field | value |
+|---|---|
+| decoder layers (all MoE) | {cfg.num_layers} |
+| routed experts per layer / top-k | {cfg.num_experts} / {cfg.top_k} |
+| hidden size / expert intermediate size | {cfg.hidden_size} / {cfg.intermediate_size} |
+| attention heads / KV heads | {cfg.num_heads} / {cfg.num_kv_heads} |
+| vocabulary (byte-level BPE, `tokenizers`) | {cfg.vocab_size} |
+| parameters (total / active per token) | {result['parameters']:,} / {result['active_parameters']:,} |
+| router load-balancing loss coefficient | {cfg.router_aux_loss_coef} |
+
+## Training
+| field | value |
+|---|---|
+| steps x batch x sequence | {result['steps']} x {cfg.batch_size} x {cfg.seq_len} |
+| tokens seen | {result['tokens_seen']:,} |
+| training tokens available / held-out tokens | {result['train_tokens']:,} / {result['held_out_tokens']:,} |
+| final training loss (LM + balancing) | {result['final_loss']} |
+| wall time | {result['seconds']:.0f} s on the machine that trained it (2 CPU cores) |
+
+## Held-out quality ({quality.tokens:,} next-token predictions on held-out files)
+| metric | value |
+|---|---|
+| perplexity | {quality.perplexity:.2f} |
+| next-token accuracy | {quality.accuracy:.4f} |
+
+## Routing on held-out text
+Load skew is max/mean tokens per expert (1.0 = even); temporal locality is the share of a
+token's experts that the next token reuses at the same layer (uniform random routing would give
+{stats.random_temporal_locality:.3f}).
+
+| layer | load skew (max/mean) | normalised entropy | temporal locality |
+|---|---|---|---|
+{rows}
+
+Mean: load skew {stats.mean_load_skew:.2f}, temporal locality {stats.mean_temporal_locality:.3f}.
+
+Reproduce: `moeserve train-tiny --out DIR` (then this card is written by the same command).
+"""
+    (out / "README.md").write_text(card)
+    return figures

@@ -52,7 +52,8 @@ class ExpertProvider(Protocol):
     else None (then only per-expert backends can run).
     """
 
-    num_experts: int
+    @property
+    def num_experts(self) -> int: ...
 
     def gate_up(self, expert: int) -> torch.Tensor: ...
 

@@ -1,0 +1,119 @@
+"""The machine's physical limits, measured in the same run as the benchmark they scale.
+
+``measure_machine(dtype)`` times large square matmuls (peak GFLOP/s in that dtype) and a
+large tensor copy (memory bandwidth, read + write bytes), median of a few repeats after a
+warm-up. Benchmarks divide an ideal time derived from these by their measured time
+(``roofline_fraction``), so results from a noisy shared machine stay comparable. This module
+knows nothing of MoE.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_MATMUL_SIZE = 2048
+"""Largest side of the square matmul; 2*n^3 = 17 GFLOP, enough to reach the BLAS plateau on CPU."""
+DEFAULT_COPY_BYTES = 256 * 2**20
+"""Bytes of the copied tensor; far above any last-level cache, so the copy streams from memory."""
+
+
+@dataclass(frozen=True)
+class MachinePeak:
+    """What the machine can do at best, as measured now."""
+
+    peak_gflops: float
+    """Best matmul throughput in GFLOP/s (2*n^3 flops per n x n x n product) in ``dtype``."""
+    bandwidth_gbs: float
+    """Copy bandwidth in GB/s (10^9 bytes), counting both the bytes read and the bytes written."""
+    dtype: torch.dtype
+    """Element type the matmul peak was measured in."""
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_matmul_gflops(
+    dtype: torch.dtype, size: int = DEFAULT_MATMUL_SIZE, repeats: int = 3, call_budget_s: float = 0.2
+) -> float:
+    """Best GFLOP/s of ``F.linear(a, w)`` (a @ w.T, the layout of every expert projection).
+
+    Square sizes double from 256 up to ``size``; growth stops once one product takes longer
+    than ``call_budget_s`` (bf16 on a CPU without bf16 instructions runs at a few GFLOP/s, so
+    a 2048 product would take seconds). Returns the median-of-repeats rate of the best size.
+    """
+    generator = torch.Generator().manual_seed(0)
+    best = 0.0
+    n = min(256, size)
+    while True:
+        a = torch.randn(n, n, generator=generator).to(dtype)
+        w = torch.randn(n, n, generator=generator).to(dtype)
+        seconds = median_seconds(lambda a=a, w=w: F.linear(a, w), repeats)
+        best = max(best, 2 * n**3 / seconds / 1e9)
+        if n >= size or seconds > call_budget_s:
+            return best
+        n = min(2 * n, size)
+
+
+@torch.inference_mode()
+def measure_copy_bandwidth(num_bytes: int = DEFAULT_COPY_BYTES, repeats: int = 3) -> float:
+    """GB/s of ``dst.copy_(src)`` for ``num_bytes``-sized tensors, counting read + write."""
+    numel = max(1, num_bytes // 4)
+    src = torch.ones(numel, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), repeats)
+    return 2 * numel * 4 / seconds / 1e9
+
+
+def measure_machine(
+    dtype: torch.dtype,
+    *,
+    matmul_size: int = DEFAULT_MATMUL_SIZE,
+    copy_bytes: int = DEFAULT_COPY_BYTES,
+    repeats: int = 3,
+) -> MachinePeak:
+    """Measure matmul peak in ``dtype`` and copy bandwidth now, in this process."""
+    return MachinePeak(
+        peak_gflops=measure_matmul_gflops(dtype, matmul_size, repeats),
+        bandwidth_gbs=measure_copy_bandwidth(copy_bytes, repeats),
+        dtype=dtype,
+    )
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_description() -> str:
+    """One line naming the CPU, its cores, torch's threads and versions, for every report."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"{cpu_model_name()}, {cores} cores available, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )

@@ -1,0 +1,50 @@
+"""The command line, run as a real subprocess: JSON outputs carry the documented keys and values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MOESERVE = [sys.executable, "-m", "moeserve.cli"]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*MOESERVE, *args], capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}: {result.stderr}")
+    return result
+
+
+def test_generate_json():
+    payload = json.loads(run("generate", "--prompt", "import sys\n", "--max-new-tokens", "8", "--json").stdout)
+    assert payload["new_tokens"] <= 8 and payload["prompt_tokens"] > 0
+    assert payload["tokens_per_s"] > 0 and payload["time_to_first_token_s"] > 0
+    assert isinstance(payload["text"], str)
+    assert len(payload["routing"]["layers"]) == 4 and payload["routing"]["num_experts"] == 16
+
+
+def test_trace_record_then_stats(tmp_path: Path):
+    text = tmp_path / "input.py"
+    text.write_text("def add(a, b):\n    return a + b\n\n" * 40)
+    out = tmp_path / "trace.npz"
+    run("trace", "record", "--text", str(text), "--out", str(out), "--chunk-chars", "300")
+    stats = json.loads(run("trace", "stats", str(out), "--json").stdout)
+    assert stats["num_layers"] == 4 and stats["top_k"] == 2 and stats["num_sequences"] >= 2
+    assert all(layer["load_skew"] >= 1.0 for layer in stats["layers"])
+
+
+def test_bad_model_folder_is_one_clear_error(tmp_path: Path):
+    result = run("generate", str(tmp_path / "missing"), "--json", check=False)
+    assert result.returncode == 2
+    assert "no such folder" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("trace", ["deepseek-v2-lite-puffin-a.npz", "mixtral-8x7b-gsm8k.npz"])
+def test_trace_stats_reads_shared_traces(shared_dir: Path, trace: str):
+    stats = json.loads(run("trace", "stats", str(shared_dir / "traces" / trace), "--json").stdout)
+    assert stats["num_experts"] in (64, 8)
+    assert stats["mean_temporal_locality"] > stats["random_temporal_locality"]
