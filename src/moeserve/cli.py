@@ -27,7 +27,7 @@ app.add_typer(trace_app, name="trace")
 app.add_typer(bench_app, name="bench")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ModelArg = Annotated[
     Path | None, typer.Argument(help="HF-format model folder (config.json, *.safetensors, tokenizer). Default: the reference model.")

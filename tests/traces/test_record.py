@@ -24,10 +24,16 @@ def test_record_texts_matches_router_and_round_trips(reference_model, tmp_path):
     hf = reference_model.hf_model
     with torch.inference_mode():
         hidden = hf.model.embed_tokens(ids)
-        captured = {}
-        handle = hf.model.layers[0].mlp.gate.register_forward_hook(lambda m, i, o: captured.setdefault("ids", o[2]))
-        hf(input_ids=ids, use_cache=False)
-        handle.remove()
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_ids(module, inputs, output) -> None:
+            captured["ids"] = output[2]
+
+        handle = hf.model.layers[0].mlp.gate.register_forward_hook(keep_ids)
+        try:
+            hf(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
     assert hidden.shape[1] == lengths[0]
     assert np.array_equal(np.sort(trace.experts[: lengths[0], 0], -1), np.sort(captured["ids"].numpy(), -1))
     path = save_trace(trace, tmp_path / "t.npz")
