@@ -136,19 +136,18 @@ def test_roofline_counts_useful_flops_and_touched_experts():
     assert roofline_seconds(shape, routing, torch.float32, memory_bound) == pytest.approx(expected_bytes)
 
 
-def test_reference_shape_without_model_uses_reference_architecture():
-    from moeserve.models.loader import REFERENCE_MODEL
+def test_reference_architecture_from_config_or_training_defaults(tmp_path):
+    from moeserve.models.reference import ReferenceModelConfig
 
-    if any(REFERENCE_MODEL.glob("*.safetensors")):
-        pytest.skip("the reference model exists; this covers the fallback before it is built")
-    layer = build_bench_layer("reference", None, 4, torch.float32)
-    expected = reference_architecture_shape(REFERENCE_MODEL)
-    assert (layer.shape.hidden_size, layer.shape.intermediate_size) == (
-        expected.hidden_size,
-        expected.intermediate_size,
-    )
-    assert (layer.shape.num_experts, layer.shape.top_k) == (expected.num_experts, expected.top_k)
-    assert layer.routing.topk_ids.shape == (4, expected.top_k)
+    defaults = ReferenceModelConfig()
+    shape = reference_architecture_shape(tmp_path)  # no config.json: the training defaults
+    assert (shape.hidden_size, shape.intermediate_size) == (defaults.hidden_size, defaults.intermediate_size)
+    assert (shape.num_experts, shape.top_k) == (defaults.num_experts, defaults.top_k)
+    config = {"hidden_size": 64, "intermediate_size": 96, "num_local_experts": 8, "num_experts_per_tok": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shape = reference_architecture_shape(tmp_path)
+    assert (shape.hidden_size, shape.intermediate_size, shape.num_experts, shape.top_k) == (64, 96, 8, 2)
+    assert shape.activation == "silu"
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])

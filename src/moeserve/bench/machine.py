@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,13 +67,18 @@ def measure_matmul_gflops(
     best = 0.0
     n = min(256, size)
     while True:
-        a = torch.randn(n, n, generator=generator).to(dtype)
-        w = torch.randn(n, n, generator=generator).to(dtype)
-        seconds = median_seconds(lambda a=a, w=w: F.linear(a, w), repeats)
+        seconds = median_seconds(
+            partial(F.linear, _random_matrix(n, dtype, generator), _random_matrix(n, dtype, generator)),
+            repeats,
+        )
         best = max(best, 2 * n**3 / seconds / 1e9)
         if n >= size or seconds > call_budget_s:
             return best
         n = min(2 * n, size)
+
+
+def _random_matrix(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, n, generator=generator).to(dtype)
 
 
 @torch.inference_mode()
