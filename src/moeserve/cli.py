@@ -33,6 +33,9 @@ ModelArg = Annotated[
     Path | None, typer.Argument(help="HF-format model folder (config.json, *.safetensors, tokenizer). Default: the reference model.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts instead of tables.")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help="torch intra-op threads (default: MOESERVE_NUM_THREADS, else torch's choice).")
+]
 
 
 def _fail(error: Exception) -> None:
@@ -61,6 +64,7 @@ def generate(
     capacity_factor: Annotated[float, typer.Option(help="Slots per expert factor for --gating capacity.")] = 1.25,
     backend: Annotated[str, typer.Option(help="Experts backend: auto, loop, grouped_mm.")] = "auto",
     routing: Annotated[bool, typer.Option("--routing", help="Also print per-layer routing facts of this run.")] = False,
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text, streaming tokens to the terminal; reports tokens/s and time to first token."""
@@ -71,7 +75,10 @@ def generate(
     from moeserve.traces.record import RoutingRecorder
     from moeserve.traces.stats import trace_stats
 
+    from moeserve.env import apply_thread_count
+
     try:
+        apply_thread_count(threads)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         moe_model = load_model(model, moe=_moe_config(gating, capacity_factor, backend))
         warm_up(moe_model)
@@ -184,6 +191,51 @@ def trace_stats_command(
         print(json.dumps(stats.to_dict()))
     else:
         console.print(render_stats_table(stats, pairs_shown=min(pairs, 3)))
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        _fail(MoeserveError(f"{option} takes comma-separated integers, got {text!r}"))
+        raise
+    if not values or any(v <= 0 for v in values):
+        _fail(MoeserveError(f"{option} needs positive integers, got {text!r}"))
+    return values
+
+
+@bench_app.command("moe-layer")
+def bench_moe_layer(
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint whose first MoE layer to time (default: the reference model).")] = None,
+    shape: Annotated[str, typer.Option(help="reference (the model's layer) or mixtral (Mixtral-8x7B-shaped, random weights, I scaled to fit).")] = "reference",
+    tokens: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "1,16,128,1024",
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    repeats: Annotated[int, typer.Option(help="Timed repeats per implementation and token count (median kept).")] = 7,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time one MoE layer: moeserve dropless and capacity gating vs transformers' experts, with the roofline."""
+    import torch
+
+    from moeserve.bench.moe_layer import SHAPE_NAMES, render_table, run_moe_layer_bench
+    from moeserve.env import apply_thread_count
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        _fail(MoeserveError(f"--dtype must be float32 or bfloat16, got {dtype!r}"))
+    if shape not in SHAPE_NAMES:
+        _fail(MoeserveError(f"--shape must be one of {', '.join(SHAPE_NAMES)}, got {shape!r}"))
+    token_counts = _int_list(tokens, "--tokens")
+    try:
+        apply_thread_count(threads)
+        result = run_moe_layer_bench(shape, model, token_counts, dtypes[dtype], repeats, progress=not as_json)
+    except (MoeserveError, ValueError) as error:
+        _fail(error)
+        return
+    if as_json:
+        print(result.to_json_text())
+    else:
+        console.print(render_table(result))
 
 
 class _null:

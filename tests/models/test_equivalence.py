@@ -9,8 +9,9 @@ from moeserve.config import MoEConfig
 from moeserve.models.block import MoEBlock
 from moeserve.models.loader import load_model
 from moeserve.models.random_init import SUPPORTED_TINY_FAMILIES
+from moeserve.moe.backends import BACKENDS as _BACKENDS
 
-BACKENDS = ["loop", "grouped_mm"]
+BACKENDS = _BACKENDS.names()
 
 
 def _reference(folder):

@@ -176,9 +176,34 @@ def test_loop_backend_reads_experts_one_at_a_time():
 
 
 def test_unknown_names_list_known_ones():
-    with pytest.raises(KeyError, match="known: grouped_mm, loop"):
+    with pytest.raises(KeyError, match="known: cpu, grouped_mm, loop"):
         MoELayer(_experts(), F.silu, MoEConfig(backend="nope"))
     with pytest.raises(ValueError, match="gating must be"):
         MoEConfig(gating="static")
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
         MoEConfig(gating="capacity", capacity_factor=0)
+
+
+def test_auto_backend_is_chosen_once_from_device_and_dtype():
+    from moeserve.moe.backends import cpu_has_native_low_precision_matmul, resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.float32) == "loop"
+    expected_bf16 = "loop" if cpu_has_native_low_precision_matmul() else "cpu"
+    assert resolve_backend("auto", cpu, torch.bfloat16) == expected_bf16
+    assert resolve_backend("grouped_mm", cpu, torch.float32) == "grouped_mm"
+    assert MoELayer(_experts(dtype=torch.bfloat16), F.silu, MoEConfig()).backend_name == expected_bf16
+
+
+def test_cpu_backend_fp32_compute_matches_reference_on_large_groups():
+    """bf16 groups of >= UPCAST_MIN_ROWS rows are computed in fp32: closer to an fp32 reference."""
+    from moeserve.moe.backends import UPCAST_MIN_ROWS
+
+    experts, hidden = _experts(dtype=torch.bfloat16), _hidden(4 * UPCAST_MIN_ROWS, torch.bfloat16)
+    routing = _routing(4 * UPCAST_MIN_ROWS)
+    fast = MoELayer(experts, F.silu, MoEConfig(backend="cpu"))(hidden, routing).float()
+    reference = MoELayer(experts, F.silu, MoEConfig(backend="loop"))(hidden, routing).float()
+    full_precision = ResidentExperts(experts.gate_up_proj.float(), experts.down_proj.float())
+    exact = MoELayer(full_precision, F.silu, MoEConfig(backend="loop"))(hidden.float(), routing)
+    torch.testing.assert_close(fast, reference, rtol=3e-2, atol=3e-2)
+    assert (fast - exact).abs().mean() <= (reference - exact).abs().mean()

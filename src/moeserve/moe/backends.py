@@ -43,6 +43,46 @@ def experts_loop(groups: ExpertGroups, weights: ExpertProvider, act: Activation)
     return out
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+UPCAST_MIN_ROWS = 16
+"""Rows from which an expert's bf16/fp16 matmuls run faster in fp32 on a CPU without native
+low-precision matmul: converting the weights costs about as much as 16 rows of emulated bf16
+matmul (measured on an AVX2 CPU at D=4096, I=1024; at D=128 the crossover is 2 rows)."""
+
+
+def cpu_has_native_low_precision_matmul() -> bool:
+    """True when the CPU advertises bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+@BACKENDS.register("cpu")
+def experts_cpu(groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
+    """The CPU fast path: the loop over experts with work, and bf16/fp16 groups of at least
+    ``UPCAST_MIN_ROWS`` rows computed in fp32 (for CPUs that only emulate low-precision matmul;
+    ``resolve_backend`` picks ``loop`` instead where the CPU has native instructions)."""
+    if groups.rows.dtype not in LOW_PRECISION:
+        return experts_loop(groups, weights, act)
+    out = torch.empty_like(groups.rows)  # [N, D]
+    counts = groups.expert_counts.tolist()  # one host sync per layer, as in the loop reference
+    start = 0
+    for expert, count in enumerate(counts):
+        if not count:
+            continue
+        end = start + count
+        rows, gate_up, down = groups.rows[start:end], weights.gate_up(expert), weights.down(expert)
+        if count >= UPCAST_MIN_ROWS:
+            out[start:end] = _gated_mlp(rows.float(), gate_up.float(), down.float(), act)
+        else:
+            out[start:end] = _gated_mlp(rows, gate_up, down, act)
+        start = end
+    return out
+
+
 def _stacked_or_raise(weights: ExpertProvider, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     stacked = weights.stacked()
     if stacked is None:
@@ -67,21 +107,22 @@ def experts_grouped_mm(groups: ExpertGroups, weights: ExpertProvider, act: Activ
 
 
 def grouped_mm_available() -> bool:
-    """True when this torch build runs ``torch._grouped_mm`` on CPU tensors."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        x = torch.ones(2, 8)
-        w = torch.ones(2, 8, 8)
-        torch._grouped_mm(x, w, offs=torch.tensor([1, 2], dtype=torch.int32))
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
+    """True when this torch build has ``torch._grouped_mm`` (CUDA kernels; a loop on CPU)."""
+    return hasattr(torch, "_grouped_mm")
 
 
-def resolve_backend(name: str) -> str:
-    """Turn ``auto`` into a concrete backend name once, at construction."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn ``auto`` into a concrete backend name once, at construction.
+
+    On CUDA: ``grouped_mm``. On CPU: ``torch._grouped_mm`` is a loop of matmuls over every
+    group, empty ones included, so the per-expert loop is as fast at 1024 tokens and faster at
+    decode; low-precision weights take the ``cpu`` path unless the CPU has bf16 instructions.
+    """
     if name != "auto":
         BACKENDS.get(name)  # raises with the known names
         return name
-    return "grouped_mm" if grouped_mm_available() else "loop"
+    if device.type == "cuda":
+        return "grouped_mm" if grouped_mm_available() else "loop"
+    if dtype in LOW_PRECISION and not cpu_has_native_low_precision_matmul():
+        return "cpu"
+    return "loop"

@@ -28,6 +28,8 @@ def dispatch_dropless(
     # A stable sort keeps rows of one expert in token order, as a per-expert loop would visit them.
     row2assignment = torch.argsort(flat_ids, stable=True)  # [N]
     row2token = row2assignment // top_k  # [N]
+    assignment2row = torch.empty_like(row2assignment)
+    assignment2row[row2assignment] = torch.arange(row2assignment.numel(), device=row2assignment.device)  # [T*k]
     return ExpertGroups(
         rows=hidden.index_select(0, row2token),  # [N, D]
         row2token=row2token,
@@ -36,6 +38,8 @@ def dispatch_dropless(
         capacity=None,
         dropped=torch.zeros((), dtype=torch.int64),
         assignments=flat_ids.numel(),
+        assignment2row=assignment2row,
+        topk_weights=routing.topk_weights,
     )
 
 

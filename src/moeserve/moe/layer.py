@@ -29,8 +29,18 @@ RoutingObserver = Callable[[int, RouterOutput], None]
 
 
 def combine(groups: ExpertGroups, outputs: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs: [N, D] rows -> [T, D]."""
-    weighted = (outputs * groups.row_weights[:, None]).to(groups.rows.dtype)  # [N, D]
+    """Weighted sum of each token's expert outputs: [N, D] rows -> [T, D].
+
+    Dropless groups are combined by a gather into [T, k, D] and a sum over k: no scatter, whose
+    CPU kernel stalls on thread synchronisation even for a single token. Capacity groups (some
+    assignments dropped, some rows padding) scatter-add their weighted rows.
+    """
+    if groups.assignment2row is not None and groups.topk_weights is not None:
+        num_slots = groups.topk_weights.shape[1]
+        per_slot = outputs.index_select(0, groups.assignment2row).view(num_tokens, num_slots, -1)  # [T, k, D]
+        weights = groups.topk_weights.to(outputs.dtype)[:, :, None]  # [T, k, 1]
+        return (per_slot * weights).sum(dim=1)  # [T, D]
+    weighted = outputs * groups.row_weights.to(outputs.dtype)[:, None]  # [N, D]
     out = groups.rows.new_zeros(num_tokens, groups.rows.shape[1])  # [T, D]
     return out.index_add_(0, groups.row2token, weighted)
 
@@ -58,7 +68,8 @@ class MoELayer(nn.Module):
         self.act = act
         self.config = config
         self.layer_index = layer_index
-        self.backend_name = resolve_backend(config.backend)
+        reference_weight = experts.gate_up(0)
+        self.backend_name = resolve_backend(config.backend, reference_weight.device, reference_weight.dtype)
         self._dispatch = GATINGS.get(config.gating)
         self._run_experts = BACKENDS.get(self.backend_name)
         self.observers: list[RoutingObserver] = []

@@ -37,6 +37,10 @@ class ExpertGroups:
     capacity: int | None  # C when every expert has exactly C rows (capacity gating), else None
     dropped: torch.Tensor  # [] int64 number of (token, expert) assignments dropped for lack of capacity
     assignments: int  # T*k, the number of (token, expert) assignments routed
+    assignment2row: torch.Tensor | None = None
+    """[T*k] row holding each (token, slot) assignment, when every assignment has one (dropless)."""
+    topk_weights: torch.Tensor | None = None
+    """[T, k] gate weights in token order, kept with ``assignment2row`` for the gather combine."""
 
     @property
     def dropped_fraction(self) -> float:
