@@ -71,11 +71,10 @@ def generate(
     from moeserve.config import SamplingConfig
     from moeserve.engine.generate import generate as run_generate
     from moeserve.engine.generate import warm_up
+    from moeserve.env import apply_thread_count
     from moeserve.models.loader import load_model
     from moeserve.traces.record import RoutingRecorder
     from moeserve.traces.stats import trace_stats
-
-    from moeserve.env import apply_thread_count
 
     try:
         apply_thread_count(threads)
