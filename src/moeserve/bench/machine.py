@@ -98,9 +98,17 @@ def measure_machine(
     copy_bytes: int = DEFAULT_COPY_BYTES,
     repeats: int = 3,
 ) -> MachinePeak:
-    """Measure matmul peak in ``dtype`` and copy bandwidth now, in this process."""
+    """Measure matmul peak for ``dtype`` data and copy bandwidth now, in this process.
+
+    For bf16/fp16 the peak is the better of a native low-precision matmul and an fp32 matmul:
+    a CPU without bf16 instructions multiplies bf16 data fastest by converting it to fp32 (what
+    moeserve's ``cpu`` backend does), so the native figure alone would understate the limit.
+    """
+    peak = measure_matmul_gflops(dtype, matmul_size, repeats)
+    if dtype in (torch.bfloat16, torch.float16):
+        peak = max(peak, measure_matmul_gflops(torch.float32, matmul_size, repeats))
     return MachinePeak(
-        peak_gflops=measure_matmul_gflops(dtype, matmul_size, repeats),
+        peak_gflops=peak,
         bandwidth_gbs=measure_copy_bandwidth(copy_bytes, repeats),
         dtype=dtype,
     )

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from moeserve.memory.policies import EVICTION_POLICIES, EvictionPolicy
+from moeserve.memory.policies import EVICTION_POLICIES, EvictionPolicy, LRUPolicy
 from moeserve.traces.format import UNKNOWN_EXPERT, Trace
 
 SCOPES = ("per-layer", "global")
@@ -134,62 +134,138 @@ def check_capacity(capacity: int, num_experts: int, top_k: int) -> None:
             f"experts of a layer resident at once"
         )
     if capacity > num_experts:
-        raise ValueError(f"capacity {capacity} exceeds num_experts {num_experts}; the maximum is {num_experts}")
+        raise ValueError(
+            f"capacity {capacity} exceeds num_experts {num_experts}; the maximum is {num_experts}"
+        )
 
 
-def replay(
-    steps: Sequence[Sequence[int]], policy: EvictionPolicy, capacity: int
-) -> list[int]:
+def replay(steps: Sequence[Sequence[int]], policy: EvictionPolicy, capacity: int) -> list[int]:
     """Run ``steps`` (each a sequence of distinct non-negative keys) through one cache.
 
     The cache starts empty and holds at most ``capacity`` keys; ``policy`` is prepared with
-    ``steps`` first (only ``belady`` reads them). Returns the hits of every step (list of len
-    ``len(steps)``); the misses of a step are ``len(steps[time]) - hits[time]``. Raises
-    ``ValueError`` for a step wider than ``capacity`` and :class:`PolicyContractError` when the
-    policy evicts a key that is not resident or that the current step needs.
+    ``steps`` first (only policies with ``needs_stream`` read them). Returns the hits of every
+    step (a list of ``len(steps)``); the misses of a step are ``len(steps[time]) - hits[time]``.
+    Raises ``ValueError`` for a step wider than ``capacity`` and :class:`PolicyContractError`
+    when the policy evicts a key that is not resident, that the step needs, or not as many as
+    asked.
     """
     policy.prepare(steps)
     resident: set[int] = set()
     hits_per_step = [0] * len(steps)
-    on_hit, on_insert, evict = policy.on_hit, policy.on_insert, policy.evict
+    evict, on_step = policy.evict, policy.on_step
     for time, keys in enumerate(steps):
-        hits = 0
-        for key in keys:
-            if key in resident:
-                hits += 1
-                on_hit(key, time)
-        if hits < len(keys):
-            if len(keys) > capacity:
-                raise ValueError(f"step {time} needs {len(keys)} keys at once, more than capacity {capacity}")
-            for key in keys:
-                if key in resident:
-                    continue
-                if len(resident) >= capacity:
-                    victim = evict(keys, time)
+        loaded = [key for key in keys if key not in resident]
+        if loaded:
+            overflow = len(resident) + len(loaded) - capacity
+            if overflow > 0:
+                if len(keys) > capacity:
+                    raise ValueError(
+                        f"step {time} needs {len(keys)} keys at once, more than capacity {capacity}"
+                    )
+                victims = evict(overflow, keys, time)
+                if len(victims) != overflow or len(set(victims)) != overflow:
+                    raise PolicyContractError(
+                        f"{type(policy).__name__} returned {victims} at step {time}; "
+                        f"asked for {overflow} distinct keys"
+                    )
+                for victim in victims:
                     if victim not in resident or victim in keys:
                         state = "is needed by the current step" if victim in keys else "is not resident"
                         raise PolicyContractError(
                             f"{type(policy).__name__} evicted key {victim} at step {time}, which {state}"
                         )
                     resident.remove(victim)
-                resident.add(key)
-                on_insert(key, time)
-        hits_per_step[time] = hits
+            resident.update(loaded)
+        on_step(keys, loaded, time)
+        hits_per_step[time] = len(keys) - len(loaded)
     return hits_per_step
 
 
-def _layer_steps(layer_experts: np.ndarray, offset: int = 0) -> list[list[int]]:
-    """Rows of ``layer_experts`` [T, K] as key lists (+ ``offset``), -1 and repeated ids dropped."""
-    if layer_experts.size == 0:
-        return [[] for _ in range(layer_experts.shape[0])]
-    ordered = np.sort(layer_experts, axis=1)  # [T, K]
-    clean = (ordered[:, 0] != UNKNOWN_EXPERT).all() and not (ordered[:, 1:] == ordered[:, :-1]).any()
-    keys = layer_experts.astype(np.int64) + offset  # [T, K]
-    if clean:
-        return keys.tolist()
-    return [
-        [key for key in dict.fromkeys(row) if key != UNKNOWN_EXPERT + offset] for row in keys.tolist()
-    ]
+NEVER = np.iinfo(np.int64).max
+"""Stack distance of a key's first request: no capacity makes it a hit."""
+
+
+def lru_stack_distances(ids: np.ndarray, num_keys: int) -> np.ndarray:
+    """int64 [n, K]: each request's rank in the LRU order at the start of its step.
+
+    ``ids``: int [n, K] distinct keys per step in ``[0, num_keys)``, -1 for none. The rank of
+    request (t, j) is how many keys were used more recently than ``ids[t, j]``'s last use: the
+    distinct keys of the steps in between, plus the keys after it in the row of that step (the
+    order :class:`~moeserve.memory.policies.LRUPolicy` refreshes a step's keys in). First
+    requests and -1 entries get :data:`NEVER`.
+
+    LRU with pinned steps is a stack algorithm: after every step its cache holds the
+    ``capacity`` most recent keys (the step's own keys are the most recent, and only older ones
+    are evicted). So a request hits an LRU cache of capacity C >= K exactly when its rank is
+    below C, for every C at once (Mattson et al., 1970).
+
+    Vectorised over requests: steps become bitsets of keys, the keys used between two steps are
+    an OR over a range (a sparse table of ORs over power-of-two ranges answers each range with
+    two lookups) and the rank is a popcount.
+
+    Shape legend: n steps, K slots per step, E = num_keys, W = ceil(E / 64) bitset words,
+    R requests with an earlier use.
+    """
+    num_steps, width = ids.shape
+    words = max(1, -(-num_keys // 64))
+    valid = ids >= 0  # [n, K]
+    # 1. Each slot's key as a one-bit bitset, and each step's keys as a bitset.
+    slot_bits = np.zeros((num_steps, width, words), dtype=np.uint64)  # [n, K, W]
+    valid_rows, valid_slots = np.nonzero(valid)  # [V] each, in step order
+    keys = ids[valid_rows, valid_slots]  # [V]
+    slot_bits[valid_rows, valid_slots, keys // 64] = np.left_shift(
+        np.uint64(1), (keys % 64).astype(np.uint64)
+    )
+    step_bits = np.bitwise_or.reduce(slot_bits, axis=1)  # [n, W]
+    # Keys after each slot in its row: refreshed after it by LRUPolicy.on_step.
+    later_bits = np.zeros_like(slot_bits)  # [n, K, W]
+    for slot in range(width - 2, -1, -1):
+        later_bits[:, slot] = later_bits[:, slot + 1] | slot_bits[:, slot + 1]
+    # 2. The last earlier use of every request: sort requests by key, stably (so by step).
+    rows_by_key = np.argsort(keys, kind="stable")  # [V] V = valid requests, grouped by key
+    same_key = keys[rows_by_key[1:]] == keys[rows_by_key[:-1]]  # [V-1]
+    previous = np.full((num_steps, width), -1, dtype=np.int64)  # [n, K] last step < t using the key
+    later, earlier = rows_by_key[1:][same_key], rows_by_key[:-1][same_key]
+    previous[valid_rows[later], valid_slots[later]] = valid_rows[earlier]
+    distances = np.full((num_steps, width), NEVER, dtype=np.int64)  # [n, K]
+    steps, slots = np.nonzero(previous >= 0)  # [R] each
+    if steps.size == 0:
+        return distances
+    before = previous[steps, slots]  # [R] step p of the last use
+    # 3. OR of the bitsets of steps p+1 .. t-1 from a sparse table: level j ORs 2**j steps.
+    table = [step_bits]
+    while 2 ** len(table) <= num_steps:
+        half = 2 ** (len(table) - 1)
+        table.append(table[-1][:-half] | table[-1][half:])
+    low, high = before + 1, steps - 1  # [R] inclusive range, empty when low > high
+    length = np.maximum(high - low + 1, 1)
+    level = np.frexp(length)[1].astype(np.int64) - 1  # [R] floor(log2(length)), exactly
+    between = np.zeros((steps.size, words), dtype=np.uint64)  # [R, W]
+    for value in np.unique(level[high >= low]):
+        pick = np.flatnonzero((level == value) & (high >= low))
+        span = 2 ** int(value)
+        between[pick] = table[value][low[pick]] | table[value][high[pick] - span + 1]
+    # 4. Rank = keys used in between, or after it in row p (a key can be both: count it once).
+    position = np.argmax(ids[before] == ids[steps, slots][:, None], axis=1)  # [R] its slot in row p
+    newer = between | later_bits[before, position]  # [R, W]
+    distances[steps, slots] = np.bitwise_count(newer).sum(axis=1)
+    return distances
+
+
+def _clean_ids(layer_experts: np.ndarray) -> np.ndarray:
+    """int64 [T, K] copy of ``layer_experts`` with a repeated id in a row set to -1 (kept once)."""
+    ids = layer_experts.astype(np.int64)  # [T, K]
+    for slot in range(1, ids.shape[1]):
+        repeated = (ids[:, :slot] == ids[:, slot : slot + 1]).any(axis=1) & (ids[:, slot] >= 0)
+        ids[repeated, slot] = UNKNOWN_EXPERT
+    return ids
+
+
+def _steps(ids: np.ndarray, offset: int = 0) -> list[list[int]]:
+    """Rows of clean ``ids`` [T, K] as key lists (+ ``offset``), -1 entries dropped."""
+    if (ids >= 0).all():
+        return (ids + offset).tolist()
+    return [[key + offset for key in row if key >= 0] for row in ids.tolist()]
 
 
 def _cold_misses(experts: np.ndarray, warmup_tokens: int) -> np.ndarray:
@@ -231,18 +307,23 @@ def simulate(
     num_tokens, num_layers, _ = experts.shape
     warmup_tokens = int(trace.offsets[warmup_sequences])
 
-    offsets = [layer * num_experts if scope == "global" else 0 for layer in range(num_layers)]
-    per_layer = [_layer_steps(experts[:, layer, :], offsets[layer]) for layer in range(num_layers)]
-    requests_per_step = np.array([[len(keys) for keys in steps] for steps in per_layer], dtype=np.int64).T  # [T, L]
-    if scope == "per-layer":
-        hits_per_step = np.zeros((num_tokens, num_layers), dtype=np.int64)  # [T, L]
-        for layer, steps in enumerate(per_layer):
-            hits_per_step[:, layer] = replay(steps, policy_class(capacity), capacity)
+    clean = [_clean_ids(experts[:, layer, :]) for layer in range(num_layers)]  # L x [T, K]
+    requests_per_step = np.stack([(ids >= 0).sum(axis=1) for ids in clean], axis=1)  # [T, L]
+    hits_per_step = np.zeros((num_tokens, num_layers), dtype=np.int64)  # [T, L]
+    if scope == "per-layer" and policy_class is LRUPolicy:
+        # Fast path, equal to replaying LRUPolicy (tests compare them): one numpy pass per layer.
+        for layer, ids in enumerate(clean):
+            hits_per_step[:, layer] = (lru_stack_distances(ids, num_experts) < capacity).sum(axis=1)
+    elif scope == "per-layer":
+        for layer, ids in enumerate(clean):
+            hits_per_step[:, layer] = replay(_steps(ids), policy_class(capacity), capacity)
     else:
         # One stream of T*L steps, token-major; key = layer * E + expert.
+        per_layer = [_steps(ids, layer * num_experts) for layer, ids in enumerate(clean)]
         stream = [layer_steps[token] for token in range(num_tokens) for layer_steps in per_layer]
-        flat_hits = replay(stream, policy_class(capacity * num_layers), capacity * num_layers)
-        hits_per_step = np.asarray(flat_hits, dtype=np.int64).reshape(num_tokens, num_layers)
+        slots = capacity * num_layers
+        flat_hits = replay(stream, policy_class(slots, num_layers), slots)
+        hits_per_step[:] = np.asarray(flat_hits, dtype=np.int64).reshape(num_tokens, num_layers)
 
     hits = hits_per_step[warmup_tokens:].sum(axis=0)  # [L]
     misses = requests_per_step[warmup_tokens:].sum(axis=0) - hits  # [L]

@@ -71,7 +71,7 @@ class MoELayer(nn.Module):
         reference_weight = experts.gate_up(0)
         self.backend_name = resolve_backend(config.backend, reference_weight.device, reference_weight.dtype)
         self._dispatch = GATINGS.get(config.gating)
-        self._run_experts = BACKENDS.get(self.backend_name)
+        self._run_experts = BACKENDS.get(self.backend_name)()
         self.observers: list[RoutingObserver] = []
         self.stats = LayerStats()
 
