@@ -298,6 +298,7 @@ that takes a model runs on it with nothing downloaded. Licence: Apache-2.0, like
 | training tokens available / held-out tokens | {result['train_tokens']:,} / {result['held_out_tokens']:,} |
 | final training loss (LM + balancing) | {result['final_loss']} |
 | wall time | {result['seconds']:.0f} s on the machine that trained it (2 CPU cores) |
+| stopped by | {"the time limit (" + str(cfg.max_minutes) + " min) before max_steps " + str(cfg.max_steps) if result['steps'] < cfg.max_steps else "max_steps"} |
 
 ## Held-out quality ({quality.tokens:,} next-token predictions on held-out files)
 | metric | value |
