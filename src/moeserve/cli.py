@@ -237,6 +237,41 @@ def bench_moe_layer(
         console.print(render_table(result))
 
 
+@bench_app.command("cache")
+def bench_cache(
+    trace: Annotated[Path, typer.Option("--trace", help="A moeserve-trace/1 file (e.g. ../shared/traces/*.npz or one from `trace record`).")],
+    capacity: Annotated[str | None, typer.Option(help="Comma-separated experts resident per layer (default: a spread from top_k to E).")] = None,
+    policies: Annotated[str | None, typer.Option(help="Comma-separated eviction policies (default: all registered).")] = None,
+    scope: Annotated[str, typer.Option(help="per-layer (a cache of C experts per layer) or global (one cache of C*L slots).")] = "per-layer",
+    warmup_sequences: Annotated[int, typer.Option(help="Sequences replayed first and not counted.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay a routing trace through every eviction policy; hit rates next to Belady's optimum."""
+    from rich.progress import Progress
+
+    from moeserve.bench.cache import default_capacities, render_table, run_cache_bench
+    from moeserve.traces.format import load_trace
+
+    try:
+        if capacity is None:
+            meta = load_trace(trace).meta
+            capacities = default_capacities(meta.num_experts, meta.top_k)
+        else:
+            capacities = _int_list(capacity, "--capacity")
+        names = [p.strip() for p in policies.split(",")] if policies else None
+        with Progress(transient=True, disable=as_json) as progress:
+            task = progress.add_task("replaying", total=None)
+            result = run_cache_bench(trace, capacities, names, scope, warmup_sequences,
+                                     on_row=lambda row: progress.advance(task))
+    except (MoeserveError, ValueError, KeyError) as error:
+        _fail(error)
+        return
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        console.print(render_table(result))
+
+
 class _null:
     def __enter__(self):
         return self

@@ -293,6 +293,7 @@ def simulate(
     naming the bound). The first ``warmup_sequences`` sequences are replayed but not counted, so
     every policy is scored on the same later tokens; ``belady`` sees the whole stream as its future.
     Unknown policy names raise ``KeyError`` listing the known ones; a bad scope ``ValueError``.
+    ``lru`` per layer takes the vectorised :func:`lru_stack_distances` path (same counts).
     """
     policy_class = EVICTION_POLICIES.get(policy_name)
     if scope not in SCOPES:
