@@ -132,17 +132,20 @@ def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, stacked: bool = True) -> str:
     """Turn ``auto`` into a concrete backend name once, at construction.
 
-    On CUDA: ``grouped_mm``. On CPU: ``torch._grouped_mm`` is a loop of matmuls over every
+    ``stacked`` says whether the provider holds every expert in one tensor (an expert cache
+    does not: then only per-expert backends apply). On CUDA: ``grouped_mm``. On CPU: ``torch._grouped_mm`` is a loop of matmuls over every
     group, empty ones included, so the per-expert loop is as fast at 1024 tokens and faster at
     decode; low-precision weights take the ``cpu`` path unless the CPU has bf16 instructions.
     """
     if name != "auto":
         BACKENDS.get(name)  # raises with the known names
+        if name == "grouped_mm" and not stacked:
+            raise ValueError("backend 'grouped_mm' needs every expert resident; use 'loop' or 'auto' with an expert cache")
         return name
-    if device.type == "cuda":
+    if device.type == "cuda" and stacked:
         return "grouped_mm" if grouped_mm_available() else "loop"
     if dtype in LOW_PRECISION and not cpu_has_native_low_precision_matmul():
         return "cpu"

@@ -68,12 +68,17 @@ class MoELayer(nn.Module):
         self.act = act
         self.config = config
         self.layer_index = layer_index
-        reference_weight = experts.gate_up(0)
-        self.backend_name = resolve_backend(config.backend, reference_weight.device, reference_weight.dtype)
         self._dispatch = GATINGS.get(config.gating)
-        self._run_experts = BACKENDS.get(self.backend_name)()
+        self.replace_experts(experts)
         self.observers: list[RoutingObserver] = []
         self.stats = LayerStats()
+
+    def replace_experts(self, experts: ExpertProvider) -> None:
+        """Serve this layer from ``experts`` (e.g. a memory-tier cache); re-chooses the backend once."""
+        self.experts = experts
+        stacked = experts.stacked() is not None
+        self.backend_name = resolve_backend(self.config.backend, experts.device, experts.dtype, stacked)
+        self._run_experts = BACKENDS.get(self.backend_name)()
 
     def forward(self, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         for observe in self.observers:

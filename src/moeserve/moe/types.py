@@ -59,6 +59,16 @@ class ExpertProvider(Protocol):
     @property
     def num_experts(self) -> int: ...
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the expert weights (every expert has the same)."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Device the experts stage computes on."""
+        ...
+
     def gate_up(self, expert: int) -> torch.Tensor: ...
 
     def down(self, expert: int) -> torch.Tensor: ...
@@ -84,6 +94,14 @@ class ResidentExperts:
     @property
     def num_experts(self) -> int:
         return int(self.gate_up_proj.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate_up_proj.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up_proj.device
 
     def gate_up(self, expert: int) -> torch.Tensor:
         return self.gate_up_proj[expert]
