@@ -272,6 +272,35 @@ def bench_cache(
         console.print(render_table(result))
 
 
+@app.command("placement")
+def placement(
+    trace: Annotated[Path, typer.Option("--trace", help="A moeserve-trace/1 file whose routing predicts expert loads.")],
+    ranks: Annotated[int, typer.Option("--ranks", help="Expert-parallel ranks (processes or GPUs).")],
+    replicas: Annotated[int, typer.Option("--replicas", help="Extra physical slots for replicas of hot experts (EPLB-style).")] = 0,
+    train_fraction: Annotated[float, typer.Option(help="Share of sequences the plan is fitted on; the rest measures it.")] = 0.5,
+    step_tokens: Annotated[int, typer.Option(help="Tokens per step when replaying held-out routing (replica queues reset each step).")] = 256,
+    anticorrelation: Annotated[bool, typer.Option(help="Refine so experts that fire together sit on different ranks.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Place experts on ranks: greedy balance, anti-correlation, hot-expert replication; balancedness per layer."""
+    from moeserve.placement.balance import plan_placement
+    from moeserve.placement.report import placement_report, render_placement_table
+    from moeserve.traces.format import load_trace
+
+    try:
+        plan = plan_placement(
+            load_trace(trace), num_ranks=ranks, num_replicas=replicas, anticorrelation=anticorrelation,
+            train_fraction=train_fraction, step_tokens=step_tokens,
+        )
+    except (MoeserveError, ValueError) as error:
+        _fail(error)
+        return
+    if as_json:
+        print(json.dumps(placement_report(plan)))
+    else:
+        console.print(render_placement_table(plan))
+
+
 class _null:
     def __enter__(self):
         return self

@@ -16,7 +16,7 @@ A load counts token assignments: a token routed to k experts adds one to each of
 Balancedness is ``mean / max`` of the rank loads (1.0 = perfectly even). Every function is pure
 (inputs are never modified) and knows nothing of models, tensors or processes; applying a plan
 is ``moeserve.parallel``'s business. Bad user input raises ``ValueError`` naming the value.
-Imports numpy only.
+Imports numpy and the trace format only.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeserve.traces.format import UNKNOWN_EXPERT, OFFSETS_DTYPE, Trace
+from moeserve.traces.format import OFFSETS_DTYPE, UNKNOWN_EXPERT, Trace
 
 DEFAULT_TRAIN_FRACTION = 0.5
 """Share of a trace's sequences (the first ones) a plan is fitted on; the rest evaluate it."""
+DEFAULT_STEP_TOKENS = 256
+"""Tokens per step (one batch through a layer) when :func:`plan_placement` replays held-out routing."""
 DEFAULT_REFINE_ITERATIONS = 64
 """Most swaps :func:`refine_anticorrelated` makes per layer in :func:`plan_placement`."""
 DEFAULT_LOAD_TOLERANCE = 0.0
@@ -100,9 +102,7 @@ def rank_loads(loads: np.ndarray, item2rank: np.ndarray, num_ranks: int) -> np.n
     return np.bincount(mapping, weights=item_loads, minlength=num_ranks).astype(np.float64)
 
 
-def greedy_placement(
-    loads: np.ndarray, num_ranks: int, capacity_per_rank: int | None = None
-) -> np.ndarray:
+def greedy_placement(loads: np.ndarray, num_ranks: int, capacity_per_rank: int | None = None) -> np.ndarray:
     """expert2rank int64 [E]: experts with loads [E] on num_ranks ranks, busiest rank kept light.
 
     Longest processing time first: experts in decreasing load (ties: lower id first) each go to
@@ -134,8 +134,9 @@ def same_rank_coactivation(expert2rank: np.ndarray, coactivation: np.ndarray) ->
     expert2rank [E] and a symmetric coactivation [E, E] (its diagonal is ignored). With token
     co-activation counts this is the number of (token, pair of its experts) landing on one rank.
     """
-    pair_counts = _check_coactivation(coactivation, len(np.asarray(expert2rank)))
     mapping = np.asarray(expert2rank)
+    mapping = _check_mapping(mapping, "expert2rank", mapping.shape[0] if mapping.ndim else 0, None)  # [E]
+    pair_counts = _check_coactivation(coactivation, len(mapping))  # [E, E]
     same_rank = mapping[:, None] == mapping[None, :]  # [E, E]
     np.fill_diagonal(same_rank, False)
     return float(pair_counts[same_rank].sum()) / 2.0
@@ -189,7 +190,9 @@ def refine_anticorrelated(
         gain = toward + toward.T - own[:, None] - own[None, :] - 2.0 * pair_counts  # [E, E]
         # 3. allowed swaps: different ranks, both new rank loads within the limit, groups apart.
         new_load = load_per_rank[mapping][:, None] - expert_load[:, None] + expert_load[None, :]  # [E, E]
-        allowed = (mapping[:, None] != mapping[None, :]) & (new_load <= load_limit) & (new_load.T <= load_limit)
+        allowed = (
+            (mapping[:, None] != mapping[None, :]) & (new_load <= load_limit) & (new_load.T <= load_limit)
+        )
         if group_of is not None:
             members = np.zeros((int(group_of.max()) + 1, num_ranks), dtype=np.int64)  # [G, R]
             np.add.at(members, (group_of, mapping), 1)
@@ -283,28 +286,35 @@ def logical_to_physical(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def choose_replica_shortest_queue(
-    token_expert_ids: np.ndarray, log2phy: np.ndarray, physical2rank: np.ndarray
+    token_expert_ids: np.ndarray,
+    log2phy: np.ndarray,
+    physical2rank: np.ndarray,
+    step_tokens: int | None = None,
 ) -> np.ndarray:
     """int64 [T, k]: the physical expert serving each of token_expert_ids [T, k]; -1 stays -1.
 
     Tokens are assigned in order (row by row, slot by slot). Each assignment of logical expert e
-    goes to the replica in log2phy[e] (log2phy [E, M], -1 padded) whose rank has the shortest
-    queue, a queue being the count of assignments its rank has received so far in this call
-    (all start empty); ties go to the replica listed first. physical2rank [P] gives the ranks.
+    goes to the replica in log2phy[e] (log2phy [E, M], replicas first, -1 padding after) whose
+    rank has the shortest queue, a queue being the running count of assignments its rank has
+    received; ties go to the replica listed first. physical2rank [P] gives the ranks. Queues
+    start empty, and again every ``step_tokens`` tokens when given (a rank's queue drains
+    between steps); with None they run over all T tokens.
 
-    Raises ValueError for an id outside [0, E) other than -1 (naming the token and slot), or a
-    log2phy row with no replica.
+    Raises ValueError for an id outside [0, E) other than -1 (naming the token and slot), a
+    malformed log2phy or physical2rank, or step_tokens < 1.
     """
     ids = np.asarray(token_expert_ids)
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"token_expert_ids must be an integer array [T, k], got {ids.dtype} {ids.shape}")
     replicas = np.asarray(log2phy)
     ranks = np.asarray(physical2rank)
-    if replicas.ndim != 2 or replicas.shape[1] < 1 or replicas.dtype.kind not in "iu":
-        raise ValueError(f"log2phy must be an integer array [E, M], got {replicas.dtype} {replicas.shape}")
-    if ranks.ndim != 1 or ranks.dtype.kind not in "iu" or (ranks < 0).any():
-        raise ValueError("physical2rank must be a 1-D array of non-negative integer ranks")
-    num_experts = replicas.shape[0]
+    if replicas.ndim != 2 or 0 in replicas.shape or replicas.dtype.kind not in "iu":
+        raise ValueError(
+            f"log2phy must be a non-empty integer array [E, M], got {replicas.dtype} {replicas.shape}"
+        )
+    if ranks.ndim != 1 or ranks.size == 0 or ranks.dtype.kind not in "iu" or (ranks < 0).any():
+        raise ValueError("physical2rank must be a non-empty 1-D array of integer ranks >= 0")
+    num_experts, top_k = replicas.shape[0], ids.shape[1]
     bad = (ids < UNKNOWN_EXPERT) | (ids >= num_experts)  # [T, k]
     if bad.any():
         token, slot = (int(index) for index in np.argwhere(bad)[0])
@@ -314,10 +324,15 @@ def choose_replica_shortest_queue(
         )
     if ((replicas < UNKNOWN_EXPERT) | (replicas >= len(ranks))).any():
         raise ValueError(f"log2phy holds ids outside [0, {len(ranks)}) other than -1 padding")
-    if (replicas[:, 0] == UNKNOWN_EXPERT).any() or ((replicas[:, 1:] != UNKNOWN_EXPERT) & (replicas[:, :-1] == UNKNOWN_EXPERT)).any():
-        expert = int(np.argmax(replicas[:, 0] == UNKNOWN_EXPERT))
-        raise ValueError(f"log2phy rows must list replicas first, -1 padding after; row {expert} does not")
-    num_ranks = int(ranks.max()) + 1 if len(ranks) else 0
+    padding_first = (replicas[:, 0] == UNKNOWN_EXPERT) | (
+        (replicas[:, 1:] != UNKNOWN_EXPERT) & (replicas[:, :-1] == UNKNOWN_EXPERT)
+    ).any(axis=1)  # [E]
+    if padding_first.any():
+        expert = int(np.argmax(padding_first))
+        raise ValueError(f"log2phy row {expert} must list its replicas first and -1 padding after")
+    step_tokens = ids.shape[0] if step_tokens is None else _check_int("step_tokens", step_tokens, minimum=1)
+    step_assignments = max(step_tokens * top_k, 1)
+    num_ranks = int(ranks.max()) + 1
     flat = ids.reshape(-1).astype(np.int64)  # [N], N = T*k
     known = flat != UNKNOWN_EXPERT  # [N]
     replica_count = (replicas != UNKNOWN_EXPERT).sum(axis=1)  # [E]
@@ -325,32 +340,69 @@ def choose_replica_shortest_queue(
     # 1. experts with one replica need no choice.
     single = known & (replica_count[np.where(known, flat, 0)] == 1)  # [N]
     chosen[single] = replicas[flat[single], 0]
-    # 2. the others, in order: queue[r] = single-replica assignments to r before this one
-    #    (a running count, vectorised) + choices made so far. A Python loop on lists because each
-    #    choice depends on the earlier ones; list access is much faster than numpy scalars.
     choice_positions = np.flatnonzero(known & ~single)  # [C]
-    if choice_positions.size:
-        fixed_one_hot = np.zeros((flat.size + 1, num_ranks), dtype=np.int64)  # [N+1, R]
-        fixed_one_hot[np.flatnonzero(single) + 1, ranks[chosen[single]]] = 1
-        fixed_before = np.cumsum(fixed_one_hot, axis=0)[choice_positions].tolist()  # [C][R]
-        options = [
-            [(physical, int(ranks[physical])) for physical in row if physical != UNKNOWN_EXPERT]
-            for row in replicas.tolist()
-        ]  # [E][replicas]: (physical id, rank) in log2phy order
-        choice_counts = [0] * num_ranks  # [R]
-        picked = []
-        for expert, fixed in zip(flat[choice_positions].tolist(), fixed_before, strict=True):
-            candidates = options[expert]
-            physical, rank = candidates[0]
-            shortest = fixed[rank] + choice_counts[rank]
-            for other_physical, other_rank in candidates[1:]:
-                length = fixed[other_rank] + choice_counts[other_rank]
-                if length < shortest:
-                    physical, rank, shortest = other_physical, other_rank, length
-            choice_counts[rank] += 1
-            picked.append(physical)
-        chosen[choice_positions] = picked
+    if choice_positions.size == 0:
+        return chosen.reshape(ids.shape)
+    # 2. queue[r] before each choice = single-replica assignments to r since the step began
+    #    (vectorised running count) + the choices made so far in the step.
+    single_rank = np.full(flat.shape, -1, dtype=np.int64)  # [N]
+    single_rank[single] = ranks[chosen[single]]
+    step_of_choice = choice_positions // step_assignments  # [C]
+    step_start = step_of_choice * step_assignments  # [C]
+    fixed_in_step = np.empty((choice_positions.size, num_ranks), dtype=np.int64)  # [C, R]
+    for rank in range(num_ranks):  # one rank at a time keeps memory at [N], not [N, R]
+        before = np.concatenate([[0], np.cumsum(single_rank == rank)])  # [N+1]: before position n
+        fixed_in_step[:, rank] = before[choice_positions] - before[step_start]
+    # 3. the choices, in order. A Python loop because each depends on the earlier ones; lists
+    #    because indexing them is much faster than indexing numpy scalars.
+    options = [
+        [(physical, int(ranks[physical])) for physical in row if physical != UNKNOWN_EXPERT]
+        for row in replicas.tolist()
+    ]  # [E][replicas]: (physical id, rank) in log2phy order
+    choice_counts = [0] * num_ranks  # [R]
+    current_step = -1
+    picked = []
+    for expert, step, queue_fixed in zip(
+        flat[choice_positions].tolist(), step_of_choice.tolist(), fixed_in_step.tolist(), strict=True
+    ):
+        if step != current_step:
+            choice_counts = [0] * num_ranks
+            current_step = step
+        candidates = options[expert]
+        physical, rank = candidates[0]
+        shortest = queue_fixed[rank] + choice_counts[rank]
+        for other_physical, other_rank in candidates[1:]:
+            length = queue_fixed[other_rank] + choice_counts[other_rank]
+            if length < shortest:
+                physical, rank, shortest = other_physical, other_rank, length
+        choice_counts[rank] += 1
+        picked.append(physical)
+    chosen[choice_positions] = picked
     return chosen.reshape(ids.shape)
+
+
+def step_balancedness(token_ranks: np.ndarray, num_ranks: int, step_tokens: int) -> float:
+    """Balancedness of steps: sum over steps of the mean rank load / sum over steps of the max.
+
+    token_ranks [T, k]: the rank serving each assignment (-1: none), in token order; a step is
+    ``step_tokens`` consecutive tokens (the last may be shorter). If every step lasts as long as
+    its busiest rank, this is the share of rank time spent working: 1.0 only when every step is
+    perfectly even, and never above ``balancedness`` of the summed loads. NaN without assignments.
+    """
+    ranks = np.asarray(token_ranks)
+    if ranks.ndim != 2 or ranks.dtype.kind not in "iu":
+        raise ValueError(f"token_ranks must be an integer array [T, k], got {ranks.dtype} {ranks.shape}")
+    num_ranks = _check_int("num_ranks", num_ranks, minimum=1)
+    step_tokens = _check_int("step_tokens", step_tokens, minimum=1)
+    if ((ranks < -1) | (ranks >= num_ranks)).any():
+        raise ValueError(f"token_ranks must be in [0, {num_ranks}) or -1")
+    known = ranks != -1  # [T, k]
+    step_of_token = np.arange(ranks.shape[0]) // step_tokens  # [T]
+    num_steps = int(step_of_token[-1]) + 1 if ranks.shape[0] else 0
+    codes = (step_of_token[:, None] * num_ranks + ranks)[known]  # [N]
+    per_step = np.bincount(codes, minlength=num_steps * num_ranks).reshape(num_steps, num_ranks)  # [S, R]
+    busiest = float(per_step.max(axis=1).sum()) if num_steps else 0.0
+    return float(per_step.sum()) / num_ranks / busiest if busiest > 0 else math.nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,10 +413,11 @@ def choose_replica_shortest_queue(
 class LayerPlacement:
     """The placement of one MoE layer (index ``layer`` on the trace's L axis) and how it balances.
 
-    Rank loads count token assignments: ``fitted_*`` on the training part (predicted: each
-    replica carries an equal share of its expert's load), ``held_out_*`` on the held-out part
-    (replayed: every token's routing, with the shortest-queue replica choice). Held-out loads are
-    all zero when the plan has no held-out part.
+    Rank loads count token assignments. ``fitted_*``: the training part's loads (with
+    replication, predicted: each replica carries an equal share of its expert's load).
+    ``held_out_*``: the held-out part's routing replayed in steps of the plan's ``step_tokens``
+    tokens (with replication, each assignment goes to the replica whose rank has the shortest
+    queue in the step). Held-out loads are all zero, and their figures NaN, without a held-out part.
     """
 
     layer: int
@@ -383,7 +436,14 @@ class LayerPlacement:
     held_out_rank_loads: np.ndarray
     """float64 [R]: held-out load per rank without replication."""
     held_out_rank_loads_replicated: np.ndarray
-    """float64 [R]: held-out load per rank with replication and shortest-queue choice."""
+    """float64 [R]: held-out load per rank with replication (shortest-queue replica choice)."""
+    held_out_step_balancedness: float
+    """``step_balancedness`` of the held-out replay without replication."""
+    held_out_step_balancedness_replicated: float
+    """``step_balancedness`` of the held-out replay with replication."""
+    held_out_same_rank_pair_share: float
+    """Share of the held-out tokens' expert pairs whose two experts share a rank without
+    replication: the anti-correlation objective, normalised (``(E/R - 1) / (E - 1)`` if random)."""
 
     @property
     def fitted_balancedness(self) -> float:
@@ -395,18 +455,20 @@ class LayerPlacement:
 
     @property
     def held_out_balancedness(self) -> float:
-        """NaN without a held-out part."""
         return balancedness(self.held_out_rank_loads)
 
     @property
     def held_out_balancedness_replicated(self) -> float:
-        """NaN without a held-out part."""
         return balancedness(self.held_out_rank_loads_replicated)
 
 
 @dataclass(frozen=True, eq=False)
 class PlacementPlan:
-    """Per-layer expert placements for one trace, fitted on its first sequences, tested on the rest."""
+    """Per-layer expert placements for one trace, fitted on its first sequences, tested on the rest.
+
+    The ``mean_*`` properties average a per-layer figure over the layers where it is defined
+    (NaN when none is).
+    """
 
     model: str
     num_experts: int
@@ -415,8 +477,10 @@ class PlacementPlan:
     num_replicas: int
     """Extra physical experts per layer (P = E + num_replicas)."""
     anticorrelation: bool
-    """Whether :func:`refine_anticorrelated` ran after the greedy placement."""
+    """Whether :func:`refine_anticorrelated` ran after the greedy placements."""
     train_fraction: float
+    step_tokens: int | None
+    """Tokens per step in the held-out replay; None: the whole held-out part is one step."""
     train_sequences: int
     train_tokens: int
     held_out_sequences: int
@@ -425,7 +489,6 @@ class PlacementPlan:
 
     @property
     def mean_fitted_balancedness(self) -> float:
-        """Mean over layers (those where it is defined) of the per-layer figure; NaN if none."""
         return _mean([layer.fitted_balancedness for layer in self.layers])
 
     @property
@@ -440,6 +503,18 @@ class PlacementPlan:
     def mean_held_out_balancedness_replicated(self) -> float:
         return _mean([layer.held_out_balancedness_replicated for layer in self.layers])
 
+    @property
+    def mean_held_out_step_balancedness(self) -> float:
+        return _mean([layer.held_out_step_balancedness for layer in self.layers])
+
+    @property
+    def mean_held_out_step_balancedness_replicated(self) -> float:
+        return _mean([layer.held_out_step_balancedness_replicated for layer in self.layers])
+
+    @property
+    def mean_held_out_same_rank_pair_share(self) -> float:
+        return _mean([layer.held_out_same_rank_pair_share for layer in self.layers])
+
 
 def plan_placement(
     trace: Trace,
@@ -447,28 +522,31 @@ def plan_placement(
     num_replicas: int = 0,
     anticorrelation: bool = True,
     train_fraction: float = DEFAULT_TRAIN_FRACTION,
+    step_tokens: int | None = DEFAULT_STEP_TOKENS,
     refine_iterations: int = DEFAULT_REFINE_ITERATIONS,
     load_tolerance: float = DEFAULT_LOAD_TOLERANCE,
 ) -> PlacementPlan:
     """Place every MoE layer's experts on ``num_ranks`` ranks, with ``num_replicas`` extra replicas.
 
-    Steps, per layer:
+    Steps:
       1. split the trace by sequence: the first ``floor(train_fraction * S)`` sequences (at least
          one) fit the plan, the rest are held out to evaluate it;
-      2. fit: expert loads [E] and co-activation [E, E] of the training part;
+      2. fit, per layer: expert loads [E] and co-activation [E, E] of the training part;
       3. without replication: ``greedy_placement``, then (``anticorrelation``)
          ``refine_anticorrelated`` within ``load_tolerance``;
       4. with replication: ``replicate`` the experts with the highest load per replica,
-         ``place_physical_experts``, then (``anticorrelation``) refine the physical placement with
+         ``place_physical_experts``, then (``anticorrelation``) refine the physical placement,
          co-activation split evenly over replicas and replicas kept on distinct ranks;
-      5. fitted rank loads: training loads through both placements (replicas share evenly);
-      6. held-out rank loads: the held-out tokens' routing through both placements, choosing
-         replicas with ``choose_replica_shortest_queue`` (queues running over the held-out part).
+      5. fitted rank loads: the training loads through both placements (replicas share evenly);
+      6. held-out figures: the held-out tokens' routing replayed through both placements in
+         steps of ``step_tokens`` tokens (None: one step), replicas chosen by
+         ``choose_replica_shortest_queue`` with queues that start empty every step; the summed
+         rank loads and ``step_balancedness``.
     With ``num_replicas == 0`` both placements are the same.
 
     Raises ValueError naming the bad value unless 1 <= num_ranks <= E (the placement without
     replication needs an expert per rank), 0 <= num_replicas <= E * (num_ranks - 1),
-    0 < train_fraction <= 1, and the training part has routed tokens.
+    0 < train_fraction <= 1, step_tokens is None or >= 1, and the training part has routed tokens.
     """
     num_experts = trace.meta.num_experts
     num_ranks = _check_int("num_ranks", num_ranks, minimum=1)
@@ -483,19 +561,24 @@ def plan_placement(
             f"num_replicas is {num_replicas}, but {num_experts} experts on {num_ranks} ranks take at most "
             f"{num_experts * (num_ranks - 1)} extra replicas (one per rank each)"
         )
-    if not (isinstance(train_fraction, int | float) and 0.0 < train_fraction <= 1.0):
-        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+    if isinstance(train_fraction, bool) or not (
+        isinstance(train_fraction, int | float) and 0.0 < train_fraction <= 1.0
+    ):
+        raise ValueError(f"train_fraction must be a number in (0, 1], got {train_fraction!r}")
+    if step_tokens is not None:
+        step_tokens = _check_int("step_tokens", step_tokens, minimum=1)
     # 1. split by sequence
     train, held_out = _split_by_sequence(trace, train_fraction)
+    replay_step = max(held_out.num_tokens, 1) if step_tokens is None else step_tokens
     # 2. fit
     train_loads = expert_loads(train).astype(np.float64)  # [L, E]
     if train_loads.sum() == 0:
         raise ValueError(
-            f"the training part ({train.num_sequences} sequences, train_fraction {train_fraction}) "
-            "has no routed tokens to fit a placement on"
+            f"the training part (the first {train.num_sequences} sequences, train_fraction "
+            f"{train_fraction}) has no routed tokens to fit a placement on"
         )
     train_pairs = coactivation(train).astype(np.float64) if anticorrelation else None  # [L, E, E]
-    held_out_loads = expert_loads(held_out).astype(np.float64)  # [L, E]
+    held_out_pairs = coactivation(held_out).astype(np.float64)  # [L, E, E]
     layers = []
     for layer in range(trace.num_layers):
         loads = train_loads[layer]  # [E]
@@ -513,17 +596,19 @@ def plan_placement(
             share = 1.0 / replica_count[phy2log]  # [P]
             physical_pairs = train_pairs[layer][np.ix_(phy2log, phy2log)] * share[:, None] * share[None, :]
             physical2rank = refine_anticorrelated(
-                physical2rank, load_per_replica, physical_pairs, refine_iterations, load_tolerance, groups=phy2log
+                physical2rank, load_per_replica, physical_pairs, refine_iterations, load_tolerance, phy2log
             )
         # 5. fitted
         fitted = rank_loads(loads, expert2rank, num_ranks)  # [R]
         fitted_replicated = rank_loads(load_per_replica, physical2rank, num_ranks)  # [R]
         # 6. held out
-        held = rank_loads(held_out_loads[layer], expert2rank, num_ranks)  # [R]
+        token_experts = held_out.experts[:, layer, :].astype(np.int64)  # [T, k]
+        known = token_experts != UNKNOWN_EXPERT  # [T, k]
+        token_ranks = np.where(known, expert2rank[np.where(known, token_experts, 0)], -1)  # [T, k]
         log2phy = logical_to_physical(phy2log, num_experts)  # [E, M]
-        physical = choose_replica_shortest_queue(held_out.experts[:, layer, :], log2phy, physical2rank)  # [T, k]
-        routed = physical[physical != UNKNOWN_EXPERT]  # [N]
-        held_replicated = np.bincount(physical2rank[routed], minlength=num_ranks).astype(np.float64)  # [R]
+        physical = choose_replica_shortest_queue(token_experts, log2phy, physical2rank, replay_step)  # [T, k]
+        token_ranks_replicated = np.where(known, physical2rank[np.where(known, physical, 0)], -1)  # [T, k]
+        total_pairs = float(held_out_pairs[layer].sum()) / 2.0
         layers.append(
             LayerPlacement(
                 layer=layer,
@@ -533,8 +618,17 @@ def plan_placement(
                 logical_replica_count=replica_count,
                 fitted_rank_loads=fitted,
                 fitted_rank_loads_replicated=fitted_replicated,
-                held_out_rank_loads=held,
-                held_out_rank_loads_replicated=held_replicated,
+                held_out_rank_loads=_count_ranks(token_ranks, num_ranks),
+                held_out_rank_loads_replicated=_count_ranks(token_ranks_replicated, num_ranks),
+                held_out_step_balancedness=step_balancedness(token_ranks, num_ranks, replay_step),
+                held_out_step_balancedness_replicated=step_balancedness(
+                    token_ranks_replicated, num_ranks, replay_step
+                ),
+                held_out_same_rank_pair_share=(
+                    same_rank_coactivation(expert2rank, held_out_pairs[layer]) / total_pairs
+                    if total_pairs > 0
+                    else math.nan
+                ),
             )
         )
     return PlacementPlan(
@@ -545,6 +639,7 @@ def plan_placement(
         num_replicas=num_replicas,
         anticorrelation=anticorrelation,
         train_fraction=float(train_fraction),
+        step_tokens=step_tokens,
         train_sequences=train.num_sequences,
         train_tokens=train.num_tokens,
         held_out_sequences=held_out.num_sequences,
@@ -589,11 +684,9 @@ def _pack(item_loads: np.ndarray, num_ranks: int, capacity: int, groups: np.ndar
 def _split_by_sequence(trace: Trace, train_fraction: float) -> tuple[Trace, Trace]:
     """(training part, held-out part): the first floor(train_fraction * S) sequences (>= 1), the rest."""
     num_train = min(trace.num_sequences, max(1, math.floor(train_fraction * trace.num_sequences)))
-    boundary = int(trace.offsets[num_train]) if trace.num_sequences else 0
+    boundary = int(trace.offsets[num_train])
     train_offsets = trace.offsets[: num_train + 1].astype(OFFSETS_DTYPE)  # [S_train + 1]
     held_out_offsets = (trace.offsets[num_train:] - boundary).astype(OFFSETS_DTYPE)  # [S_held + 1]
-    if trace.num_sequences == 0:
-        train_offsets = held_out_offsets = np.zeros(1, dtype=OFFSETS_DTYPE)
     train = Trace(experts=trace.experts[:boundary], offsets=train_offsets, meta=trace.meta)
     held_out = Trace(experts=trace.experts[boundary:], offsets=held_out_offsets, meta=trace.meta)
     return train, held_out
@@ -622,7 +715,9 @@ def _check_mapping(item2rank: object, name: str, size: int, num_ranks: int | Non
     """int64 [N] copy of a mapping to ranks; ValueError unless [size] with ranks in [0, num_ranks)."""
     array = np.asarray(item2rank)
     if array.shape != (size,) or (size and array.dtype.kind not in "iu"):
-        raise ValueError(f"{name} must be an integer array of shape ({size},), got {array.dtype} {array.shape}")
+        raise ValueError(
+            f"{name} must be an integer array of shape ({size},), got {array.dtype} {array.shape}"
+        )
     mapping = array.astype(np.int64)
     upper = num_ranks if num_ranks is not None else np.iinfo(np.int64).max
     bad = (mapping < 0) | (mapping >= upper)
@@ -649,7 +744,9 @@ def _check_groups(groups: object, size: int) -> np.ndarray | None:
         return None
     array = np.asarray(groups)
     if array.shape != (size,) or array.dtype.kind not in "iu" or (array < 0).any():
-        raise ValueError(f"groups must be non-negative integers of shape ({size},), got {array.dtype} {array.shape}")
+        raise ValueError(
+            f"groups must be non-negative integers of shape ({size},), got {array.dtype} {array.shape}"
+        )
     return array.astype(np.int64)
 
 
@@ -667,6 +764,11 @@ def _check_phy2log(phy2log: object, num_experts: int) -> np.ndarray:
         missing = int(np.argmin(replica_count))
         raise ValueError(f"phy2log gives expert {missing} no physical slot")
     return replica_count.astype(np.int64)
+
+
+def _count_ranks(token_ranks: np.ndarray, num_ranks: int) -> np.ndarray:
+    """float64 [R]: assignments per rank in token_ranks [T, k] (-1 skipped)."""
+    return np.bincount(token_ranks[token_ranks >= 0], minlength=num_ranks).astype(np.float64)
 
 
 def _mean(values: list[float]) -> float:

@@ -1,0 +1,1 @@
+"""Expert-popularity predictors and their held-out evaluation (see ``popularity`` and ``evaluate``)."""
