@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) happen inside commands so ``--help`` is inst
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ ThreadsOpt = Annotated[
 
 
 def _fail(error: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {error}")
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    err_console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code=2)
 
 
@@ -62,7 +64,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     gating: Annotated[str, typer.Option(help="dropless or capacity.")] = "dropless",
     capacity_factor: Annotated[float, typer.Option(help="Slots per expert factor for --gating capacity.")] = 1.25,
-    backend: Annotated[str, typer.Option(help="Experts backend: auto, loop, grouped_mm.")] = "auto",
+    backend: Annotated[str, typer.Option(help="Experts backend: auto (chosen from device and dtype) or a registered one (loop, cpu, grouped_mm).")] = "auto",
     routing: Annotated[bool, typer.Option("--routing", help="Also print per-layer routing facts of this run.")] = False,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -92,9 +94,9 @@ def generate(
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        with recorder if recorder is not None else _null():
+        with recorder if recorder is not None else contextlib.nullcontext():
             result = run_generate(moe_model, prompt, sampling, on_text=None if as_json else stream)
-    except (MoeserveError, ValueError) as error:
+    except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)
         return
     stats = trace_stats(recorder.trace()) if recorder is not None else None
@@ -299,14 +301,6 @@ def placement(
         print(json.dumps(placement_report(plan)))
     else:
         console.print(render_placement_table(plan))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main() -> None:

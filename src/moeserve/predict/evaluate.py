@@ -70,7 +70,9 @@ class PredictorScores:
 
     name: str
     settings: dict[str, Any]
-    """Hyperparameters after fitting (tuned on the training part); "inf" for infinity."""
+    """Hyperparameters after fitting; "inf" for infinity."""
+    settings_source: str
+    """"tuned" (on the training part), "given", "default" (too few training sequences) or "none"."""
     log_likelihood: float
     """Mean log-probability per known assignment over all layers (nats)."""
     top_k_recall: float
@@ -131,8 +133,9 @@ class PredictorEvaluation:
     def _title(self) -> str:
         return (
             f"{self.model}: predicting {self.held_out_tokens:,} held-out tokens "
-            f"({self.held_out_sequences} sequences) in {self.windows} windows of {self.window}; "
-            f"trained on {self.train_tokens:,} tokens ({self.train_sequences} sequences)"
+            f"({_count(self.held_out_sequences, 'sequence')}) in {_count(self.windows, 'window')} "
+            f"of {self.window}; trained on {self.train_tokens:,} tokens "
+            f"({_count(self.train_sequences, 'sequence')})"
         )
 
     def _summary_table(self) -> Table:
@@ -142,7 +145,7 @@ class PredictorEvaluation:
             caption=(
                 f"{self.num_experts} experts, top-{self.top_k}, {self.num_layers} MoE layers; recall at "
                 f"k = {self.recall_k}; uniform log-likelihood = -log E = {-math.log(self.num_experts):.4f}. "
-                "Hyperparameters were tuned on the training part only; bayesian-conditional also sees "
+                "Tuned hyperparameters saw the training part only; bayesian-conditional also sees "
                 "each token's experts at the previous layer."
             ),
         )
@@ -156,7 +159,7 @@ class PredictorEvaluation:
         for scores in self.predictors:
             table.add_row(
                 scores.name,
-                _format_settings(scores.settings),
+                _format_settings(scores.settings, scores.settings_source),
                 _format(scores.log_likelihood, 4),
                 _format(scores.perplexity, 2),
                 _format(scores.top_k_recall),
@@ -166,8 +169,10 @@ class PredictorEvaluation:
         return table
 
     def _layer_table(self) -> Table:
-        table = Table(title=self._title(), caption="log-likelihood in nats per assignment; recall at "
-                      f"k = {self.recall_k}")
+        table = Table(
+            title=self._title(),
+            caption=f"log-likelihood in nats per assignment; recall at k = {self.recall_k}",
+        )
         table.add_column("layer", justify="right")
         for scores in self.predictors:
             table.add_column(f"{scores.name}\nlog-lik", justify="right")
@@ -290,14 +295,17 @@ def _walk(
             top_k_recall=_ratio(hits[layer], assignments[layer]),
             load_error=_ratio(load_error_sums[layer], load_windows[layer]),
             quantile_coverage=tuple(
-                _ratio(covered[index, layer], load_windows[layer] * num_experts) for index in range(len(levels))
+                _ratio(covered[index, layer], load_windows[layer] * num_experts)
+                for index in range(len(levels))
             ),
         )
         for layer in range(num_layers)
     )
+    description = describe_predictor(predictor)
     return PredictorScores(
         name=predictor.name,
-        settings=describe_predictor(predictor)["settings"],
+        settings=description["settings"],
+        settings_source=description["settings_source"],
         log_likelihood=_ratio(log_sums.sum(), assignments.sum()),
         top_k_recall=_ratio(hits.sum(), assignments.sum()),
         load_error=_ratio(load_error_sums.sum(), load_windows.sum()),
@@ -347,16 +355,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
+
+
 def _format(value: float, digits: int = 3) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _format_settings(settings: dict[str, Any]) -> str:
+def _format_settings(settings: dict[str, Any], source: str) -> str:
     short = {
         "prior_strength": "s",
         "half_life_tokens": "half-life",
         "backoff_strength": "b",
         "transition_half_life_tokens": "transition half-life",
     }
-    return ", ".join(f"{short.get(key, key)}={value:g}" if isinstance(value, float) else f"{short.get(key, key)}={value}"
-                     for key, value in settings.items()) or "-"
+    if not settings:
+        return "-"
+    values = ", ".join(
+        f"{short.get(key, key)}={value:g}" if isinstance(value, float) else f"{short.get(key, key)}={value}"
+        for key, value in settings.items()
+    )
+    return f"{values} ({source})"

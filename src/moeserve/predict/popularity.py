@@ -327,7 +327,9 @@ class PopularityPredictor(ABC):
         else:
             shares = self.predict_token_distributions(layer, np.asarray(previous, dtype=np.int64))  # [W, E]
             inclusion = np.minimum(1.0, self.top_k * shares).mean(axis=0)  # [E]
-        concentration = np.broadcast_to(np.asarray(self.load_concentration(layer), dtype=np.float64), inclusion.shape)
+        concentration = np.broadcast_to(
+            np.asarray(self.load_concentration(layer), dtype=np.float64), inclusion.shape
+        )
         return inclusion, np.array(concentration)
 
     def load_concentration(self, layer: int) -> np.ndarray | float:
@@ -358,6 +360,12 @@ class PopularityPredictor(ABC):
     def settings_dict(self) -> dict[str, float]:
         """Resolved hyperparameters by name, for reports (empty when there are none)."""
         return {}
+
+    @property
+    def settings_source(self) -> str:
+        """Where ``settings_dict`` came from: "given", "tuned" (on the training part), "default"
+        (the training part had too few sequences to tune) or "none" (no hyperparameters)."""
+        return "none"
 
     def _checked(self, window: np.ndarray) -> np.ndarray:
         window = np.asarray(window)
@@ -471,7 +479,9 @@ class TuningGrid:
         for name in ("prior_strengths", "half_lives", "backoff_strengths", "transition_half_lives"):
             values = getattr(self, name)
             if not values or any(not value > 0 for value in values):
-                raise ValueError(f"TuningGrid.{name} must be a non-empty tuple of positive values, got {values}")
+                raise ValueError(
+                    f"TuningGrid.{name} must be a non-empty tuple of positive values, got {values}"
+                )
 
 
 @dataclass(frozen=True)
@@ -487,7 +497,9 @@ class BayesianSettings:
         if not (self.prior_strength > 0 and math.isfinite(self.prior_strength)):
             raise ValueError(f"prior_strength must be a positive finite number, got {self.prior_strength}")
         if not self.half_life_tokens > 0:
-            raise ValueError(f"half_life_tokens must be > 0 (math.inf: never forget), got {self.half_life_tokens}")
+            raise ValueError(
+                f"half_life_tokens must be > 0 (math.inf: never forget), got {self.half_life_tokens}"
+            )
 
 
 @dataclass(frozen=True)
@@ -501,9 +513,13 @@ class ConditionalSettings:
 
     def __post_init__(self) -> None:
         if not (self.backoff_strength > 0 and math.isfinite(self.backoff_strength)):
-            raise ValueError(f"backoff_strength must be a positive finite number, got {self.backoff_strength}")
+            raise ValueError(
+                f"backoff_strength must be a positive finite number, got {self.backoff_strength}"
+            )
         if not self.half_life_tokens > 0:
-            raise ValueError(f"half_life_tokens must be > 0 (math.inf: never forget), got {self.half_life_tokens}")
+            raise ValueError(
+                f"half_life_tokens must be > 0 (math.inf: never forget), got {self.half_life_tokens}"
+            )
 
 
 DEFAULT_BAYESIAN_SETTINGS = BayesianSettings(prior_strength=300.0, half_life_tokens=64.0)
@@ -556,10 +572,12 @@ class BayesianPredictor(MarginalPredictor):
         self.requested_settings = settings
         self.grid = grid if grid is not None else TuningGrid()
         self.settings = settings if settings is not None else DEFAULT_BAYESIAN_SETTINGS
+        self._source = "given" if settings is not None else "default"
 
     def _fit(self, trace: Trace, window: int) -> None:
         if self.requested_settings is None:
             self.settings = self._tune(trace, window)
+            self._source = "tuned" if _tuning_split(trace, self.grid) is not None else "default"
         counts = layer_counts(trace.experts, self.num_experts) + 1.0  # [L, E]
         self._prior = self.settings.prior_strength * counts / counts.sum(axis=1, keepdims=True)  # [L, E]
         self._evidence = np.zeros_like(self._prior)  # [L, E]
@@ -607,6 +625,10 @@ class BayesianPredictor(MarginalPredictor):
             "half_life_tokens": self.settings.half_life_tokens,
         }
 
+    @property
+    def settings_source(self) -> str:
+        return self._source
+
 
 @PREDICTORS.register("bayesian-conditional")
 class ConditionalBayesianPredictor(PopularityPredictor):
@@ -637,12 +659,14 @@ class ConditionalBayesianPredictor(PopularityPredictor):
         self.requested_settings = settings
         self.grid = grid if grid is not None else TuningGrid()
         self.settings = settings if settings is not None else DEFAULT_CONDITIONAL_SETTINGS
+        self._source = "given" if settings is not None else "default"
         self.marginal = BayesianPredictor(marginal_settings, self.grid)
 
     def _fit(self, trace: Trace, window: int) -> None:
         self.marginal.fit(trace, window)
         if self.requested_settings is None:
             self.settings = self._tune(trace, window)
+            self._source = "tuned" if _tuning_split(trace, self.grid) is not None else "default"
         self._transitions = transition_counts(trace.experts, self.num_experts)  # [L, E, E]
         self._row_totals = self._transitions.sum(axis=2)  # [L, E]
 
@@ -662,7 +686,9 @@ class ConditionalBayesianPredictor(PopularityPredictor):
         # the traces tried.
         half_life = max(
             self.grid.transition_half_lives,
-            key=lambda value: score(ConditionalSettings(DEFAULT_CONDITIONAL_SETTINGS.backoff_strength, value)),
+            key=lambda value: score(
+                ConditionalSettings(DEFAULT_CONDITIONAL_SETTINGS.backoff_strength, value)
+            ),
         )
         strength = max(
             self.grid.backoff_strengths,
@@ -741,11 +767,19 @@ class ConditionalBayesianPredictor(PopularityPredictor):
             "transition_half_life_tokens": self.settings.half_life_tokens,
         }
 
+    @property
+    def settings_source(self) -> str:
+        # "given" only when both parts were given; otherwise whichever part was not.
+        sources = {self._source, self.marginal.settings_source}
+        return "given" if sources == {"given"} else ("tuned" if "tuned" in sources else "default")
+
 
 def describe_predictor(predictor: PopularityPredictor) -> dict[str, Any]:
-    """Name and resolved hyperparameters of a fitted predictor, as JSON-able values ("inf" for math.inf)."""
-    settings = {key: ("inf" if math.isinf(value) else value) for key, value in predictor.settings_dict().items()}
-    return {"name": predictor.name, "settings": settings}
+    """Name, resolved hyperparameters ("inf" for math.inf) and their source, as JSON-able values."""
+    settings = {
+        key: ("inf" if math.isinf(value) else value) for key, value in predictor.settings_dict().items()
+    }
+    return {"name": predictor.name, "settings": settings, "settings_source": predictor.settings_source}
 
 
 __all__ = [
