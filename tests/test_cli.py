@@ -48,3 +48,20 @@ def test_trace_stats_reads_shared_traces(shared_dir: Path, trace: str):
     stats = json.loads(run("trace", "stats", str(shared_dir / "traces" / trace), "--json").stdout)
     assert stats["num_experts"] in (64, 8)
     assert stats["mean_temporal_locality"] > stats["random_temporal_locality"]
+
+
+def test_generate_under_expert_memory_budget_is_exact():
+    full = json.loads(run("generate", "--prompt", "import os\n", "--max-new-tokens", "24", "--json").stdout)
+    cached = json.loads(
+        run("generate", "--prompt", "import os\n", "--max-new-tokens", "24", "--expert-memory", "25%", "--json").stdout
+    )
+    assert cached["token_ids"] == full["token_ids"]
+    cache = cached["expert_cache"]
+    assert cache["max_resident_bytes"] <= cache["budget_bytes"]
+    assert cache["loads"] > 0 and 0 < cache["hit_rate"] < 1
+
+
+def test_expert_memory_below_minimum_names_it():
+    result = run("generate", "--expert-memory", "1KB", "--max-new-tokens", "2", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "491520" in result.stderr  # two experts of the reference model (top-2), in bytes

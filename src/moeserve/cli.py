@@ -66,11 +66,13 @@ def generate(
     capacity_factor: Annotated[float, typer.Option(help="Slots per expert factor for --gating capacity.")] = 1.25,
     backend: Annotated[str, typer.Option(help="Experts backend: auto (chosen from device and dtype) or a registered one (loop, cpu, grouped_mm).")] = "auto",
     routing: Annotated[bool, typer.Option("--routing", help="Also print per-layer routing facts of this run.")] = False,
+    expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident: a fraction (25%, 0.5) or a size (2GiB); the rest is read from the checkpoint on demand.")] = None,
+    cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory: lru, lfu, fifo, lifo, lrfu (exact: outputs unchanged).")] = "lru",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text, streaming tokens to the terminal; reports tokens/s and time to first token."""
-    from moeserve.config import SamplingConfig
+    from moeserve.config import ExpertCacheConfig, SamplingConfig
     from moeserve.engine.generate import generate as run_generate
     from moeserve.engine.generate import warm_up
     from moeserve.env import apply_thread_count
@@ -82,7 +84,15 @@ def generate(
         apply_thread_count(threads)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         moe_model = load_model(model, moe=_moe_config(gating, capacity_factor, backend))
+        cache = None
+        if expert_memory is not None:
+            from moeserve.memory.offload import apply_expert_cache
+
+            cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy)
+            cache = apply_expert_cache(moe_model, cache_config.memory, cache_config.policy, cache_config.per_layer)
         warm_up(moe_model)
+        if cache is not None:
+            cache.reset_stats()
         recorder = RoutingRecorder(moe_model) if routing or as_json else None
         if not as_json:
             console.print(f"[dim]{moe_model.name} ({moe_model.family.model_type}, {len(moe_model.layers)} MoE layers, "
@@ -105,6 +115,8 @@ def generate(
         payload["model"] = str(moe_model.path)
         if stats is not None:
             payload["routing"] = stats.to_dict()
+        if cache is not None:
+            payload["expert_cache"] = cache.stats().to_dict()
         print(json.dumps(payload))
         return
     sys.stdout.write("\n")
@@ -112,6 +124,13 @@ def generate(
         f"[bold]{result.new_tokens} tokens[/] in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s "
         f"(decode {result.decode_tokens_per_s:.1f} tokens/s), time to first token {result.time_to_first_token_s * 1000:.1f} ms"
     )
+    if cache is not None:
+        cache_stats = cache.stats()
+        console.print(
+            f"expert cache ({cache_policy}, {cache_stats.budget_bytes / 2**20:.1f} MiB budget): hit rate "
+            f"{cache_stats.hit_rate:.3f}, {cache_stats.loads} loads, {cache_stats.bytes_read / 2**20:.1f} MiB read, "
+            f"max resident {cache_stats.max_resident_bytes / 2**20:.1f} MiB"
+        )
     if stats is not None:
         from moeserve.traces.stats import render_stats_table
 

@@ -48,3 +48,19 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class ExpertCacheConfig:
+    """Serve routed experts from a cache under a memory budget (None memory: all resident)."""
+
+    memory: str | None = None
+    """Budget: a fraction of all expert bytes ("25%", "0.5") or a size ("2GiB", "512MB")."""
+    policy: str = "lru"
+    """Eviction policy from ``moeserve.memory.policies.EVICTION_POLICIES`` (an online one)."""
+    per_layer: bool = False
+    """Give every MoE layer its own equal share instead of one pool for all layers."""
+
+    def __post_init__(self) -> None:
+        if self.memory is not None and not self.memory.strip():
+            raise ValueError("expert memory budget is empty; give a fraction like 25% or a size like 2GiB")

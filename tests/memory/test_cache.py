@@ -28,8 +28,12 @@ from moeserve.models.loader import MoEModel, load_model
 from moeserve.moe.types import ResidentExperts, RouterOutput
 
 NEW_TOKENS = 32
-REFERENCE_EXPERT_BYTES = 3 * 160 * 128 * 4  # one expert of the reference model: gate, up, down fp32 [160 x 128]
-PROMPT = 'import os\nimport sys\n\n\ndef main(argv):\n    """Print every argument."""\n    for name in argv:\n'
+REFERENCE_EXPERT_BYTES = (
+    3 * 160 * 128 * 4
+)  # one expert of the reference model: gate, up, down fp32 [160 x 128]
+PROMPT = (
+    'import os\nimport sys\n\n\ndef main(argv):\n    """Print every argument."""\n    for name in argv:\n'
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -196,7 +200,10 @@ def test_belady_with_the_recorded_future_is_exact_and_hits_most(model, prompt_id
     assert_bit_identical(got, expected_logits)
     assert belady.requests == lru.requests
     assert belady.hits >= lru.hits
-    with cached(model, "25%", "belady", future=future[:10]) as (cache, _), pytest.raises(MoeserveError, match="step 10"):
+    with (
+        cached(model, "25%", "belady", future=future[:10]) as (cache, _),
+        pytest.raises(MoeserveError, match="step 10"),
+    ):
         greedy_logits(model, prompt_ids)
 
 

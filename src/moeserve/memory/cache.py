@@ -98,7 +98,9 @@ class ExpertMemory:
 
     def __post_init__(self) -> None:
         if (self.nbytes is None) == (self.fraction is None):
-            raise ValueError(f"give exactly one of nbytes and fraction, got nbytes={self.nbytes}, fraction={self.fraction}")
+            raise ValueError(
+                f"give exactly one of nbytes and fraction, got nbytes={self.nbytes}, fraction={self.fraction}"
+            )
         if self.nbytes is not None and self.nbytes < 1:
             raise ValueError(f"expert memory must be at least 1 byte, got {self.nbytes}")
         if self.fraction is not None and not 0 < self.fraction <= 1:
@@ -142,7 +144,9 @@ def parse_expert_memory(text: str) -> ExpertMemory:
             )
         return ExpertMemory(fraction=number)
     if unit not in SIZE_UNITS:
-        raise ValueError(f"expert memory {text!r}: unknown unit {match['unit']!r}; known: {', '.join(SIZE_UNITS)}")
+        raise ValueError(
+            f"expert memory {text!r}: unknown unit {match['unit']!r}; known: {', '.join(SIZE_UNITS)}"
+        )
     nbytes = int(number * SIZE_UNITS[unit])
     if nbytes < 1:
         raise ValueError(f"expert memory {text!r} is less than one byte")
@@ -263,7 +267,9 @@ class _SlotPool:
         self.key_owner = key_owner
         self.gate_up_shape, self.down_shape = gate_up_shape, down_shape
         self.dtype, self.device = dtype, device
-        self.slot_bytes = (gate_up_shape[0] * gate_up_shape[1] + down_shape[0] * down_shape[1]) * dtype.itemsize
+        self.slot_bytes = (
+            gate_up_shape[0] * gate_up_shape[1] + down_shape[0] * down_shape[1]
+        ) * dtype.itemsize
         self.gate_up: list[torch.Tensor] = []  # slot -> [2I, D]
         self.down: list[torch.Tensor] = []  # slot -> [D, I]
         self.free: list[int] = []
@@ -429,7 +435,10 @@ class ExpertCache:
             self.capacities = [min(slots, spec.num_experts) for spec in self._specs]
             self.min_budget_bytes = minimum
             return
-        shapes = {(spec.hidden_size, spec.intermediate_size, dtype) for spec, dtype in zip(self._specs, self._dtypes, strict=True)}
+        shapes = {
+            (spec.hidden_size, spec.intermediate_size, dtype)
+            for spec, dtype in zip(self._specs, self._dtypes, strict=True)
+        }
         if len(shapes) > 1:
             raise ValueError(
                 f"a shared expert cache needs every layer's experts alike, got (D, I, dtype) {sorted(map(str, shapes))}; "
@@ -461,7 +470,9 @@ class ExpertCache:
         for pool_index, layer in enumerate(layer_ids):
             members = list(range(len(self._specs))) if layer is None else [layer]
             spec, dtype = self._specs[members[0]], self._dtypes[members[0]]
-            key_owner = [(member, expert) for member in members for expert in range(self._specs[member].num_experts)]
+            key_owner = [
+                (member, expert) for member in members for expert in range(self._specs[member].num_experts)
+            ]
             capacity = self.capacities[pool_index]
             pool = _SlotPool(
                 policy=policy_class(capacity, num_streams=len(members)),
@@ -484,7 +495,8 @@ class ExpertCache:
     def _init_views(self) -> None:
         self._pool_of = [self._pools[i if self.per_layer else 0] for i in range(len(self._specs))]
         self.views = [
-            CachedLayerExperts(self, i, spec.num_experts, self._pool_of[i]) for i, spec in enumerate(self._specs)
+            CachedLayerExperts(self, i, spec.num_experts, self._pool_of[i])
+            for i, spec in enumerate(self._specs)
         ]
         """One provider per MoE layer, in MoE-layer order."""
 
@@ -535,7 +547,9 @@ class ExpertCache:
         """
         view = self.views[layer_index]
         if not 0 <= expert < view.num_experts:
-            raise IndexError(f"expert {expert} out of range: MoE layer {layer_index} has experts 0-{view.num_experts - 1}")
+            raise IndexError(
+                f"expert {expert} out of range: MoE layer {layer_index} has experts 0-{view.num_experts - 1}"
+            )
         groups = view.groups
         while groups and groups[0][-1] < expert:
             groups.pop(0)
@@ -597,7 +611,9 @@ class ExpertCache:
         for key in victims:
             if key in pinned or key not in pool.key2slot:
                 state = "is needed by the current step" if key in pinned else "is not resident"
-                raise PolicyContractError(f"{type(pool.policy).__name__} evicted key {key} at step {time}, which {state}")
+                raise PolicyContractError(
+                    f"{type(pool.policy).__name__} evicted key {key} at step {time}, which {state}"
+                )
             slot = pool.key2slot.pop(key)
             pool.free.append(slot)
             layer_index, expert = pool.key_owner[key]

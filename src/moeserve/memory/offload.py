@@ -42,7 +42,9 @@ def as_expert_memory(budget: Budget) -> ExpertMemory:
     if isinstance(budget, str):
         return parse_expert_memory(budget)
     if isinstance(budget, bool):
-        raise TypeError(f"expert memory budget must be bytes (int), a fraction (float) or text, got {budget!r}")
+        raise TypeError(
+            f"expert memory budget must be bytes (int), a fraction (float) or text, got {budget!r}"
+        )
     if isinstance(budget, int):
         return ExpertMemory(nbytes=budget)
     return ExpertMemory(fraction=float(budget))

@@ -58,15 +58,6 @@ class MoEModel:
     def name(self) -> str:
         return self.path.name
 
-    def expert_bytes(self) -> int:
-        """Bytes of all routed experts' weights, as resident now."""
-        total = 0
-        for layer in self.layers:
-            stacked = layer.experts.stacked()
-            assert stacked is not None
-            total += sum(t.numel() * t.element_size() for t in stacked)
-        return total
-
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] for a batch of token ids [B, S] (no cache)."""

@@ -13,6 +13,9 @@ processes. Every predictor follows one protocol::
                                            float64 [W, E]: the same for each of W tokens, given the
                                            ids each was routed to at layer - 1 (previous, [W, K'])
     predict_loads(layer, window_tokens)    LoadForecast: expected tokens per expert and quantiles
+    inclusion(layer, previous=None)        float64 [E] per-token inclusion probabilities and [E]
+                                           the concentration of their uncertainty (the inputs of
+                                           ``forecast_loads``, which batches over layers)
     window_log_likelihood(window)          ([L] summed log-probabilities, [L] assignment counts)
                                            of a window's known assignments, before it is updated
 
@@ -38,9 +41,10 @@ Load forecasts (``predict_loads``) use a beta-binomial approximation, not sampli
 layer includes expert e with probability ``pi_e = min(1, K * p_e)`` (p the predicted assignment
 share); the load of e over W tokens is BetaBinomial(W, pi_e * c, (1 - pi_e) * c) where ``c`` is a
 concentration moment-matched to the Dirichlet posterior's uncertainty about ``p_e`` (Binomial
-when the predictor is a point estimate, c = inf). It treats tokens as exchangeable given the
-posterior, so it ignores the correlation between neighbouring tokens; the evaluation reports how
-often actual loads stay under each quantile, which shows how much that matters.
+when the predictor is a point estimate, c = inf; ``bayesian-conditional`` borrows its marginal's
+c, as a mixture has no single Dirichlet). It treats tokens as exchangeable given the posterior,
+so it ignores the correlation between neighbouring tokens; the evaluation reports how often
+actual loads stay under each quantile, which shows how much that matters.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ DEFAULT_WINDOW = 64
 """Tokens per ``update`` assumed when tuning, unless ``fit`` is told otherwise."""
 
 DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
+"""Load-forecast quantile levels unless the caller names others."""
 
 
 # -- counting ------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Serverless deployment at minimum billed cost: prices and limits as data (``prices``)."""
