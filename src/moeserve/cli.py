@@ -89,7 +89,7 @@ def generate(
             from moeserve.memory.offload import apply_expert_cache
 
             cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy)
-            cache = apply_expert_cache(moe_model, cache_config.memory, cache_config.policy, cache_config.per_layer)
+            cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer)
         warm_up(moe_model)
         if cache is not None:
             cache.reset_stats()
