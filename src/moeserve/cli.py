@@ -25,7 +25,9 @@ app = typer.Typer(
 trace_app = typer.Typer(help="Record and inspect routing traces (moeserve-trace/1 .npz files).", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: implementations side by side in one process.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
+predict_app = typer.Typer(help="Expert-popularity predictors (uniform, frequency, Bayesian).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(predict_app, name="predict")
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -320,6 +322,29 @@ def placement(
         print(json.dumps(placement_report(plan)))
     else:
         console.print(render_placement_table(plan))
+
+
+@predict_app.command("eval")
+def predict_eval(
+    trace: Annotated[Path, typer.Option("--trace", help="A moeserve-trace/1 file.")],
+    train_fraction: Annotated[float, typer.Option(help="Share of sequences used to calibrate; the rest is held out.")] = 0.5,
+    window: Annotated[int, typer.Option(help="Tokens per prediction window (predict, then update).")] = 64,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also show every layer.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Held-out log-likelihood, top-k recall and load-forecast error of every predictor on a trace."""
+    from moeserve.predict.evaluate import evaluate_predictors
+    from moeserve.traces.format import load_trace
+
+    try:
+        evaluation = evaluate_predictors(load_trace(trace), train_fraction=train_fraction, window=window)
+    except (MoeserveError, ValueError) as error:
+        _fail(error)
+        return
+    if as_json:
+        print(json.dumps(evaluation.to_dict()))
+    else:
+        console.print(evaluation.render_table(per_layer=per_layer))
 
 
 def main() -> None:
