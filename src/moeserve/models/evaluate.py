@@ -7,6 +7,7 @@ configuration, gives comparable figures).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -42,9 +43,7 @@ def evaluate_tokens(model: MoEModel, token_ids: torch.Tensor, seq_len: int = 256
     scored = 0
     recorder = RoutingRecorder(model, phase="prefill", source="held-out evaluation") if record_routing else None
     usable = min(int(token_ids.numel()), max_tokens + 1)
-    if recorder is not None:
-        recorder.__enter__()
-    try:
+    with recorder if recorder is not None else contextlib.nullcontext():
         for start in range(0, usable - 1, seq_len):
             window = token_ids[start : min(start + seq_len + 1, usable)].long()
             if window.numel() < 2:
@@ -56,9 +55,6 @@ def evaluate_tokens(model: MoEModel, token_ids: torch.Tensor, seq_len: int = 256
             scored += targets.numel()
             if recorder is not None:
                 recorder.end_sequence()
-    finally:
-        if recorder is not None:
-            recorder.__exit__(None, None, None)
     report = QualityReport(tokens=scored, perplexity=math.exp(total_nll / max(1, scored)), accuracy=correct / max(1, scored))
     stats = trace_stats(recorder.trace()) if recorder is not None else None
     return report, stats
