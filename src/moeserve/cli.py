@@ -70,6 +70,7 @@ def generate(
     routing: Annotated[bool, typer.Option("--routing", help="Also print per-layer routing facts of this run.")] = False,
     expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident: a fraction (25%, 0.5) or a size (2GiB); the rest is read from the checkpoint on demand.")] = None,
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory: lru, lfu, fifo, lifo, lrfu (exact: outputs unchanged).")] = "lru",
+    prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: predict the next layer's experts with its router and load them in the background.")] = False,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -91,7 +92,9 @@ def generate(
             from moeserve.memory.offload import apply_expert_cache
 
             cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy)
-            cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer)
+            cache = apply_expert_cache(
+                moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch
+            )
         warm_up(moe_model)
         if cache is not None:
             cache.reset_stats()
@@ -131,7 +134,7 @@ def generate(
         console.print(
             f"expert cache ({cache_policy}, {cache_stats.budget_bytes / 2**20:.1f} MiB budget): hit rate "
             f"{cache_stats.hit_rate:.3f}, {cache_stats.loads} loads, {cache_stats.bytes_read / 2**20:.1f} MiB read, "
-            f"max resident {cache_stats.max_resident_bytes / 2**20:.1f} MiB"
+            f"max resident {cache_stats.max_resident_bytes / 2**20:.1f} MiB, {cache_stats.stalled_uses} stalled uses"
         )
     if stats is not None:
         from moeserve.traces.stats import render_stats_table

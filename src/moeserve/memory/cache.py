@@ -39,16 +39,30 @@ the order the model runs. ``belady`` needs the future: give it the ``step_log`` 
 earlier run (``record_steps=True``); policies that need the whole stream in advance
 (``needs_stream``, e.g. ``predicted-reuse``) cannot run live and are refused.
 
+Prefetch (``prefetch(layer, experts)``, fed by :mod:`moeserve.memory.prefetch`): a layer's
+predicted experts are loaded ahead of its step on one background thread (or inline, for a
+deterministic reference). A prefetch load takes a free slot or evicts one resident expert the
+policy picks, never one pinned by the running step (the experts of the pool's last step), one
+still loading, or one of the same prediction; when nothing may be evicted it stops. A slot is
+reserved (and counted in ``resident_bytes``) before its read starts, so the budget holds at
+every instant. The expert enters the policy when its read completes (as a one-key step at
+the pool's current time). A step that needs an expert still loading waits for it: that use
+stalls, as does every synchronous load. Predictions are scored against the layer's next step
+(precision and recall in :class:`CacheStats`). Online policies only.
+
 This module knows nothing of transformers models or where MoE layers sit in them
-(:mod:`moeserve.memory.offload` wires a cache into a model), nor of prefetching, GPUs' side
-streams or pinned host memory. It is not thread-safe: one forward at a time.
+(:mod:`moeserve.memory.offload` wires a cache into a model), nor of how experts are predicted,
+GPUs' side streams or pinned host memory. One forward at a time; the background loader is the
+only other thread, and every change of residency happens under the cache's lock.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time as clock
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,8 +183,9 @@ class CacheStats:
 
     A *request* is one expert of one step: an MoE layer call asks for each distinct expert it
     routes to once (a split call asks for each in the group that serves it), so
-    ``hits + misses`` is the sum over layer calls of their distinct routed experts. Every miss
-    is one load here (nothing is prefetched).
+    ``hits + misses`` is the sum over layer calls of their distinct routed experts. A hit found
+    the expert resident (a completed prefetch counts); a miss waited for it: a synchronous load,
+    or a prefetch still in flight. So ``stalled_uses == misses``.
     """
 
     steps: int
@@ -178,7 +193,7 @@ class CacheStats:
     hits: int
     misses: int
     loads: int
-    """Experts read from the checkpoint into a slot."""
+    """Experts read from the checkpoint into a slot (synchronous and prefetched)."""
     evictions: int
     bytes_read: int
     """Checkpoint bytes read by the loads (stored dtype)."""
@@ -190,6 +205,18 @@ class CacheStats:
     max_resident_bytes: int
     """High-water mark of ``resident_bytes``."""
     budget_bytes: int
+    prefetch_loads: int
+    """Experts loaded by prefetch (included in ``loads``)."""
+    prefetch_used: int
+    """Prefetched experts a step used before they were evicted."""
+    prefetch_waits: int
+    """Uses that waited for a prefetch still in flight (included in ``misses``)."""
+    predicted: int
+    """Experts predicted over all scored predictions (each against the layer's next step)."""
+    predicted_actual: int
+    """Experts routed by the steps that had a prediction."""
+    predicted_correct: int
+    """Predicted experts the step routed: |predicted & actual| summed."""
     layer_hits: tuple[int, ...] = field(repr=False)
     """Hits per MoE layer."""
     layer_misses: tuple[int, ...] = field(repr=False)
@@ -205,8 +232,27 @@ class CacheStats:
         """Hits / requests (NaN before the first request)."""
         return self.hits / self.requests if self.requests else float("nan")
 
+    @property
+    def stalled_uses(self) -> int:
+        """Expert uses that waited on a load, synchronous or prefetched (= misses)."""
+        return self.misses
+
+    @property
+    def prefetch_precision(self) -> float:
+        """|predicted & actual| / |predicted| over scored predictions (NaN without one)."""
+        return self.predicted_correct / self.predicted if self.predicted else float("nan")
+
+    @property
+    def prefetch_recall(self) -> float:
+        """|predicted & actual| / |actual| over steps that had a prediction (NaN without one)."""
+        return self.predicted_correct / self.predicted_actual if self.predicted_actual else float("nan")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (NaN becomes None)."""
+
+        def plain(value: float) -> float | None:
+            return None if value != value else value
+
         rate = self.hit_rate
         return {
             "steps": self.steps,
@@ -222,6 +268,12 @@ class CacheStats:
             "resident_bytes": self.resident_bytes,
             "max_resident_bytes": self.max_resident_bytes,
             "budget_bytes": self.budget_bytes,
+            "stalled_uses": self.stalled_uses,
+            "prefetch_loads": self.prefetch_loads,
+            "prefetch_used": self.prefetch_used,
+            "prefetch_waits": self.prefetch_waits,
+            "prefetch_precision": plain(self.prefetch_precision),
+            "prefetch_recall": plain(self.prefetch_recall),
             "layer_hits": list(self.layer_hits),
             "layer_misses": list(self.layer_misses),
         }
@@ -236,6 +288,12 @@ class _Counters:
     bytes_read: int = 0
     stall_seconds: float = 0.0
     split_steps: int = 0
+    prefetch_loads: int = 0
+    prefetch_used: int = 0
+    prefetch_waits: int = 0
+    predicted: int = 0
+    predicted_actual: int = 0
+    predicted_correct: int = 0
     layer_hits: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
 
@@ -274,6 +332,9 @@ class _SlotPool:
         self.down: list[torch.Tensor] = []  # slot -> [D, I]
         self.free: list[int] = []
         self.key2slot: dict[int, int] = {}
+        self.loading: set[int] = set()  # keys whose prefetch read is in flight (slot reserved)
+        self.prefetched: set[int] = set()  # prefetched keys no step has used yet
+        self.pinned: set[int] = set()  # keys of the pool's last step: prefetch never evicts them
         self.time = 0
         self.future: list[tuple[int, ...]] | None = None  # the steps a future-reading policy was given
 
@@ -291,6 +352,9 @@ class _SlotPool:
         self.down.clear()
         self.free.clear()
         self.key2slot.clear()
+        self.loading.clear()
+        self.prefetched.clear()
+        self.pinned = set()
 
 
 class CachedLayerExperts:
@@ -397,6 +461,7 @@ class ExpertCache:
         self._counters = _Counters(len(self.decoder_layers))
         self._resident_bytes = 0
         self._max_resident_bytes = 0
+        self._init_prefetch()
 
     # -- construction -----------------------------------------------------------------------
 
@@ -518,6 +583,18 @@ class ExpertCache:
         )
         """Bytes of staging buffers (outside the budget; 0 when experts are resident as stored)."""
 
+    def _init_prefetch(self) -> None:
+        self._lock = threading.Condition()  # guards residency; notified when a prefetch read ends
+        self._loader: ThreadPoolExecutor | None = None  # started by the first background prefetch
+        self._predictions: list[set[int] | None] = [None] * len(self._specs)
+        self._layer_calls = [0] * len(self._specs)  # a prefetch for a layer stops once it is called
+        self._loader_staging = [
+            None if pair is None else (torch.empty_like(pair[0]), torch.empty_like(pair[1]))
+            for pair in self._staging
+        ]
+        self.on_close: list[Callable[[], None]] = []
+        """Called first by ``close`` (e.g. to remove a prefetcher's hooks)."""
+
     # -- the step protocol ------------------------------------------------------------------
 
     def observe(self, layer_index: int, routing: RouterOutput) -> None:
@@ -528,6 +605,8 @@ class ExpertCache:
         """
         # One host sync per layer call; the per-expert backends make the same one for group sizes.
         experts = sorted(set(routing.topk_ids.reshape(-1).tolist()))
+        self._layer_calls[layer_index] += 1
+        self._score_prediction(layer_index, experts)
         view = self.views[layer_index]
         capacity = self._pool_of[layer_index].capacity
         if len(experts) <= capacity:
@@ -562,45 +641,146 @@ class ExpertCache:
     def _serve(self, layer_index: int, experts: list[int]) -> None:
         """One step: ``experts`` (ascending, distinct, at most the pool's capacity) become resident together.
 
-        Steps: 1. split hits from misses; 2. evict what the misses do not fit, never the step's
-        own experts; 3. load the misses; 4. tell the policy.
+        Steps: 1. pin the step and wait for its experts still loading; 2. split hits from
+        misses; 3. evict what the misses do not fit, never the step's own experts (after any
+        other in-flight prefetch lands, so the policy knows every resident key); 4. load the
+        misses; 5. tell the policy.
         """
         pool = self._pool_of[layer_index]
         view = self.views[layer_index]
         offset = self._key_offset[layer_index]
         keys = [offset + expert for expert in experts]
-        time = pool.time
-        if pool.future is not None:
-            self._check_future(pool, keys, time)
-        if self.step_log is not None:
-            self.step_log.append((layer_index, tuple(experts)))
-        # 1.
-        key2slot = pool.key2slot
-        missing = [key for key in keys if key not in key2slot]
         counters = self._counters
-        counters.steps += 1
-        counters.layer_hits[layer_index] += len(keys) - len(missing)
-        counters.layer_misses[layer_index] += len(missing)
-        if missing:
+        with self._lock:
+            time = pool.time
+            if pool.future is not None:
+                self._check_future(pool, keys, time)
+            if self.step_log is not None:
+                self.step_log.append((layer_index, tuple(experts)))
+            # 1.
+            pool.pinned = set(keys)
+            waiting = [key for key in keys if key in pool.loading]
+            if waiting:
+                started = clock.perf_counter()
+                self._lock.wait_for(lambda: pool.loading.isdisjoint(waiting))
+                counters.stall_seconds += clock.perf_counter() - started
+                counters.prefetch_waits += len(waiting)
             # 2.
-            overflow = len(key2slot) + len(missing) - pool.capacity
-            if overflow > 0:
-                self._evict(pool, overflow, set(keys), time)
-            # 3.
-            started = clock.perf_counter()
-            for key in missing:
+            key2slot = pool.key2slot
+            missing = [key for key in keys if key not in key2slot]
+            used = pool.prefetched.intersection(keys)
+            counters.prefetch_used += len(used)
+            pool.prefetched -= used
+            counters.steps += 1
+            stalled = len(missing) + sum(1 for key in waiting if key in key2slot)
+            counters.layer_hits[layer_index] += len(keys) - stalled
+            counters.layer_misses[layer_index] += stalled
+            if missing:
+                started = clock.perf_counter()
+                # 3.
+                if len(key2slot) + len(pool.loading) + len(missing) > pool.capacity:
+                    self._lock.wait_for(lambda: not pool.loading)
+                    overflow = len(key2slot) + len(missing) - pool.capacity
+                    if overflow > 0:
+                        self._evict(pool, overflow, set(keys), time)
+                # 4.
+                for key in missing:
+                    slot = pool.take_slot()
+                    self._read(layer_index, key - offset, slot, self._staging[layer_index])
+                    key2slot[key] = slot
+                    view.expert2slot[key - offset] = slot
+                counters.stall_seconds += clock.perf_counter() - started
+                counters.loads += len(missing)
+                self._resident_bytes += len(missing) * pool.slot_bytes
+                self._max_resident_bytes = max(self._max_resident_bytes, self._resident_bytes)
+                assert self._resident_bytes <= self.budget_bytes, "resident experts exceed the budget"
+            # 5.
+            pool.policy.on_step(keys, missing, time)
+            pool.time = time + 1
+
+    # -- prefetch ---------------------------------------------------------------------------
+
+    def prefetch(self, layer_index: int, experts: Sequence[int], background: bool = True) -> None:
+        """Predict that MoE layer ``layer_index``'s next step routes ``experts``; load them ahead.
+
+        The prediction is scored when the layer's next step comes. Loads run on the background
+        loader (``background``) or here, before returning (a deterministic reference: no
+        stall is counted for them). Loads stop when the layer's next step begins, or when no
+        slot can be freed without evicting a pinned, loading or predicted expert. Experts
+        beyond the pool's capacity are not loaded (ascending order decides which).
+        """
+        if not EVICTION_POLICIES.get(self.policy_name).online:
+            raise ValueError(f"prefetch needs an online eviction policy, not {self.policy_name!r}")
+        predicted = sorted(set(experts))
+        num_experts = self.views[layer_index].num_experts
+        if predicted and not (0 <= predicted[0] and predicted[-1] < num_experts):
+            raise IndexError(f"predicted experts {predicted} out of range 0-{num_experts - 1}")
+        self._predictions[layer_index] = set(predicted)
+        call = self._layer_calls[layer_index]
+        if not background:
+            self._prefetch_job(layer_index, predicted, call)
+            return
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-prefetch")
+        self._loader.submit(self._prefetch_job, layer_index, predicted, call)
+
+    def wait_for_prefetch(self) -> None:
+        """Block until every prefetch submitted so far has finished."""
+        if self._loader is not None:
+            self._loader.submit(lambda: None).result()
+
+    def _prefetch_job(self, layer_index: int, experts: list[int], call: int) -> None:
+        """Load ``experts`` of ``layer_index`` one at a time; reserve under the lock, read outside it."""
+        pool = self._pool_of[layer_index]
+        view = self.views[layer_index]
+        offset = self._key_offset[layer_index]
+        job_keys = {offset + expert for expert in experts}
+        staging = self._loader_staging[layer_index]
+        for expert in experts:
+            key = offset + expert
+            with self._lock:
+                if self._layer_calls[layer_index] != call:
+                    return
+                if key in pool.key2slot or key in pool.loading:
+                    continue
+                if len(pool.key2slot) + len(pool.loading) >= pool.capacity:
+                    protected = pool.pinned | pool.loading | job_keys
+                    if all(resident in protected for resident in pool.key2slot):
+                        return
+                    self._evict(pool, 1, protected, pool.time)
                 slot = pool.take_slot()
-                self._read(layer_index, key - offset, slot)
-                key2slot[key] = slot
-                view.expert2slot[key - offset] = slot
-            counters.stall_seconds += clock.perf_counter() - started
-            counters.loads += len(missing)
-            self._resident_bytes += len(missing) * pool.slot_bytes
-            self._max_resident_bytes = max(self._max_resident_bytes, self._resident_bytes)
-            assert self._resident_bytes <= self.budget_bytes, "resident experts exceed the budget"
-        # 4.
-        pool.policy.on_step(keys, missing, time)
-        pool.time = time + 1
+                pool.loading.add(key)
+                self._resident_bytes += pool.slot_bytes
+                self._max_resident_bytes = max(self._max_resident_bytes, self._resident_bytes)
+                assert self._resident_bytes <= self.budget_bytes, "resident experts exceed the budget"
+            try:
+                self._read(layer_index, expert, slot, staging)
+            except BaseException:
+                with self._lock:
+                    pool.loading.discard(key)
+                    pool.free.append(slot)
+                    self._resident_bytes -= pool.slot_bytes
+                    self._lock.notify_all()
+                raise
+            with self._lock:
+                pool.loading.discard(key)
+                pool.key2slot[key] = slot
+                view.expert2slot[expert] = slot
+                pool.prefetched.add(key)
+                pool.policy.on_step([key], [key], pool.time)
+                self._counters.loads += 1
+                self._counters.prefetch_loads += 1
+                self._lock.notify_all()
+
+    def _score_prediction(self, layer_index: int, experts: list[int]) -> None:
+        predicted = self._predictions[layer_index]
+        if predicted is None:
+            return
+        self._predictions[layer_index] = None
+        counters = self._counters
+        counters.predicted += len(predicted)
+        counters.predicted_actual += len(experts)
+        counters.predicted_correct += len(predicted.intersection(experts))
 
     def _evict(self, pool: _SlotPool, count: int, pinned: set[int], time: int) -> None:
         victims = pool.policy.evict(count, pinned, time)
@@ -615,23 +795,28 @@ class ExpertCache:
                     f"{type(pool.policy).__name__} evicted key {key} at step {time}, which {state}"
                 )
             slot = pool.key2slot.pop(key)
+            pool.prefetched.discard(key)
             pool.free.append(slot)
             layer_index, expert = pool.key_owner[key]
             self.views[layer_index].expert2slot[expert] = -1
         self._counters.evictions += count
         self._resident_bytes -= count * pool.slot_bytes
 
-    def _read(self, layer_index: int, expert: int, slot: int) -> None:
+    def _read(
+        self, layer_index: int, expert: int, slot: int, staging: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> None:
+        """Read one expert into ``slot`` (through ``staging``, owned by the calling thread, if any)."""
         pool = self._pool_of[layer_index]
         decoder_layer = self.decoder_layers[layer_index]
-        staging = self._staging[layer_index]
         if staging is None:
             self.store.read_expert_into(decoder_layer, expert, pool.gate_up[slot], pool.down[slot])
         else:
             self.store.read_expert_into(decoder_layer, expert, *staging)
             pool.gate_up[slot].copy_(staging[0])
             pool.down[slot].copy_(staging[1])
-        self._counters.bytes_read += self.store.expert_nbytes(decoder_layer, expert)
+        nbytes = self.store.expert_nbytes(decoder_layer, expert)
+        with self._lock:
+            self._counters.bytes_read += nbytes
 
     def _check_future(self, pool: _SlotPool, keys: list[int], time: int) -> None:
         assert pool.future is not None
@@ -670,6 +855,10 @@ class ExpertCache:
 
     def stats(self) -> CacheStats:
         """A snapshot of the counters."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> CacheStats:
         counters = self._counters
         hits, misses = sum(counters.layer_hits), sum(counters.layer_misses)
         return CacheStats(
@@ -684,17 +873,33 @@ class ExpertCache:
             resident_bytes=self._resident_bytes,
             max_resident_bytes=self._max_resident_bytes,
             budget_bytes=self.budget_bytes,
+            prefetch_loads=counters.prefetch_loads,
+            prefetch_used=counters.prefetch_used,
+            prefetch_waits=counters.prefetch_waits,
+            predicted=counters.predicted,
+            predicted_actual=counters.predicted_actual,
+            predicted_correct=counters.predicted_correct,
             layer_hits=tuple(counters.layer_hits),
             layer_misses=tuple(counters.layer_misses),
         )
 
     def reset_stats(self) -> None:
-        """Zero the counters and restart the high-water mark from what is resident now (residency stays)."""
+        """Zero the counters and restart the high-water mark from what is resident now (residency stays).
+
+        Waits for prefetches in flight first, so none lands in the new counters' account.
+        """
+        self.wait_for_prefetch()
         self._counters = _Counters(len(self.decoder_layers))
         self._max_resident_bytes = self._resident_bytes
 
     def close(self) -> None:
         """Drop every slot (the cache holds nothing afterwards; its views must not be used again)."""
+        for callback in self.on_close:
+            callback()
+        self.on_close.clear()
+        if self._loader is not None:
+            self._loader.shutdown(wait=True, cancel_futures=True)
+            self._loader = None
         for pool in self._pools:
             pool.release()
         for view in self.views:

@@ -23,6 +23,8 @@ import torch
 
 from moeserve.errors import CheckpointError
 from moeserve.memory.cache import CachedLayerExperts, ExpertCache, ExpertMemory, StepLog, parse_expert_memory
+from moeserve.memory.policies import EVICTION_POLICIES
+from moeserve.memory.prefetch import NextLayerPrefetcher, PrefetchConfig
 from moeserve.memory.store import ExpertStore
 from moeserve.moe.types import ResidentExperts
 
@@ -58,12 +60,15 @@ def apply_expert_cache(
     *,
     future: StepLog | None = None,
     record_steps: bool = False,
+    prefetch: bool | PrefetchConfig = False,
 ) -> ExpertCache:
     """Serve ``model``'s routed experts from a new cache of ``budget`` and free the resident copies.
 
     ``budget`` as in :func:`as_expert_memory`; a fraction is of the experts' bytes as the model
     holds them (its dtype). ``policy``, ``per_layer``, ``future`` and ``record_steps`` go to
     :class:`~moeserve.memory.cache.ExpertCache`. Returns the cache (its ``stats()``, residency).
+    ``prefetch`` (True, or a :class:`~moeserve.memory.prefetch.PrefetchConfig`) adds a
+    :class:`~moeserve.memory.prefetch.NextLayerPrefetcher`; it needs an online policy.
 
     The model must be all-resident, dropless-gated (capacity gating computes every expert every
     step, so caching would reload them all) and its checkpoint folder must hold the experts it
@@ -91,6 +96,8 @@ def apply_expert_cache(
             f"{model.path}: checkpoint has routed experts in decoder layers {store.layers}, the model in "
             f"{model.decoder_layer_ids}"
         )
+    if prefetch is not False and not EVICTION_POLICIES.get(policy).online:
+        raise ValueError(f"prefetch needs an online eviction policy, not {policy!r}")
     dtype, device = dtypes.pop(), devices.pop()
     cache = ExpertCache(
         store,
@@ -109,6 +116,8 @@ def apply_expert_cache(
         layer.replace_experts(cache.views[layer.layer_index])
         layer.observers.append(cache.observe)
         _free_expert_parameters(model, decoder_id)
+    if prefetch is not False:
+        NextLayerPrefetcher(model, cache, PrefetchConfig() if prefetch is True else prefetch)
     return cache
 
 
@@ -118,6 +127,10 @@ def remove_expert_cache(model: MoEModel, cache: ExpertCache) -> None:
     Afterwards the model is all-resident again (the experts module's parameters hold the experts,
     in the cache's dtype) and the cache holds nothing.
     """
+    cache.wait_for_prefetch()
+    for callback in cache.on_close:
+        callback()
+    cache.on_close.clear()
     for layer, decoder_id in zip(model.layers, model.decoder_layer_ids, strict=True):
         if cache.observe in layer.observers:
             layer.observers.remove(cache.observe)
