@@ -350,6 +350,38 @@ def predict_eval(
         console.print(evaluation.render_table(per_layer=per_layer))
 
 
+@bench_app.command("offload")
+def bench_offload(
+    model: ModelArg = None,
+    expert_memory: Annotated[str, typer.Option(help="Comma-separated budgets: fractions (25%) or sizes (2GiB).")] = "25%,50%,75%",
+    policies: Annotated[str, typer.Option(help="Comma-separated online eviction policies.")] = "lru,lfu,lrfu",
+    prefetch: Annotated[bool, typer.Option("--prefetch", help="Prefetch the next layer's experts.")] = False,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens per generation.")] = 64,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generation under expert-memory budgets vs all experts resident: tokens/s, bytes, hit rate vs Belady, stalls."""
+    from moeserve.bench.offload import render_table, run_offload_bench
+    from moeserve.env import apply_thread_count
+
+    try:
+        apply_thread_count(threads)
+        result = run_offload_bench(
+            model,
+            [b.strip() for b in expert_memory.split(",") if b.strip()],
+            [p.strip() for p in policies.split(",") if p.strip()],
+            prefetch=prefetch,
+            new_tokens=new_tokens,
+        )
+    except (MoeserveError, ValueError, KeyError) as error:
+        _fail(error)
+        return
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        console.print(render_table(result))
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,19 @@
+"""bench offload: exact policies reproduce the resident tokens within the budget; Belady bounds them."""
+
+from __future__ import annotations
+
+from moeserve.bench.offload import run_offload_bench
+
+
+def test_offload_bench_rows_are_exact_and_within_budget():
+    result = run_offload_bench(None, ["50%"], ["lru", "fifo"], new_tokens=8)
+    baseline, *cached = result.rows
+    assert baseline.policy == "resident" and baseline.budget_bytes == result.expert_bytes
+    assert [row.policy for row in cached] == ["lru", "fifo"]
+    for row in cached:
+        assert row.identical_to_resident
+        assert row.max_resident_bytes <= row.budget_bytes <= result.expert_bytes // 2
+        assert row.hit_rate is not None and row.belady_hit_rate is not None
+    lru = cached[0]
+    assert lru.belady_hit_rate >= lru.hit_rate
+    assert result.to_dict()["results"][1]["policy"] == "lru"
