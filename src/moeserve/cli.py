@@ -28,6 +28,10 @@ app.add_typer(trace_app, name="trace")
 predict_app = typer.Typer(help="Expert-popularity predictors (uniform, frequency, Bayesian).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(predict_app, name="predict")
+serverless_app = typer.Typer(help="Plan MoE expert layers on serverless functions at minimum billed cost (modelled).", no_args_is_help=True)
+app.add_typer(serverless_app, name="serverless")
+simulate_app = typer.Typer(help="Discrete-event simulation at scales this machine cannot run.", no_args_is_help=True)
+app.add_typer(simulate_app, name="simulate")
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -380,6 +384,77 @@ def bench_offload(
         print(json.dumps(result.to_dict()))
     else:
         console.print(render_table(result))
+
+
+@serverless_app.command("plan")
+def serverless_plan(
+    trace: Annotated[Path, typer.Option("--trace", help="A moeserve-trace/1 file whose routing drives the expert-load forecast.")],
+    throughput: Annotated[float, typer.Option("--throughput", help="Required throughput, tokens/s.")],
+    shape: Annotated[str, typer.Option(help="Expert shape: tiny-moe (the reference model) or a published one (deepseek-v2-lite, mixtral-8x7b).")] = "tiny-moe",
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per batch sent through the MoE layers.")] = 256,
+    trials: Annotated[int, typer.Option(help="Optimiser trials.")] = 200,
+    max_throughput_loss: Annotated[float | None, typer.Option(help="Also require throughput within this fraction of the LambdaML-style design.")] = 0.15,
+    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Time a real expert on this machine for the compute model.")] = True,
+    seed: Annotated[int, typer.Option(help="Optimiser seed.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cheapest Lambda plan for the expert layers, next to a CPU cluster and a LambdaML-style design (modelled)."""
+    from moeserve.serverless.optimize import plan_deployment
+    from moeserve.serverless.perf import calibrate
+    from moeserve.serverless.plan import CostModel
+    from moeserve.serverless.plan import render_table as render_plan_table
+    from moeserve.serverless.shapes import shape_by_name
+    from moeserve.traces.format import load_trace
+
+    try:
+        expert_shape = shape_by_name(shape)
+        cost_model = CostModel(calibration=calibrate(expert_shape)) if calibrate_here else CostModel()
+        report = plan_deployment(
+            load_trace(trace), expert_shape, throughput, batch_tokens=batch_tokens, model=cost_model, trials=trials,
+            seed=seed, max_throughput_loss_vs_lambdaml=max_throughput_loss,
+        )
+    except (MoeserveError, ValueError, KeyError) as error:
+        _fail(error)
+        return
+    payload = report.to_dict()
+    if as_json:
+        print(json.dumps(payload))
+        return
+    plan = payload["plan"]
+    console.print(render_plan_table(report.search.evaluation))
+    console.print(
+        f"modelled: saving vs CPU cluster {payload['saving_vs_cpu_cluster']:.1%}, vs LambdaML-style "
+        f"{payload['saving_vs_lambdaml']:.1%}, throughput loss vs LambdaML-style {payload['throughput_loss_vs_lambdaml']:.1%}"
+        f" (plan found by: {plan['best_found_by']})"
+    )
+
+
+@simulate_app.command("ep")
+def simulate_ep(
+    trace: Annotated[Path, typer.Option("--trace", help="A moeserve-trace/1 file whose routing the simulated workers replay.")],
+    attention_workers: Annotated[int, typer.Option(help="Attention workers (embeddings, attention, router, KV cache).")] = 8,
+    expert_workers: Annotated[int, typer.Option(help="Expert workers.")] = 8,
+    mode: Annotated[str, typer.Option(help="sync (barrier all-to-all per layer) or async (mu-queues + layer scheduler).")] = "async",
+    scheduler: Annotated[str, typer.Option(help="Async layer scheduler: defrag, flfs, max-batch.")] = "defrag",
+    passes: Annotated[int, typer.Option(help="Times the trace is replayed.")] = 4,
+    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Use costs measured on this machine instead of the GPU-class defaults.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulated expert parallelism: throughput and latency of sync vs async on real routing (simulator figures)."""
+    from moeserve.sim.ep import EPSimConfig, calibrate_costs, simulate_trace
+    from moeserve.traces.format import load_trace
+
+    try:
+        config = EPSimConfig(attention_workers=attention_workers, expert_workers=expert_workers, mode=mode,
+                             scheduler=scheduler, passes=passes)
+        result = simulate_trace(load_trace(trace), config, calibrate_costs() if calibrate_here else None)
+    except (MoeserveError, ValueError, KeyError) as error:
+        _fail(error)
+        return
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        console.print(result.render_table())
 
 
 def main() -> None:

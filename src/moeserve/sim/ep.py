@@ -1,0 +1,731 @@
+"""Discrete-event simulator of expert parallelism: barrier (``sync``) against mu-queues (``async``).
+
+Roles (DESIGN 5): A attention workers run embeddings, attention, router and KV cache for their
+share of the in-flight tokens; E expert workers hold the experts a placement gives them
+(``expert2rank`` per layer). Routing is replayed from a trace (each token's experts per layer)
+or drawn by :func:`synthetic_routing`. Every trace row is treated as one decode token; in-flight
+token slots take rows in trace order, cycling.
+
+- ``sync``: per layer, every attention worker runs attention on its whole batch, a barrier
+  all-to-all dispatches, every expert worker runs its tokens, and the combine waits for the
+  slowest expert worker before the next layer starts. Attention workers idle meanwhile.
+- ``async`` (AMoE, arXiv 2505.08944, DESIGN 1C): each attention worker splits its tokens into
+  micro-batches that move through the layers independently (a heapq event queue). Dispatched
+  tokens wait in per-layer mu-queues at expert workers; a free expert worker asks a layer
+  scheduler (:data:`~moeserve.sim.schedulers.LAYER_SCHEDULERS`) which layer to run and re-batches
+  everything queued for it. A layer runs once it holds ``hold_tokens_per_expert`` per resident expert or its oldest entry
+  waited ``flush_after_s``.
+
+Costs (:class:`SimCosts`): an expert invocation costs ``a + b * tokens`` per expert that has
+tokens (so tiny batches pay the fixed overhead), an attention layer ``c + d * tokens``, and a
+message ``latency + bytes / bandwidth``. Each worker has one outgoing link: its messages leave one
+after another (a FIFO link resource), so a dispatch or combine of N bytes from one worker takes
+``latency + N / bandwidth`` for its last message; different workers' links run in parallel and
+receivers are not a bottleneck.
+
+The simulator knows nothing of numerics (outputs are the same in both modes by construction), of
+memory or of queueing in the network; it is a model, and its figures are simulator figures, not
+measurements of a real run.
+
+Shape legend: T trace tokens, L MoE layers, K = top_k, E experts per layer, W expert workers,
+A attention workers, b tokens in a batch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from moeserve.placement.balance import greedy_placement
+from moeserve.sim.schedulers import DEFRAG_HISTORY, LAYER_SCHEDULERS, QueueSnapshot
+from moeserve.traces.format import UNKNOWN_EXPERT, Trace
+
+MODES = ("sync", "async")
+
+
+@dataclass(frozen=True)
+class SimCosts:
+    """Time costs of the simulated machine, in seconds and bytes.
+
+    The defaults are assumed, not measured: one H100-class GPU per worker serving
+    DeepSeek-V2-Lite-sized layers in bf16 with a 400 Gb/s NIC each. Reasoning: an expert's
+    weights (3 x 2048 x 1408 x 2 B = 17 MB) stream at ~3 TB/s plus a launch (a = 10 us) and 17
+    MFLOP per token run at ~200 TFLOP/s (b = 0.1 us); attention reads ~2k tokens of MLA cache
+    (576 x 2 B each, 2.3 MB per token and layer) and runs the shared experts (d = 0.8 us), plus
+    weights and launches per batch (c = 20 us); a message costs 10 us plus bytes at 50 GB/s.
+    :func:`calibrate_costs` measures this machine instead and names what it measured in
+    ``measured``. Every value must be finite and >= 0 (bandwidth > 0); ``ValueError`` otherwise.
+    """
+
+    expert_overhead_s: float = 10e-6
+    """a: fixed time per expert invocation with at least one token (weights read, launch)."""
+    expert_per_token_s: float = 0.1e-6
+    """b: time per token routed to one expert."""
+    attention_overhead_s: float = 20e-6
+    """c: fixed time of one attention layer on one batch (weights, launch, shared experts)."""
+    attention_per_token_s: float = 0.8e-6
+    """d: attention time per token of the batch (KV cache reads, projections)."""
+    message_latency_s: float = 10e-6
+    """Fixed time of one message between an attention and an expert worker."""
+    bandwidth_bytes_per_s: float = 50e9
+    """Outgoing link bandwidth of one worker, shared by its messages."""
+    bytes_per_token: int = 4096
+    """Activation bytes per token and expert assignment (hidden 2048 x bf16)."""
+    measured: tuple[str, ...] = ()
+    """Names of the fields measured on this machine; the others are assumed."""
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            if item.name == "measured":
+                continue
+            value = getattr(self, item.name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{item.name} must be a finite number >= 0, got {value!r}")
+        if self.bandwidth_bytes_per_s <= 0:
+            raise ValueError(f"bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s!r}")
+        unknown = sorted(set(self.measured) - {item.name for item in fields(self)})
+        if unknown:
+            raise ValueError(f"measured names unknown field(s) {', '.join(unknown)}")
+
+    def expert_time(self, tokens_per_expert: np.ndarray) -> float:
+        """Seconds for one worker to run tokens_per_expert [E'] (zeros are not invoked)."""
+        active = tokens_per_expert[tokens_per_expert > 0]
+        return float(active.size * self.expert_overhead_s + active.sum() * self.expert_per_token_s)
+
+    def attention_time(self, tokens: int) -> float:
+        """Seconds of one attention layer over a batch of ``tokens`` tokens."""
+        return self.attention_overhead_s + tokens * self.attention_per_token_s
+
+    def transfer_time(self, assignments: int) -> float:
+        """Seconds of one message carrying ``assignments`` token activations."""
+        return self.message_latency_s + assignments * self.bytes_per_token / self.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True)
+class EPSimConfig:
+    """What to simulate. Invalid values raise ``ValueError`` naming them."""
+
+    attention_workers: int
+    """A >= 1."""
+    expert_workers: int
+    """W >= 1, at most E (every worker holds an expert)."""
+    mode: str = "async"
+    """``sync`` (barrier all-to-all per layer) or ``async`` (mu-queues)."""
+    tokens_per_attention_worker: int = 256
+    """In-flight tokens (decode slots) each attention worker holds, in both modes."""
+    micro_batches_per_worker: int = 4
+    """async: micro-batches the in-flight tokens are split into (must divide into >= 1 token each)."""
+    scheduler: str = "defrag"
+    """async: name in ``LAYER_SCHEDULERS``."""
+    hold_tokens_per_expert: float = 32.0
+    """async: a layer runs once its mu-queue holds this many assignments per expert the worker
+    holds at that layer (the threshold scales with the worker's share of experts) ..."""
+    flush_after_s: float = 20e-6
+    """async: ... or once its oldest entry has waited this long."""
+    passes: int = 4
+    """Forward passes (decode steps) every in-flight token makes; throughput counts them all."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "attention_workers",
+            "expert_workers",
+            "tokens_per_attention_worker",
+            "micro_batches_per_worker",
+            "passes",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        LAYER_SCHEDULERS.get(self.scheduler)
+        if self.micro_batches_per_worker > self.tokens_per_attention_worker:
+            raise ValueError(
+                f"micro_batches_per_worker {self.micro_batches_per_worker} exceeds "
+                f"tokens_per_attention_worker {self.tokens_per_attention_worker}"
+            )
+        hold = self.hold_tokens_per_expert
+        if isinstance(hold, bool) or not (
+            isinstance(hold, int | float) and math.isfinite(hold) and hold >= 0
+        ):
+            raise ValueError(f"hold_tokens_per_expert must be a finite number >= 0, got {hold!r}")
+        if not (
+            isinstance(self.flush_after_s, int | float)
+            and math.isfinite(self.flush_after_s)
+            and self.flush_after_s >= 0
+        ):
+            raise ValueError(f"flush_after_s must be a finite number >= 0, got {self.flush_after_s!r}")
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Figures of one simulated run (simulator figures, not measurements)."""
+
+    mode: str
+    attention_workers: int
+    expert_workers: int
+    scheduler: str | None
+    """async: the layer scheduler; sync: None."""
+    tokens: int
+    """Token forward passes completed."""
+    makespan_s: float
+    throughput_tokens_per_s: float
+    latency_p50_s: float
+    """Per-token latency of one forward pass through all L layers."""
+    latency_p90_s: float
+    latency_p99_s: float
+    expert_utilisation: tuple[float, ...]
+    """[W] busy time / makespan per expert worker."""
+    attention_utilisation: float
+    """Mean busy time / makespan over attention workers."""
+    mean_barrier_wait_s: float
+    """sync: per expert worker and layer, mean time it waited for the slowest; async: 0."""
+    mean_queue_depth: float
+    """async: mean tokens (assignments / top_k) waiting at a worker at its decisions; sync: 0."""
+    max_queue_depth: float
+    mean_expert_batch: float
+    """Mean tokens per expert invocation."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; keys are the field names plus ``mean_expert_utilisation``."""
+        document: dict[str, Any] = {item.name: getattr(self, item.name) for item in fields(self)}
+        document["expert_utilisation"] = list(self.expert_utilisation)
+        document["mean_expert_utilisation"] = float(np.mean(self.expert_utilisation))
+        return document
+
+    def render_table(self) -> str:
+        """Plain-text two-column table of the headline figures."""
+        rows = [
+            ("mode", self.mode + (f" ({self.scheduler})" if self.scheduler else "")),
+            ("workers (attention + expert)", f"{self.attention_workers} + {self.expert_workers}"),
+            ("tokens", str(self.tokens)),
+            ("throughput (tokens/s, simulated)", f"{self.throughput_tokens_per_s:,.0f}"),
+            (
+                "latency p50 / p90 / p99 (ms)",
+                f"{self.latency_p50_s * 1e3:.3f} / {self.latency_p90_s * 1e3:.3f} / {self.latency_p99_s * 1e3:.3f}",
+            ),
+            (
+                "expert utilisation mean / max",
+                f"{np.mean(self.expert_utilisation):.2f} / {max(self.expert_utilisation):.2f}",
+            ),
+            ("attention utilisation", f"{self.attention_utilisation:.2f}"),
+            ("mean barrier wait (us)", f"{self.mean_barrier_wait_s * 1e6:.1f}"),
+            (
+                "mu-queue depth mean / max (tokens)",
+                f"{self.mean_queue_depth:.1f} / {self.max_queue_depth:.1f}",
+            ),
+            ("mean tokens per expert invocation", f"{self.mean_expert_batch:.1f}"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def synthetic_routing(
+    num_tokens: int, num_layers: int, num_experts: int, top_k: int, skew: float = 1.0, seed: int = 0
+) -> np.ndarray:
+    """int16 [T, L, K]: each token's top_k distinct experts per layer, drawn with Zipf(skew) popularity.
+
+    Expert popularity is ``rank ** -skew`` over a random permutation per layer (skew 0: uniform).
+    """
+    if top_k > num_experts:
+        raise ValueError(f"top_k {top_k} exceeds num_experts {num_experts}")
+    rng = np.random.default_rng(seed)
+    weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -float(skew)  # [E]
+    routing = np.empty((num_tokens, num_layers, top_k), dtype=np.int16)
+    for layer in range(num_layers):
+        popularity = weights[rng.permutation(num_experts)]  # [E]
+        # Gumbel top-k draws k distinct experts with probabilities proportional to popularity.
+        keys = np.log(popularity)[None, :] - np.log(-np.log(rng.random((num_tokens, num_experts))))  # [T, E]
+        routing[:, layer, :] = np.argsort(-keys, axis=1)[:, :top_k]
+    return routing
+
+
+def greedy_expert2rank(routing: np.ndarray, num_experts: int, expert_workers: int) -> np.ndarray:
+    """int64 [L, E]: per layer, ``greedy_placement`` of the routing's expert loads on the workers."""
+    num_layers = routing.shape[1]
+    placement = np.empty((num_layers, num_experts), dtype=np.int64)
+    for layer in range(num_layers):
+        ids = routing[:, layer, :]
+        loads = np.bincount(ids[ids != UNKNOWN_EXPERT].astype(np.int64), minlength=num_experts)  # [E]
+        placement[layer] = greedy_placement(loads.astype(np.float64), expert_workers)
+    return placement
+
+
+def simulate_trace(trace: Trace, config: EPSimConfig, costs: SimCosts | None = None) -> SimResult:
+    """:func:`simulate_ep` on a trace's routing, experts placed greedily from the trace's loads."""
+    placement = greedy_expert2rank(trace.experts, trace.meta.num_experts, config.expert_workers)
+    return simulate_ep(trace.experts, trace.meta.num_experts, config, costs, placement)
+
+
+def simulate_ep(
+    routing: np.ndarray,
+    num_experts: int,
+    config: EPSimConfig,
+    costs: SimCosts | None = None,
+    expert2rank: np.ndarray | None = None,
+) -> SimResult:
+    """Simulate ``config`` replaying ``routing`` int16 [T, L, K] (-1 entries are skipped).
+
+    ``expert2rank`` int64 [L, E] maps experts to expert workers (default: greedy from the
+    routing's loads). Deterministic: same inputs, same result.
+    """
+    costs = costs or SimCosts()
+    routing = np.asarray(routing)
+    if routing.ndim != 3 or routing.shape[0] == 0:
+        raise ValueError(f"routing must be [T, L, K] with T >= 1, got shape {routing.shape}")
+    if config.expert_workers > num_experts:
+        raise ValueError(
+            f"expert_workers {config.expert_workers} exceeds the {num_experts} experts per layer"
+        )
+    if expert2rank is None:
+        expert2rank = greedy_expert2rank(routing, num_experts, config.expert_workers)
+    expert2rank = np.asarray(expert2rank, dtype=np.int64)
+    if expert2rank.shape != (routing.shape[1], num_experts):
+        raise ValueError(
+            f"expert2rank must be [L, E] = {(routing.shape[1], num_experts)}, got {expert2rank.shape}"
+        )
+    if (expert2rank < 0).any() or (expert2rank >= config.expert_workers).any():
+        raise ValueError(f"expert2rank must map to workers in [0, {config.expert_workers})")
+    if config.mode == "sync":
+        return _simulate_sync(routing, num_experts, config, costs, expert2rank)
+    return _AsyncSimulation(routing, num_experts, config, costs, expert2rank).run()
+
+
+# --------------------------------------------------------------------------------------------
+# sync
+
+
+def _simulate_sync(
+    routing: np.ndarray, num_experts: int, config: EPSimConfig, costs: SimCosts, expert2rank: np.ndarray
+) -> SimResult:
+    """Barrier all-to-all per layer: layer time = attention + dispatch + slowest worker + combine."""
+    num_tokens_trace, num_layers, _ = routing.shape
+    workers, attention = config.expert_workers, config.attention_workers
+    per_worker = config.tokens_per_attention_worker
+    batch = attention * per_worker
+    busy = np.zeros(workers)  # [W]
+    barrier_wait = 0.0
+    invocations, invoked_tokens = 0, 0
+    clock, attention_busy = 0.0, 0.0
+    step_times = []
+    cursor = 0
+    for _ in range(config.passes):
+        rows = (cursor + np.arange(batch)) % num_tokens_trace  # [A*b]
+        cursor = (cursor + batch) % num_tokens_trace
+        step = 0.0
+        for layer in range(num_layers):
+            ids = routing[rows, layer, :].astype(np.int64)  # [A*b, K]
+            known = ids != UNKNOWN_EXPERT  # [A*b, K]
+            ranks = np.where(known, expert2rank[layer][np.where(known, ids, 0)], -1)  # [A*b, K]
+            sender = np.repeat(np.arange(attention), per_worker)[:, None]  # [A*b, 1]
+            pair = (sender * workers + ranks)[known]  # [N]
+            messages = np.bincount(pair, minlength=attention * workers).reshape(attention, workers)  # [A, W]
+            # Each sender's messages share its link: the last one lands after all its bytes.
+            dispatch = max((costs.transfer_time(int(n)) for n in messages.sum(axis=1) if n > 0), default=0.0)
+            combine = max((costs.transfer_time(int(n)) for n in messages.sum(axis=0) if n > 0), default=0.0)
+            tokens_per_expert = np.bincount(ids[known], minlength=num_experts)  # [E]
+            worker_times = np.array(
+                [costs.expert_time(tokens_per_expert[expert2rank[layer] == w]) for w in range(workers)]
+            )  # [W]
+            slowest = float(worker_times.max())
+            barrier_wait += float((slowest - worker_times).sum())
+            busy += worker_times
+            invocations += int((tokens_per_expert > 0).sum())
+            invoked_tokens += int(tokens_per_expert.sum())
+            attention_time = costs.attention_time(per_worker)
+            attention_busy += attention_time
+            step += attention_time + dispatch + slowest + combine
+        clock += step
+        step_times.append(step)
+    latencies = np.repeat(np.array(step_times), batch)  # every token of a step waits the whole step
+    return SimResult(
+        mode="sync",
+        attention_workers=attention,
+        expert_workers=workers,
+        scheduler=None,
+        tokens=batch * config.passes,
+        makespan_s=clock,
+        throughput_tokens_per_s=batch * config.passes / clock,
+        latency_p50_s=float(np.percentile(latencies, 50)),
+        latency_p90_s=float(np.percentile(latencies, 90)),
+        latency_p99_s=float(np.percentile(latencies, 99)),
+        expert_utilisation=tuple(float(value) for value in busy / clock),
+        attention_utilisation=attention_busy / clock,
+        mean_barrier_wait_s=barrier_wait / (workers * num_layers * config.passes),
+        mean_queue_depth=0.0,
+        max_queue_depth=0.0,
+        mean_expert_batch=invoked_tokens / max(invocations, 1),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# async
+
+
+@dataclass
+class _MicroBatch:
+    """Mutable state of one micro-batch moving through the layers."""
+
+    attention_worker: int
+    rows: np.ndarray
+    """int64 [b] trace rows of this pass."""
+    layer: int = 0
+    pending: int = 0
+    """Expert workers whose combine for ``layer`` has not arrived yet."""
+    pass_start: float = 0.0
+    passes_done: int = 0
+
+
+@dataclass
+class _ExpertWorker:
+    """Mutable state of one expert worker: mu-queues per layer and its statistics."""
+
+    num_layers: int
+    queues: list[list[tuple[int, np.ndarray, float]]] = field(default_factory=list)
+    """Per layer: (micro-batch id, expert ids int64 [n], arrival time) entries, oldest first."""
+    assignments: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """int64 [L] token-expert assignments queued per layer (kept equal to the queues' sizes)."""
+    history: deque[np.ndarray] = field(default_factory=lambda: deque(maxlen=DEFRAG_HISTORY))
+    busy_until: float = 0.0
+    busy: float = 0.0
+    wake_at: float = math.inf
+
+    def __post_init__(self) -> None:
+        self.queues = [[] for _ in range(self.num_layers)]
+        self.assignments = np.zeros(self.num_layers, dtype=np.int64)
+
+
+_ATTENTION_DONE, _DISPATCH, _EXPERT_DONE, _COMBINE, _WAKE = range(5)
+
+
+class _AsyncSimulation:
+    """Event loop of the async mode; ``run()`` once."""
+
+    def __init__(
+        self,
+        routing: np.ndarray,
+        num_experts: int,
+        config: EPSimConfig,
+        costs: SimCosts,
+        expert2rank: np.ndarray,
+    ) -> None:
+        self.routing, self.num_experts, self.config, self.costs = routing, num_experts, config, costs
+        self.expert2rank = expert2rank  # [L, E]
+        self.num_layers, self.top_k = routing.shape[1], routing.shape[2]
+        self.scheduler = LAYER_SCHEDULERS.get(config.scheduler)
+        self.events: list[tuple[float, int, int, tuple[Any, ...]]] = []
+        self.sequence = 0
+        self.cursor = 0
+        self.clock = 0.0
+        self.latencies: list[tuple[float, int]] = []
+        self.depths: list[float] = []
+        self.invocations, self.invoked_tokens = 0, 0
+        self.workers = [_ExpertWorker(self.num_layers) for _ in range(config.expert_workers)]
+        self.attention_ready: list[deque[int]] = [deque() for _ in range(config.attention_workers)]
+        self.attention_free = [True] * config.attention_workers
+        self.attention_busy = 0.0
+        self.micro_batches: list[_MicroBatch] = []
+        self.link_free: dict[tuple[str, int], float] = {}
+        experts_per_worker = np.stack(
+            [np.bincount(row, minlength=config.expert_workers) for row in expert2rank]
+        ).T  # [W, L]
+        self.hold = experts_per_worker * config.hold_tokens_per_expert  # [W, L] assignments
+        sizes = np.diff(
+            np.linspace(0, config.tokens_per_attention_worker, config.micro_batches_per_worker + 1).astype(
+                int
+            )
+        )
+        for attention_worker in range(config.attention_workers):
+            for size in sizes:
+                self.micro_batches.append(_MicroBatch(attention_worker, self._take_rows(int(size))))
+
+    def _take_rows(self, count: int) -> np.ndarray:
+        rows = (self.cursor + np.arange(count)) % self.routing.shape[0]  # [b]
+        self.cursor = (self.cursor + count) % self.routing.shape[0]
+        return rows
+
+    def _send(self, link: tuple[str, int], assignments: int) -> float:
+        """Arrival time of a message queued now on ``link`` (a FIFO resource: one message at a time)."""
+        depart = max(self.clock, self.link_free.get(link, 0.0))
+        self.link_free[link] = (
+            depart + assignments * self.costs.bytes_per_token / self.costs.bandwidth_bytes_per_s
+        )
+        return self.link_free[link] + self.costs.message_latency_s
+
+    def _push(self, when: float, kind: int, *payload: Any) -> None:
+        heapq.heappush(self.events, (when, self.sequence, kind, payload))
+        self.sequence += 1
+
+    def run(self) -> SimResult:
+        for index, micro_batch in enumerate(self.micro_batches):
+            self.attention_ready[micro_batch.attention_worker].append(index)
+        for attention_worker in range(self.config.attention_workers):
+            self._start_attention(attention_worker)
+        handlers: dict[int, Callable[..., None]] = {
+            _ATTENTION_DONE: self._on_attention_done,
+            _DISPATCH: self._on_dispatch,
+            _EXPERT_DONE: self._on_expert_done,
+            _COMBINE: self._on_combine,
+            _WAKE: self._on_wake,
+        }
+        while self.events:
+            when, _, kind, payload = heapq.heappop(self.events)
+            self.clock = when
+            handlers[kind](*payload)
+        return self._result()
+
+    def _start_attention(self, attention_worker: int) -> None:
+        ready = self.attention_ready[attention_worker]
+        if not self.attention_free[attention_worker] or not ready:
+            return
+        index = ready.popleft()
+        duration = self.costs.attention_time(len(self.micro_batches[index].rows))
+        self.attention_free[attention_worker] = False
+        self.attention_busy += duration
+        self._push(self.clock + duration, _ATTENTION_DONE, index)
+
+    def _on_attention_done(self, index: int) -> None:
+        micro_batch = self.micro_batches[index]
+        layer = micro_batch.layer
+        ids = self.routing[micro_batch.rows, layer, :].astype(np.int64).ravel()  # [b*K]
+        ids = ids[ids != UNKNOWN_EXPERT]  # [N]
+        ranks = self.expert2rank[layer][ids]  # [N]
+        order = np.argsort(ranks, kind="stable")  # [N]
+        targets, starts = np.unique(ranks[order], return_index=True)  # [W'], [W']
+        micro_batch.pending = int(targets.size)
+        link = ("attention", micro_batch.attention_worker)
+        for worker, chosen in zip(targets.tolist(), np.split(ids[order], starts[1:]), strict=True):
+            self._push(self._send(link, chosen.size), _DISPATCH, worker, layer, index, chosen)
+        self.attention_free[micro_batch.attention_worker] = True
+        if micro_batch.pending == 0:
+            self._advance(index)
+        self._start_attention(micro_batch.attention_worker)
+
+    def _on_dispatch(self, worker: int, layer: int, index: int, ids: np.ndarray) -> None:
+        state = self.workers[worker]
+        state.queues[layer].append((index, ids, self.clock))
+        state.assignments[layer] += ids.size
+        self._try_run(worker)
+
+    def _on_wake(self, worker: int) -> None:
+        if self.workers[worker].wake_at == self.clock:
+            self.workers[worker].wake_at = math.inf
+            self._try_run(worker)
+
+    def _try_run(self, worker: int) -> None:
+        state = self.workers[worker]
+        if state.busy_until > self.clock:
+            return
+        assignments = state.assignments  # [L]
+        if not assignments.any():
+            return
+        oldest = np.array([queue[0][2] if queue else math.inf for queue in state.queues])  # [L]
+        eligible = (assignments > 0) & (
+            (assignments >= self.hold[worker]) | (oldest + self.config.flush_after_s <= self.clock)
+        )  # [L]
+        if not eligible.any():
+            wake = float(oldest.min() + self.config.flush_after_s)
+            if wake < state.wake_at:
+                state.wake_at = wake
+                self._push(wake, _WAKE, worker)
+            return
+        tokens = assignments / self.top_k  # [L]
+        history = np.array(state.history).reshape(-1, self.num_layers)  # [H, L]
+        layer = self.scheduler(QueueSnapshot(tokens=tokens, history=history, eligible=eligible))
+        if not eligible[layer]:
+            raise RuntimeError(f"layer scheduler {self.config.scheduler!r} chose ineligible layer {layer}")
+        state.history.append(tokens.copy())
+        self.depths.append(float(tokens.sum()))
+        entries, state.queues[layer] = state.queues[layer], []
+        state.assignments[layer] = 0
+        tokens_per_expert = np.bincount(
+            np.concatenate([entry[1] for entry in entries]), minlength=self.num_experts
+        )
+        duration = self.costs.expert_time(tokens_per_expert)
+        self.invocations += int((tokens_per_expert > 0).sum())
+        self.invoked_tokens += int(tokens_per_expert.sum())
+        state.busy += duration
+        state.busy_until = self.clock + duration
+        self._push(state.busy_until, _EXPERT_DONE, worker, entries)
+
+    def _on_expert_done(self, worker: int, entries: list[tuple[int, np.ndarray, float]]) -> None:
+        for index, ids, _ in entries:
+            self._push(self._send(("expert", worker), ids.size), _COMBINE, index)
+        self._try_run(worker)
+
+    def _on_combine(self, index: int) -> None:
+        micro_batch = self.micro_batches[index]
+        micro_batch.pending -= 1
+        if micro_batch.pending == 0:
+            self._advance(index)
+
+    def _advance(self, index: int) -> None:
+        """All of the micro-batch's combines for its layer are back: next layer, next pass, or done."""
+        micro_batch = self.micro_batches[index]
+        if micro_batch.layer + 1 < self.num_layers:
+            micro_batch.layer += 1
+        else:
+            self.latencies.append((self.clock - micro_batch.pass_start, len(micro_batch.rows)))
+            micro_batch.passes_done += 1
+            if micro_batch.passes_done == self.config.passes:
+                return
+            micro_batch.layer = 0
+            micro_batch.pass_start = self.clock
+            micro_batch.rows = self._take_rows(len(micro_batch.rows))
+        self.attention_ready[micro_batch.attention_worker].append(index)
+        self._start_attention(micro_batch.attention_worker)
+
+    def _result(self) -> SimResult:
+        makespan = self.clock
+        durations = np.array([latency for latency, _ in self.latencies])
+        counts = np.array([count for _, count in self.latencies])
+        latencies = np.repeat(durations, counts)
+        tokens = int(counts.sum())
+        return SimResult(
+            mode="async",
+            attention_workers=self.config.attention_workers,
+            expert_workers=self.config.expert_workers,
+            scheduler=self.config.scheduler,
+            tokens=tokens,
+            makespan_s=makespan,
+            throughput_tokens_per_s=tokens / makespan,
+            latency_p50_s=float(np.percentile(latencies, 50)),
+            latency_p90_s=float(np.percentile(latencies, 90)),
+            latency_p99_s=float(np.percentile(latencies, 99)),
+            expert_utilisation=tuple(state.busy / makespan for state in self.workers),
+            attention_utilisation=self.attention_busy / (makespan * self.config.attention_workers),
+            mean_barrier_wait_s=0.0,
+            mean_queue_depth=float(np.mean(self.depths)) if self.depths else 0.0,
+            max_queue_depth=float(np.max(self.depths)) if self.depths else 0.0,
+            mean_expert_batch=self.invoked_tokens / max(self.invocations, 1),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# calibration
+
+
+def calibrate_costs(
+    hidden: int = 256,
+    intermediate: int = 512,
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 128),
+    repeats: int = 20,
+) -> SimCosts:
+    """SimCosts measured on this machine with torch on 1 CPU thread, small shapes.
+
+    Measured: expert a and b (least-squares fit of a SwiGLU expert MLP [hidden -> intermediate ->
+    hidden] over ``batch_sizes``), attention c and d (the same fit for q/k/v/o projections of
+    width ``hidden``), message latency and bandwidth (a multiprocessing pipe round trip, halved,
+    at 64 B and 1 MiB). Assumed: bytes_per_token is set to ``hidden * 4`` (float32 activations).
+    Takes about a second.
+    """
+    import multiprocessing
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            gate_up = torch.nn.Linear(hidden, 2 * intermediate, bias=False)
+            down = torch.nn.Linear(intermediate, hidden, bias=False)
+            qkv = torch.nn.Linear(hidden, 3 * hidden, bias=False)
+            out = torch.nn.Linear(hidden, hidden, bias=False)
+
+            def expert(x: torch.Tensor) -> torch.Tensor:
+                gate, up = gate_up(x).chunk(2, dim=-1)
+                return down(torch.nn.functional.silu(gate) * up)
+
+            def attention(x: torch.Tensor) -> torch.Tensor:
+                return out(qkv(x)[:, :hidden])
+
+            expert_a, expert_b = _fit_linear_cost(expert, hidden, batch_sizes, repeats)
+            attention_c, attention_d = _fit_linear_cost(attention, hidden, batch_sizes, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    latency, bandwidth = _measure_pipe(multiprocessing)
+    return SimCosts(
+        expert_overhead_s=expert_a,
+        expert_per_token_s=expert_b,
+        attention_overhead_s=attention_c,
+        attention_per_token_s=attention_d,
+        message_latency_s=latency,
+        bandwidth_bytes_per_s=bandwidth,
+        bytes_per_token=hidden * 4,
+        measured=(
+            "expert_overhead_s",
+            "expert_per_token_s",
+            "attention_overhead_s",
+            "attention_per_token_s",
+            "message_latency_s",
+            "bandwidth_bytes_per_s",
+        ),
+    )
+
+
+def _fit_linear_cost(
+    function: Any, hidden: int, batch_sizes: tuple[int, ...], repeats: int
+) -> tuple[float, float]:
+    """(fixed s, per-token s) >= 0: least squares of the median time of ``function`` over batch sizes."""
+    import torch
+
+    medians = []
+    for size in batch_sizes:
+        x = torch.randn(size, hidden)
+        function(x)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function(x)
+            samples.append(time.perf_counter() - start)
+        medians.append(float(np.median(samples)))
+    slope, intercept = np.polyfit(np.array(batch_sizes, dtype=np.float64), np.array(medians), 1)
+    return max(float(intercept), 0.0), max(float(slope), 1e-12)
+
+
+def _echo(connection: Any) -> None:
+    while True:
+        message = connection.recv_bytes()
+        if not message:
+            return
+        connection.send_bytes(message)
+
+
+def _measure_pipe(multiprocessing: Any, repeats: int = 20) -> tuple[float, float]:
+    """(one-way latency s, bandwidth B/s) from pipe round trips of 64 B and 1 MiB to a child process."""
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.get_context("fork").Process(target=_echo, args=(child,), daemon=True)
+    process.start()
+    try:
+        one_way = {}
+        for size in (64, 1 << 20):
+            payload = b"x" * size
+            parent.send_bytes(payload)
+            parent.recv_bytes()
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                parent.send_bytes(payload)
+                parent.recv_bytes()
+                samples.append((time.perf_counter() - start) / 2)
+            one_way[size] = float(np.median(samples))
+        parent.send_bytes(b"")
+    finally:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.terminate()
+    latency = one_way[64]
+    bandwidth = ((1 << 20) - 64) / max(one_way[1 << 20] - latency, 1e-9)
+    return latency, bandwidth
