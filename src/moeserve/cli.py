@@ -81,7 +81,7 @@ def generate(
     """Generate text, streaming tokens to the terminal; reports tokens/s and time to first token."""
     from moeserve.config import ExpertCacheConfig, SamplingConfig
     from moeserve.engine.generate import generate as run_generate
-    from moeserve.engine.generate import warm_up
+    from moeserve.engine.generate import prompt_token_ids, warm_up
     from moeserve.env import apply_thread_count
     from moeserve.models.loader import load_model
     from moeserve.traces.record import RoutingRecorder
@@ -90,7 +90,10 @@ def generate(
     try:
         apply_thread_count(threads)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if expert_memory is None and (prefetch or cache_policy != "lru"):
+            raise MoeserveError("--prefetch and --cache-policy need --expert-memory")
         moe_model = load_model(model, moe=_moe_config(gating, capacity_factor, backend))
+        prompt_token_ids(moe_model, prompt, sampling)  # context errors before anything is printed
         cache = None
         if expert_memory is not None:
             from moeserve.memory.offload import apply_expert_cache
@@ -187,12 +190,17 @@ def trace_record(
 
     if not text.is_file():
         _fail(MoeserveError(f"{text}: no such file"))
+    for option, value in (("--chunk-chars", chunk_chars), ("--max-tokens", max_tokens), ("--max-sequences", max_sequences)):
+        if value is not None and value < 1:
+            _fail(MoeserveError(f"{option} must be >= 1, got {value}"))
     try:
         moe_model = load_model(model)
         chunks = split_text_file(text, chunk_chars)[:max_sequences]
         with Progress(transient=True) as progress:
             task = progress.add_task("recording", total=len(chunks))
             trace = record_texts(moe_model, chunks, max_tokens, on_text=lambda: progress.advance(task))
+        if trace.num_tokens == 0:
+            raise MoeserveError(f"{text}: no tokens recorded (empty file?); nothing written")
         save_trace(trace, out)
     except (MoeserveError, ValueError) as error:
         _fail(error)

@@ -14,6 +14,7 @@ def test_offload_bench_rows_are_exact_and_within_budget():
         assert row.identical_to_resident
         assert row.max_resident_bytes <= row.budget_bytes <= result.expert_bytes // 2
         assert row.hit_rate is not None and row.belady_hit_rate is not None
+        assert 0 < row.hit_rate <= row.belady_hit_rate <= 1
     lru = cached[0]
     assert lru.belady_hit_rate >= lru.hit_rate
     assert result.to_dict()["results"][1]["policy"] == "lru"

@@ -86,8 +86,9 @@ def test_prefetch_is_bit_identical(model, prompt_ids, expected_logits, budget, p
     assert stats.prefetch_loads > 0
     assert 0 < stats.prefetch_precision <= 1 and 0 < stats.prefetch_recall <= 1
     figures = stats.to_dict()
-    for key in ("prefetch_precision", "prefetch_recall", "stalled_uses"):
-        assert key in figures
+    assert figures["stalled_uses"] == stats.misses
+    assert figures["prefetch_precision"] == stats.prefetch_precision
+    assert figures["prefetch_recall"] == stats.prefetch_recall
 
 
 @pytest.mark.parametrize("budget", ["25%", "50%"])

@@ -10,6 +10,7 @@ checkpoint given; the issue's larger random-weight model and committee mode are 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from rich.table import Table
 from moeserve.config import SamplingConfig
 from moeserve.engine.generate import generate, warm_up
 from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
+from moeserve.memory.policies import EVICTION_POLICIES
 from moeserve.models.loader import load_model
 
 DEFAULT_PROMPT = 'import os\nimport sys\n\n\ndef main(argv):\n    """Print every argument."""\n    for name in argv:\n'
@@ -87,6 +89,9 @@ def run_offload_bench(
     prompt: str = DEFAULT_PROMPT,
 ) -> OffloadBenchResult:
     """Run the baseline and every (budget, policy) configuration; see the module docstring."""
+    for policy in policies:
+        if EVICTION_POLICIES.get(policy).needs_stream or not EVICTION_POLICIES.get(policy).online:
+            raise ValueError(f"policy {policy!r} cannot run live (it needs the whole stream or the future)")
     model = load_model(model_path)
     warm_up(model)
     baseline_ids, baseline_tps = _timed_generation(model, prompt, new_tokens)
@@ -104,26 +109,36 @@ def run_offload_bench(
     for budget in budgets:
         # The LRU run records its step log, so Belady replays exactly the same expert requests.
         cache = apply_expert_cache(model, budget, "lru", record_steps=True)
-        _timed_generation(model, prompt, new_tokens)
-        step_log = list(cache.step_log or [])
-        remove_expert_cache(model, cache)
-        belady = apply_expert_cache(model, budget, "belady", future=step_log)
-        _timed_generation(model, prompt, new_tokens)
-        belady_hit_rate = belady.stats().hit_rate
-        remove_expert_cache(model, belady)
+        try:
+            _timed_generation(model, prompt, new_tokens)
+            step_log = list(cache.step_log or [])
+        finally:
+            remove_expert_cache(model, cache)
+        cache = apply_expert_cache(model, budget, "belady", future=step_log)
+        try:
+            _timed_generation(model, prompt, new_tokens)
+            belady_hit_rate = _rate(cache.stats().hit_rate)
+        finally:
+            remove_expert_cache(model, cache)
         for policy in policies:
             cache = apply_expert_cache(model, budget, policy, prefetch=prefetch)
-            ids, tokens_per_s = _timed_generation(model, prompt, new_tokens)
-            stats = cache.stats()
-            if prefetch:
+            try:
+                ids, tokens_per_s = _timed_generation(model, prompt, new_tokens)
                 cache.wait_for_prefetch()
+                stats = cache.stats()
+            finally:
+                remove_expert_cache(model, cache)
             result.rows.append(
                 OffloadRow(budget, policy, prefetch, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
-                           current_rss_bytes(), stats.hit_rate, belady_hit_rate, stats.stalled_uses, stats.loads,
-                           ids == baseline_ids)
+                           current_rss_bytes(), _rate(stats.hit_rate), belady_hit_rate, stats.stalled_uses,
+                           stats.loads, ids == baseline_ids)
             )
-            remove_expert_cache(model, cache)
     return result
+
+
+def _rate(value: float) -> float | None:
+    """A hit rate for JSON: NaN (no expert uses) becomes None."""
+    return None if math.isnan(value) else value
 
 
 def render_table(result: OffloadBenchResult) -> Table:

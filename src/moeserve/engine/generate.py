@@ -70,6 +70,36 @@ class TextStreamer:
         self.emitted = text
         return new
 
+    def finish(self, token_ids: list[int]) -> str:
+        """Whatever is still held back once generation has stopped (even an incomplete character)."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        new = text[len(self.emitted) :]
+        self.emitted = text
+        return new
+
+
+def prompt_token_ids(model: MoEModel, prompt: str, sampling: SamplingConfig) -> list[int]:
+    """The prompt's token ids, checked against the context; an empty prompt starts from BOS.
+
+    Raises MoeserveError when the model has no tokenizer or prompt + max_new_tokens does not fit.
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise MoeserveError(f"{model.path} has no tokenizer files (tokenizer.json); cannot generate from text")
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    if not prompt_ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise MoeserveError("the prompt is empty and the tokenizer has no BOS or EOS token to start from")
+        prompt_ids = [start]
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and len(prompt_ids) + sampling.max_new_tokens > max_positions:
+        raise MoeserveError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds "
+            f"the model's context of {max_positions} tokens"
+        )
+    return prompt_ids
+
 
 @torch.inference_mode()
 def warm_up(model: MoEModel) -> None:
@@ -92,18 +122,9 @@ def generate(
     from transformers import DynamicCache
 
     sampling = sampling or SamplingConfig()
+    prompt_ids = prompt_token_ids(model, prompt, sampling)
     tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise MoeserveError(f"{model.path} has no tokenizer files (tokenizer.json); cannot generate from text")
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    if not prompt_ids:
-        prompt_ids = [tokenizer.eos_token_id]
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and len(prompt_ids) + sampling.max_new_tokens > max_positions:
-        raise MoeserveError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds "
-            f"the model's context of {max_positions} tokens"
-        )
+    assert tokenizer is not None  # prompt_token_ids raised otherwise
     generator = None
     if sampling.temperature > 0:
         generator = torch.Generator()
@@ -131,6 +152,10 @@ def generate(
                 on_text(piece)
         input_ids = torch.tensor([[token]])
     seconds = time.perf_counter() - start
+    if on_text is not None:
+        rest = streamer.finish(new_ids)
+        if rest:
+            on_text(rest)
     decode_seconds = seconds - (first_token_at - start)
     return GenerationResult(
         prompt=prompt,

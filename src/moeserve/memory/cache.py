@@ -62,7 +62,7 @@ import re
 import threading
 import time as clock
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -393,15 +393,20 @@ class CachedLayerExperts:
     def device(self) -> torch.device:
         return self._device
 
-    def gate_up(self, expert: int) -> torch.Tensor:
-        if expert >= self.next_group_first or self.expert2slot[expert] < 0:
+    def _slot(self, expert: int) -> int:
+        # Read the slot once: a background prefetch may evict an unpinned expert between two reads.
+        slot = self.expert2slot[expert]
+        if expert >= self.next_group_first or slot < 0:
             self._cache.request(self.layer_index, expert)
-        return self._gate_up_slots[self.expert2slot[expert]]  # [2I, D]
+            slot = self.expert2slot[expert]
+        assert slot >= 0, f"expert {expert} of layer {self.layer_index} is not resident after its request"
+        return slot
+
+    def gate_up(self, expert: int) -> torch.Tensor:
+        return self._gate_up_slots[self._slot(expert)]  # [2I, D]
 
     def down(self, expert: int) -> torch.Tensor:
-        if expert >= self.next_group_first or self.expert2slot[expert] < 0:
-            self._cache.request(self.layer_index, expert)
-        return self._down_slots[self.expert2slot[expert]]  # [D, I]
+        return self._down_slots[self._slot(expert)]  # [D, I]
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
@@ -586,6 +591,7 @@ class ExpertCache:
     def _init_prefetch(self) -> None:
         self._lock = threading.Condition()  # guards residency; notified when a prefetch read ends
         self._loader: ThreadPoolExecutor | None = None  # started by the first background prefetch
+        self._prefetch_jobs: list[Future[None]] = []  # submitted and not yet checked for errors
         self._predictions: list[set[int] | None] = [None] * len(self._specs)
         self._layer_calls = [0] * len(self._specs)  # a prefetch for a layer stops once it is called
         self._loader_staging = [
@@ -722,12 +728,14 @@ class ExpertCache:
             return
         if self._loader is None:
             self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-prefetch")
-        self._loader.submit(self._prefetch_job, layer_index, predicted, call)
+        self._prefetch_jobs = [job for job in self._prefetch_jobs if not job.done() or job.exception() is not None]
+        self._prefetch_jobs.append(self._loader.submit(self._prefetch_job, layer_index, predicted, call))
 
     def wait_for_prefetch(self) -> None:
-        """Block until every prefetch submitted so far has finished."""
-        if self._loader is not None:
-            self._loader.submit(lambda: None).result()
+        """Block until every prefetch submitted so far has finished; re-raise the first that failed."""
+        jobs, self._prefetch_jobs = self._prefetch_jobs, []
+        for job in jobs:
+            job.result()
 
     def _prefetch_job(self, layer_index: int, experts: list[int], call: int) -> None:
         """Load ``experts`` of ``layer_index`` one at a time; reserve under the lock, read outside it."""

@@ -8,7 +8,9 @@ gets the cache's view as its ``ExpertProvider`` (``MoELayer.replace_experts``) a
 routing observer. ``remove_expert_cache`` undoes it by reading every expert back.
 
 The ``exact`` guarantee: with any online policy, logits are bit-identical to the all-resident
-model (the same weights, loaded from the same bytes, go through the same per-expert backend).
+model on CPU, where both run the same per-expert backend on the same weights, loaded from the
+same bytes (tested). On CUDA the resident model would use ``grouped_mm`` and the cache a
+per-expert loop, so outputs match only to rounding; the GPU tiers are not implemented yet.
 
 This module knows which attributes hold a family block's experts (transformers 5 fused
 ``experts.gate_up_proj`` [E, 2I, D] and ``experts.down_proj`` [E, D, I], kept by

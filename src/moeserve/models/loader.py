@@ -104,6 +104,7 @@ def _load_transformers_model(folder: Path, dtype: torch.dtype, files: list[Path]
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(

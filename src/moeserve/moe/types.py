@@ -26,7 +26,7 @@ class RouterOutput:
 class ExpertGroups:
     """What dispatch returns: tokens copied into rows grouped contiguously by expert.
 
-    Rows ``offsets[e]:offsets[e+1]`` belong to expert ``e``. Padded rows (capacity gating) carry
+    Expert ``e`` owns the rows between the prefix sums of ``expert_counts`` before and through ``e``. Padded rows (capacity gating) carry
     weight 0, so combine ignores them although the experts stage computes them.
     """
 
