@@ -207,3 +207,15 @@ def test_cpu_backend_fp32_compute_matches_reference_on_large_groups():
     exact = MoELayer(full_precision, F.silu, MoEConfig(backend="loop"))(hidden.float(), routing)
     torch.testing.assert_close(fast, reference, rtol=3e-2, atol=3e-2)
     assert (fast - exact).abs().mean() <= (reference - exact).abs().mean()
+
+
+def test_routing_transforms_run_before_observers_and_dispatch():
+    experts, hidden, routing = _experts(), _hidden(), _routing()
+    layer = MoELayer(experts, F.silu, MoEConfig())
+    forced = RouterOutput(topk_ids=torch.zeros_like(routing.topk_ids), topk_weights=torch.full_like(routing.topk_weights, 0.5))
+    seen: list[RouterOutput] = []
+    layer.routing_transforms.append(lambda index, r: forced)
+    layer.observers.append(lambda index, r: seen.append(r))
+    out = layer(hidden, routing)
+    assert seen == [forced]
+    torch.testing.assert_close(out, _dense_expert(hidden, experts, 0), rtol=1e-5, atol=1e-5)

@@ -26,6 +26,7 @@ from moeserve.moe.types import ExpertGroups, ExpertProvider, RouterOutput
 
 Router = Callable[[torch.Tensor], RouterOutput]
 RoutingObserver = Callable[[int, RouterOutput], None]
+RoutingTransform = Callable[[int, RouterOutput], RouterOutput]
 
 
 def combine(groups: ExpertGroups, outputs: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -58,8 +59,10 @@ class LayerStats:
 class MoELayer(nn.Module):
     """Routed experts of one MoE block. ``forward(hidden [T, D], routing) -> [T, D]``.
 
-    Gating mode and experts backend are chosen once, here. ``observers`` get every layer's
-    routing (trace recording, load counters) with this layer's index.
+    Gating mode and experts backend are chosen once, here. ``routing_transforms`` may rewrite
+    the routing before dispatch (lossy modes, e.g. routing only among resident experts), in
+    order; ``observers`` then see the routing the layer will execute (trace recording, load
+    counters, the expert cache), with this layer's index.
     """
 
     def __init__(self, experts: ExpertProvider, act: Activation, config: MoEConfig, layer_index: int = 0) -> None:
@@ -70,6 +73,7 @@ class MoELayer(nn.Module):
         self.layer_index = layer_index
         self._dispatch = GATINGS.get(config.gating)
         self.replace_experts(experts)
+        self.routing_transforms: list[RoutingTransform] = []
         self.observers: list[RoutingObserver] = []
         self.stats = LayerStats()
 
@@ -81,6 +85,8 @@ class MoELayer(nn.Module):
         self._run_experts = BACKENDS.get(self.backend_name)()
 
     def forward(self, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        for transform in self.routing_transforms:
+            routing = transform(self.layer_index, routing)
         for observe in self.observers:
             observe(self.layer_index, routing)
         groups = self._dispatch(hidden, routing, self.experts.num_experts, self.config.capacity_factor)
