@@ -437,6 +437,35 @@ def serverless_plan(
     )
 
 
+@serverless_app.command("export")
+def serverless_export(
+    plan: Annotated[Path, typer.Argument(help="Plan JSON (the output of `serverless plan --json`, or a saved plan file).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for template.yaml, the handler package and README.md.")],
+    weights_seed: Annotated[int | None, typer.Option(help="Also write random expert weights of the plan's shape (seeded) for a test deployment.")] = None,
+    bundle_weights: Annotated[bool, typer.Option(help="Put the weights inside the function package instead of an S3 bucket.")] = False,
+    timeout: Annotated[int, typer.Option(help="Function timeout in seconds (<= 900).")] = 60,
+    reserve_concurrency: Annotated[bool, typer.Option(help="Reserve each function's replica count of concurrency.")] = False,
+    arch: Annotated[str | None, typer.Option(help="x86_64 or arm64 (default: the plan's).")] = None,
+) -> None:
+    """Write an AWS SAM template and handler package for a plan. Nothing is deployed."""
+    from moeserve.serverless.export import export_plan, load_plan_json, synthetic_expert_weights
+
+    try:
+        plan_file = load_plan_json(plan)
+        weights = None
+        if weights_seed is not None:
+            if plan_file.shape is None:
+                raise MoeserveError(f"{plan}: the plan records no expert shape; cannot make weights for it")
+            weights = synthetic_expert_weights(plan_file.shape, weights_seed)
+        result = export_plan(plan_file, out, weights, architecture=arch, timeout_s=timeout,
+                             bundle_weights=bundle_weights, reserve_concurrency=reserve_concurrency)
+    except (MoeserveError, ValueError, OSError) as error:
+        _fail(error)
+        return
+    console.print(f"wrote {result.template} ({len(result.function_ids)} functions) and {result.package_dir}; "
+                  f"see {result.readme} to deploy")
+
+
 @simulate_app.command("ep")
 def simulate_ep(
     trace: Annotated[Path, typer.Option("--trace", help="A moeserve-trace/1 file whose routing the simulated workers replay.")],

@@ -1,0 +1,209 @@
+"""Exporting a plan as a SAM application: plan files, the template (checked by cfn-lint) and the handler."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeserve.predict.popularity import BayesianPredictor, BayesianSettings
+from moeserve.serverless import handler_template as ht
+from moeserve.serverless.export import (
+    LayerExpertWeights,
+    PlanFile,
+    build_template,
+    export_plan,
+    load_plan_json,
+    save_plan_json,
+    synthetic_expert_weights,
+)
+from moeserve.serverless.optimize import plan_deployment
+from moeserve.serverless.plan import DeploymentPlan, FunctionPlan, LayerPlan
+from moeserve.serverless.shapes import ExpertShape
+from tests.serverless.test_optimize import _skewed_trace
+
+TINY = ExpertShape("tiny", 8, 12, 4, 2, 2)
+
+
+def two_layer_plan(channel_1: str = "object_store") -> DeploymentPlan:
+    first = LayerPlan((FunctionPlan((0, 1), 512, 2), FunctionPlan((2, 3), 1024)), 1, "direct")
+    second = LayerPlan((FunctionPlan((3, 0, 2, 1), 2048, 3),), 4, channel_1)
+    return DeploymentPlan((first, second), found_by="test")
+
+
+def cfn_lint(template: Path) -> list[str]:
+    """cfn-lint's findings on ``template`` (rule id and message), via its Python API."""
+    pytest.importorskip(
+        "cfnlint", reason="cfn-lint is not installed (pip install cfn-lint, a dev dependency)"
+    )
+    from cfnlint.api import ManualArgs, lint_file
+
+    matches = lint_file(template, config=ManualArgs(regions=["us-east-1"]))
+    return [f"{m.rule.id}: {m.message}" for m in matches]
+
+
+def reference_expert(weights: LayerExpertWeights, expert: int, x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    gate = x @ weights.gate[expert].T.astype(np.float64)
+    up = x @ weights.up[expert].T.astype(np.float64)
+    return (gate / (1.0 + np.exp(-gate)) * up) @ weights.down[expert].T.astype(np.float64)
+
+
+# -- plan files ----------------------------------------------------------------------------------
+
+
+def test_plan_json_round_trips_and_reads_the_cli_report(tmp_path):
+    plan = two_layer_plan()
+    loaded = load_plan_json(save_plan_json(PlanFile(plan, TINY, "arm64"), tmp_path / "plan.json"))
+    assert loaded.plan.to_dict() == plan.to_dict()
+    assert loaded.shape == TINY and loaded.architecture == "arm64"
+    assert load_plan_json(save_plan_json(plan, tmp_path / "bare.json")).plan == plan
+
+    report = plan_deployment(
+        _skewed_trace(TINY, 2, 16),
+        TINY,
+        throughput_tokens_per_s=100.0,
+        batch_tokens=32,
+        predictor=BayesianPredictor(BayesianSettings(prior_strength=100.0, half_life_tokens=64.0)),
+        trials=5,
+    )
+    # What `moeserve serverless plan --json` prints: the best plan is under ["plan"]["plan"].
+    (tmp_path / "report.json").write_text(json.dumps(report.to_dict()))
+    from_cli = load_plan_json(tmp_path / "report.json")
+    assert from_cli.plan == report.search.plan
+    assert from_cli.shape == TINY and from_cli.architecture == report.model.architecture
+    assert load_plan_json(save_plan_json(report, tmp_path / "saved.json")).plan == report.search.plan
+
+    (tmp_path / "junk.json").write_text(json.dumps({"plan": {"method": "x"}}))
+    with pytest.raises(ValueError, match="no plan found"):
+        load_plan_json(tmp_path / "junk.json")
+
+
+# -- the template --------------------------------------------------------------------------------
+
+
+def test_export_writes_a_template_cfn_lint_accepts(tmp_path):
+    result = export_plan(
+        PlanFile(two_layer_plan(), TINY, "arm64"),
+        tmp_path / "app",
+        synthetic_expert_weights(TINY),
+        reserve_concurrency=True,
+    )
+    template = json.loads(result.template.read_text())
+    assert template["Transform"] == "AWS::Serverless-2016-10-31"
+    functions = {
+        k: v["Properties"]
+        for k, v in template["Resources"].items()
+        if v["Type"] == "AWS::Serverless::Function"
+    }
+    assert (
+        list(functions)
+        == list(result.function_ids)
+        == ["Layer0Function0", "Layer0Function1", "Layer1Function0"]
+    )
+    first = functions["Layer0Function0"]
+    assert first["MemorySize"] == 512 and first["Timeout"] <= 900 and first["Architectures"] == ["arm64"]
+    assert first["Runtime"] == "python3.12" and first["Handler"] == "handler.lambda_handler"
+    assert first["ReservedConcurrentExecutions"] == 2
+    assert first["Environment"]["Variables"]["MOESERVE_EXPERTS"] == "0,1"
+    assert first["Environment"]["Variables"]["MOESERVE_WEIGHTS_KEY"] == "weights/layer0/function0.npz"
+    assert "MOESERVE_EXCHANGE_BUCKET" not in first["Environment"]["Variables"]
+    assert functions["Layer1Function0"]["Environment"]["Variables"]["MOESERVE_EXCHANGE_BUCKET"] == {
+        "Ref": "ExchangeBucket"
+    }
+    assert template["Resources"]["ExchangeBucket"]["Type"] == "AWS::S3::Bucket"
+    assert set(template["Outputs"]) >= {f"{name}Arn" for name in functions}
+    assert (result.package_dir / "handler.py").read_text() == Path(ht.__file__).read_text()
+    assert "numpy" in (result.package_dir / "requirements.txt").read_text()
+    assert "sam deploy --guided" in result.readme.read_text()
+    assert len(result.weight_files) == 3 and all(p.is_file() for p in result.weight_files)
+    assert json.loads(result.routing.read_text())["layers"][1]["micro_batches"] == 4
+    assert cfn_lint(result.template) == []
+
+
+def test_direct_only_bundled_export_has_no_buckets_and_lints_clean(tmp_path):
+    result = export_plan(
+        two_layer_plan("direct"), tmp_path / "app", synthetic_expert_weights(TINY), bundle_weights=True
+    )
+    template = json.loads(result.template.read_text())
+    assert not [r for r in template["Resources"].values() if r["Type"] == "AWS::S3::Bucket"]
+    assert not result.object_store
+    variables = template["Resources"]["Layer1Function0"]["Properties"]["Environment"]["Variables"]
+    assert (result.package_dir / variables["MOESERVE_WEIGHTS_PATH"]).is_file()
+    assert "ReservedConcurrentExecutions" not in template["Resources"]["Layer1Function0"]["Properties"]
+    assert cfn_lint(result.template) == []
+
+
+def test_cfn_lint_catches_a_broken_template(tmp_path):
+    template = build_template(two_layer_plan())
+    template["Outputs"]["Layer0Function0Arn"]["Value"] = {"Fn::GetAtt": ["Missing", "Arn"]}
+    path = tmp_path / "template.yaml"
+    path.write_text(json.dumps(template))
+    assert any(finding.startswith("E") and "Missing" in finding for finding in cfn_lint(path))
+
+
+def test_export_rejects_what_lambda_cannot_run(tmp_path):
+    with pytest.raises(ValueError, match="timeout_s"):
+        build_template(two_layer_plan(), timeout_s=901)
+    huge = DeploymentPlan((LayerPlan((FunctionPlan((0,), 20_000),), 1, "direct"),))
+    with pytest.raises(ValueError, match="outside Lambda"):
+        build_template(huge)
+    many = DeploymentPlan((LayerPlan((FunctionPlan((0,), 512, 950),), 1, "direct"),))
+    with pytest.raises(ValueError, match="reserve"):
+        build_template(many, reserve_concurrency=True)
+    with pytest.raises(ValueError, match="layers"):
+        export_plan(two_layer_plan(), tmp_path, synthetic_expert_weights(TINY)[:1])
+
+
+# -- the handler ---------------------------------------------------------------------------------
+
+
+def test_exported_handler_matches_a_numpy_reference(tmp_path, monkeypatch):
+    weights = synthetic_expert_weights(TINY, seed=3)
+    result = export_plan(two_layer_plan("direct"), tmp_path / "app", weights, bundle_weights=True)
+    spec = importlib.util.spec_from_file_location("exported_handler", result.package_dir / "handler.py")
+    assert spec is not None and spec.loader is not None
+    handler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(handler)
+    template = json.loads(result.template.read_text())
+    variables = template["Resources"]["Layer0Function1"]["Properties"]["Environment"]["Variables"]
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, TINY.hidden_size)).astype(np.float32)
+    experts = np.array([2, 3, 3, 2, 2, 3], dtype=np.int32)
+    rows = np.arange(10, 16, dtype=np.int32)
+    response = handler.lambda_handler(json.loads(json.dumps(handler.encode_request(x, experts, rows))))
+    y = handler.decode_array(response["y"], "<f4", (6, TINY.hidden_size))
+    expected = np.stack(
+        [reference_expert(weights[0], int(e), x[t : t + 1])[0] for t, e in enumerate(experts)]
+    )
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(handler.decode_array(response["rows"], "<i4", (6,)), rows)
+
+    with pytest.raises(ValueError, match=r"experts \[0\] are not held"):
+        handler.lambda_handler(handler.encode_request(x[:1], np.array([0])))
+
+
+def test_payloads_over_the_synchronous_limit_are_refused_clearly():
+    hidden = 1024
+    tokens = ht.SYNC_PAYLOAD_LIMIT_BYTES // (hidden * 4) + 1  # raw floats alone exceed 6 MB
+    x = np.zeros((tokens, hidden), dtype=np.float32)
+    with pytest.raises(ht.PayloadTooLargeError, match="synchronous payload limit.*object_store"):
+        ht.encode_request(x, np.zeros(tokens, dtype=np.int32))
+    # Small limits exercise the response check without building 6 MB arrays.
+    rng = np.random.default_rng(1)
+    weights = ht.ExpertWeights(
+        np.array([0]),
+        rng.standard_normal((1, 3, 4)).astype(np.float32),
+        rng.standard_normal((1, 3, 4)).astype(np.float32),
+        rng.standard_normal((1, 4, 3)).astype(np.float32),
+    )
+    event = ht.encode_request(np.ones((50, 4), dtype=np.float32), np.zeros(50, dtype=np.int32))
+    with pytest.raises(ht.PayloadTooLargeError, match="response of 50 tokens"):
+        ht.handle(event, weights, limit=500)
+    assert ht.handle(event, weights)["tokens"] == 50
