@@ -1,0 +1,184 @@
+"""The parameter committee: masked gating, telemetry, the offline planner, the online scheduler.
+
+Assertions are on values: with every expert a member the logits equal the full model's
+(``torch.equal``); with a committee, no routed id outside it reaches dispatch (checked by an
+observer, which sees the routing the layer executes); plans respect the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from moeserve.memory.committee import (
+    CommitteeGate,
+    CommitteePlan,
+    CommitteeScheduler,
+    allocate_members,
+    apply_committee,
+    remove_committee,
+)
+from moeserve.models.loader import MoEModel
+from moeserve.moe.types import RouterOutput
+
+PROMPT = 'import os\nimport sys\n\n\ndef main(argv):\n    """Print every argument."""\n    for name in argv:\n'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(reference_model: MoEModel) -> torch.Tensor:
+    ids = reference_model.tokenizer(PROMPT * 3)["input_ids"]
+    return torch.tensor(ids[:96])  # [S]
+
+
+def _logits(model: MoEModel, ids: torch.Tensor) -> torch.Tensor:
+    return model.logits(ids[None])
+
+
+def test_all_members_is_exact_and_fully_served(reference_model: MoEModel, prompt_ids: torch.Tensor) -> None:
+    expected = _logits(reference_model, prompt_ids)
+    everyone = {i: set(range(reference_model.num_experts)) for i in range(len(reference_model.layers))}
+    gate = apply_committee(reference_model, everyone)
+    try:
+        got = _logits(reference_model, prompt_ids)
+    finally:
+        remove_committee(reference_model, gate)
+    assert torch.equal(got, expected)
+    telemetry = gate.telemetry()
+    assert telemetry["served_exactly"] == 1.0
+    assert all(layer["served_exactly"] == 1.0 and layer["rerouted_tokens"] == 0 for layer in telemetry["layers"].values())
+    assert all(not layer.routing_transforms for layer in reference_model.layers)
+
+
+def test_committee_routes_only_members(reference_model: MoEModel, prompt_ids: torch.Tensor) -> None:
+    members = {i: {(i + 3 * j) % reference_model.num_experts for j in range(4)} for i in range(len(reference_model.layers))}
+    seen: dict[int, set[int]] = {}
+    weight_sums: list[torch.Tensor] = []
+
+    def observe(layer: int, routing: RouterOutput) -> None:
+        seen.setdefault(layer, set()).update(int(e) for e in routing.topk_ids.flatten().tolist())
+        weight_sums.append(routing.topk_weights.sum(dim=-1))
+
+    gate = apply_committee(reference_model, members)
+    for layer in reference_model.layers:
+        layer.observers.append(observe)
+    try:
+        _logits(reference_model, prompt_ids)
+    finally:
+        for layer in reference_model.layers:
+            layer.observers.remove(observe)
+        remove_committee(reference_model, gate)
+    assert seen.keys() == members.keys()
+    for layer, ids in seen.items():
+        assert ids <= members[layer]
+    # Mixtral renormalises its top-k weights: rerouted tokens too.
+    torch.testing.assert_close(torch.cat(weight_sums), torch.ones(sum(w.numel() for w in weight_sums)))
+    telemetry = gate.telemetry()
+    assert 0.0 < telemetry["served_exactly"] < 1.0
+    assert all(layer["rerouted_tokens"] > 0 for layer in telemetry["layers"].values())
+
+
+def test_reroute_is_softmax_over_members_then_topk() -> None:
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0], [0.0, 1.0, 2.0, 3.0, 4.0]])  # [T=2, E=5]
+    probs = torch.softmax(logits, dim=-1)
+    weights, ids = torch.topk(probs, 2, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    routing = RouterOutput(topk_ids=ids, topk_weights=weights, logits=logits)
+    gate = CommitteeGate({0: {0, 1, 3}}, num_experts=5, top_k=2)
+    out = gate(0, routing)
+    # Token 0 routed to {0, 1}, both members: unchanged. Token 1 routed to {4, 3}: 4 is out.
+    assert torch.equal(out.topk_ids[0], ids[0]) and torch.equal(out.topk_weights[0], weights[0])
+    member_probs = torch.softmax(logits[1, [3, 1]], dim=-1)
+    assert out.topk_ids[1].tolist() == [3, 1]
+    torch.testing.assert_close(out.topk_weights[1], member_probs)
+    expected_exact = float(weights[0].sum() + weights[1, 1]) / float(weights.sum())
+    assert gate.telemetry()["served_exactly"] == pytest.approx(expected_exact)
+
+
+def test_drop_fallback_and_skip_threshold() -> None:
+    ids = torch.tensor([[0, 2], [1, 0]])
+    weights = torch.tensor([[0.7, 0.3], [0.95, 0.05]])
+    routing = RouterOutput(topk_ids=ids, topk_weights=weights, logits=None)
+    gate = CommitteeGate({0: {0, 1}}, num_experts=3, top_k=2, skip_threshold=0.1)
+    out = gate(0, routing)
+    assert out.topk_ids.shape == (2, 2) and set(out.topk_ids.flatten().tolist()) <= {0, 1}
+    # Token 0: expert 2 dropped, expert 0 rescaled to the row's sum. Token 1: slot under 0.1 skipped.
+    torch.testing.assert_close(out.topk_weights, torch.tensor([[1.0, 0.0], [0.95, 0.0]]))
+    t = gate.telemetry()["layers"][0]
+    assert t["skipped_slots"] == 2
+    assert t["served_exactly"] == pytest.approx((0.7 + 0.95) / 2.0)
+
+
+def test_apply_committee_rejects_bad_members(reference_model: MoEModel) -> None:
+    layers = len(reference_model.layers)
+    with pytest.raises(ValueError, match="no members for MoE layers"):
+        apply_committee(reference_model, {0: {0, 1}})
+    with pytest.raises(ValueError, match="at least top_k"):
+        apply_committee(reference_model, {i: {0} for i in range(layers)})
+    gate = apply_committee(reference_model, {i: {0, 1} for i in range(layers)})
+    try:
+        with pytest.raises(ValueError, match="already has a committee"):
+            apply_committee(reference_model, {i: {0, 1} for i in range(layers)})
+    finally:
+        remove_committee(reference_model, gate)
+
+
+def test_allocate_members_greedy_budget() -> None:
+    mass = torch.tensor([[10.0, 0.0, 0.0, 0.0], [4.0, 3.0, 2.0, 1.0]])  # layer 0 peaked, layer 1 spread
+    members = allocate_members(mass, total=5, min_per_layer=1)
+    assert members == [[0], [0, 1, 2, 3]]
+    assert allocate_members(mass, total=3, min_per_layer=1) == [[0], [0, 1]]
+    with pytest.raises(ValueError, match="at least 2 each"):
+        allocate_members(mass, total=3, min_per_layer=2)
+
+
+def test_plan_budget_and_json_round_trip(reference_model: MoEModel, prompt_ids: torch.Tensor, tmp_path) -> None:
+    from moeserve.memory.committee import plan_committee
+
+    layers, experts, k = len(reference_model.layers), reference_model.num_experts, reference_model.top_k
+    plan = plan_committee(reference_model, prompt_ids, budget_fraction=0.4, seq_len=48)
+    assert plan.total_members == round(0.4 * layers * experts)
+    assert all(len(m) >= k for m in plan.members)
+    for members, mass in zip(plan.members, plan.gate_mass, strict=True):
+        outside = [mass[e] for e in range(experts) if e not in members]
+        assert min(mass[e] for e in members) >= max(outside, default=0.0)
+    assert plan.calibration_tokens == prompt_ids.numel()
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert CommitteePlan.load(path, reference_model) == plan
+    other = CommitteePlan(**{**plan.__dict__, "model_name": "other-moe", "num_experts": experts * 2})
+    other.save(path)
+    with pytest.raises(ValueError, match=r"model name 'other-moe' != 'tiny-moe'; num_experts 32 != 16"):
+        CommitteePlan.load(path, reference_model)
+    with pytest.raises(ValueError, match="at least"):
+        plan_committee(reference_model, prompt_ids[:8], budget_fraction=0.05)
+
+
+def test_scheduler_swaps_toward_recent_mass(reference_model: MoEModel) -> None:
+    layers, experts = len(reference_model.layers), reference_model.num_experts
+    gate = apply_committee(reference_model, {i: {0, 1, 2} for i in range(layers)})
+    scheduler = CommitteeScheduler(reference_model, gate, decay=0.5, max_swaps=1)
+    try:
+        assert reference_model.layers[0].routing_transforms[0] is not gate  # the recorder sees the raw routing
+        hot = RouterOutput(topk_ids=torch.tensor([[5, 6]] * 4), topk_weights=torch.full((4, 2), 0.5))
+        for _ in range(3):
+            for i in range(layers):
+                for transform in reference_model.layers[i].routing_transforms:
+                    transform(i, hot)
+            swaps = scheduler.step()
+            assert swaps <= layers  # at most one per layer
+        assert all(gate.members(i) >= {5, 6} and len(gate.members(i)) == 3 for i in range(layers))
+        assert scheduler.ema.shape == (layers, experts)
+    finally:
+        scheduler.close()
+        remove_committee(reference_model, gate)
+    assert all(not layer.routing_transforms for layer in reference_model.layers)
