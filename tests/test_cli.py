@@ -65,3 +65,15 @@ def test_expert_memory_below_minimum_names_it():
     result = run("generate", "--expert-memory", "1KB", "--max-new-tokens", "2", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "491520" in result.stderr  # two experts of the reference model (top-2), in bytes
+
+
+def test_committee_plan_then_eval(tmp_path: Path):
+    text = tmp_path / "calib.py"
+    text.write_text("import os\n\n\ndef walk(path):\n    for root, dirs, files in os.walk(path):\n        yield root\n" * 30)
+    plan = tmp_path / "plan.json"
+    run("committee", "plan", "--out", str(plan), "--budget", "0.5", "--calibration", str(text), "--tokens", "512")
+    members = json.loads(plan.read_text())["members"]
+    assert sum(len(m) for m in members) == 32 and all(len(m) >= 2 for m in members)
+    report = json.loads(run("committee", "eval", "--plan", str(plan), "--text", str(text), "--tokens", "256", "--json").stdout)
+    assert report["tokens"] == 256 and 0 < report["served_exactly"] <= 1
+    assert report["accuracy_change_pp"] == pytest.approx(100 * (report["committee"]["accuracy"] - report["full"]["accuracy"]))

@@ -30,6 +30,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(predict_app, name="predict")
 serverless_app = typer.Typer(help="Plan MoE expert layers on serverless functions at minimum billed cost (modelled).", no_args_is_help=True)
 app.add_typer(serverless_app, name="serverless")
+committee_app = typer.Typer(help="Parameter committee: serve from a subset of experts per layer (lossy, measured).", no_args_is_help=True)
+app.add_typer(committee_app, name="committee")
 simulate_app = typer.Typer(help="Discrete-event simulation at scales this machine cannot run.", no_args_is_help=True)
 app.add_typer(simulate_app, name="simulate")
 
@@ -464,6 +466,95 @@ def serverless_export(
         return
     console.print(f"wrote {result.template} ({len(result.function_ids)} functions) and {result.package_dir}; "
                   f"see {result.readme} to deploy")
+
+
+def _committee_tokens(model, text: Path | None, held_out: bool, max_tokens: int):
+    """Tokens of ``text``, or of the reference model's stdlib split (train or held-out) when None."""
+    import torch
+
+    from moeserve.models.reference import reference_split_tokens
+
+    if model.tokenizer is None:
+        raise MoeserveError(f"{model.path} has no tokenizer; cannot tokenize text")
+    if text is None:
+        return reference_split_tokens(model.tokenizer, held_out=held_out, max_tokens=max_tokens)
+    if not text.is_file():
+        raise MoeserveError(f"{text}: no such file")
+    ids = model.tokenizer(text.read_text(encoding="utf-8", errors="replace"))["input_ids"][: max_tokens + 1]
+    if len(ids) < 2:
+        raise MoeserveError(f"{text}: fewer than 2 tokens")
+    return torch.tensor(ids)
+
+
+@committee_app.command("plan")
+def committee_plan(
+    out: Annotated[Path, typer.Option("--out", help="Plan JSON to write.")],
+    budget: Annotated[float, typer.Option(help="Share of all experts kept as committee members (0-1].")] = 0.5,
+    calibration: Annotated[Path | None, typer.Option(help="Calibration text (default: the stdlib training split).")] = None,
+    tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 16384,
+    model: ModelArg = None,
+) -> None:
+    """Profile expert gate mass on calibration text and size each layer's committee under the budget."""
+    from moeserve.memory.committee import plan_committee
+    from moeserve.models.loader import load_model
+
+    try:
+        moe_model = load_model(model)
+        plan = plan_committee(moe_model, _committee_tokens(moe_model, calibration, False, tokens), budget)
+        plan.save(out)
+    except (MoeserveError, ValueError) as error:
+        _fail(error)
+        return
+    console.print(f"wrote {out}: {plan.total_members} of {plan.num_layers * plan.num_experts} experts, "
+                  f"members per layer {[len(m) for m in plan.members]}")
+
+
+@committee_app.command("eval")
+def committee_eval(
+    plan: Annotated[Path, typer.Option("--plan", help="Plan JSON from `committee plan`.")],
+    text: Annotated[Path | None, typer.Option(help="Evaluation text (default: the stdlib held-out split).")] = None,
+    tokens: Annotated[int, typer.Option(help="Evaluation tokens.")] = 16384,
+    skip_threshold: Annotated[float, typer.Option(help="Skip experts whose renormalised gate weight is below this.")] = 0.0,
+    model: ModelArg = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Next-token accuracy and perplexity with the committee vs the full model, and gate mass served exactly."""
+    from moeserve.memory.committee import CommitteePlan, apply_committee, remove_committee
+    from moeserve.models.evaluate import evaluate_tokens
+    from moeserve.models.loader import load_model
+
+    try:
+        moe_model = load_model(model)
+        committee = CommitteePlan.load(plan, moe_model)
+        token_ids = _committee_tokens(moe_model, text, True, tokens)
+        full, _ = evaluate_tokens(moe_model, token_ids, max_tokens=tokens)
+        gate = apply_committee(moe_model, committee.members_by_layer(), skip_threshold=skip_threshold)
+        try:
+            lossy, _ = evaluate_tokens(moe_model, token_ids, max_tokens=tokens)
+            telemetry = gate.telemetry()
+        finally:
+            remove_committee(moe_model, gate)
+    except (MoeserveError, ValueError) as error:
+        _fail(error)
+        return
+    payload = {
+        "plan": str(plan),
+        "budget_fraction": committee.budget_fraction,
+        "tokens": full.tokens,
+        "full": full.to_dict(),
+        "committee": lossy.to_dict(),
+        "accuracy_change_pp": 100 * (lossy.accuracy - full.accuracy),
+        "perplexity_change": lossy.perplexity / full.perplexity - 1,
+        "served_exactly": telemetry["served_exactly"],
+    }
+    if as_json:
+        print(json.dumps(payload))
+        return
+    console.print(
+        f"{full.tokens} tokens: accuracy {full.accuracy:.4f} -> {lossy.accuracy:.4f} "
+        f"({payload['accuracy_change_pp']:+.2f} pp), perplexity {full.perplexity:.2f} -> {lossy.perplexity:.2f}, "
+        f"gate mass served exactly {telemetry['served_exactly']:.4f}"
+    )
 
 
 @simulate_app.command("ep")

@@ -321,3 +321,21 @@ Reproduce: `moeserve train-tiny --out DIR` (then this card is written by the sam
 """
     (out / "README.md").write_text(card)
     return figures
+
+
+def reference_split_tokens(tokenizer, held_out: bool, max_tokens: int, every: int = 20) -> torch.Tensor:
+    """The first ``max_tokens + 1`` tokens of the standard-library train or held-out split.
+
+    The split is the one ``train-tiny`` used (``every`` as in its config), so held-out tokens are
+    from files the reference model never saw. Files are encoded whole, one at a time.
+    """
+    train, held = split_corpus(every)
+    pieces: list[torch.Tensor] = []
+    count = 0
+    for text in read_texts(held if held_out else train):
+        ids = encode_corpus(tokenizer, iter([text]))
+        pieces.append(ids)
+        count += ids.numel()
+        if count > max_tokens:
+            break
+    return torch.cat(pieces)[: max_tokens + 1]
