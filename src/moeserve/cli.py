@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +46,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", help="torch intra-op threads (default: MOESERVE_NUM_THREADS, else torch's choice).")
 ]
+
+
+def _emit(as_json: bool, payload: Callable[[], object], table: Callable[[], object]) -> None:
+    """Print one JSON object (``--json``, for scripts) or a rich table (for people)."""
+    if as_json:
+        print(json.dumps(payload()))
+    else:
+        console.print(table())
 
 
 def _fail(error: Exception) -> None:
@@ -226,10 +235,7 @@ def trace_stats_command(
     except MoeserveError as error:
         _fail(error)
         return
-    if as_json:
-        print(json.dumps(stats.to_dict()))
-    else:
-        console.print(render_stats_table(stats, pairs_shown=min(pairs, 3)))
+    _emit(as_json, lambda: stats.to_dict(), lambda: render_stats_table(stats, pairs_shown=min(pairs, 3)))
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -271,10 +277,7 @@ def bench_moe_layer(
     except (MoeserveError, ValueError) as error:
         _fail(error)
         return
-    if as_json:
-        print(result.to_json_text())
-    else:
-        console.print(render_table(result))
+    _emit(as_json, lambda: result.to_json(), lambda: render_table(result))
 
 
 @bench_app.command("cache")
@@ -306,10 +309,7 @@ def bench_cache(
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)
         return
-    if as_json:
-        print(json.dumps(result.to_dict()))
-    else:
-        console.print(render_table(result))
+    _emit(as_json, lambda: result.to_dict(), lambda: render_table(result))
 
 
 @app.command("placement")
@@ -335,10 +335,7 @@ def placement(
     except (MoeserveError, ValueError) as error:
         _fail(error)
         return
-    if as_json:
-        print(json.dumps(placement_report(plan)))
-    else:
-        console.print(render_placement_table(plan))
+    _emit(as_json, lambda: placement_report(plan), lambda: render_placement_table(plan))
 
 
 @predict_app.command("eval")
@@ -358,10 +355,7 @@ def predict_eval(
     except (MoeserveError, ValueError) as error:
         _fail(error)
         return
-    if as_json:
-        print(json.dumps(evaluation.to_dict()))
-    else:
-        console.print(evaluation.render_table(per_layer=per_layer))
+    _emit(as_json, lambda: evaluation.to_dict(), lambda: evaluation.render_table(per_layer=per_layer))
 
 
 @bench_app.command("offload")
@@ -390,10 +384,7 @@ def bench_offload(
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)
         return
-    if as_json:
-        print(json.dumps(result.to_dict()))
-    else:
-        console.print(render_table(result))
+    _emit(as_json, lambda: result.to_dict(), lambda: render_table(result))
 
 
 @serverless_app.command("plan")
@@ -579,10 +570,7 @@ def simulate_ep(
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)
         return
-    if as_json:
-        print(json.dumps(result.to_dict()))
-    else:
-        console.print(result.render_table())
+    _emit(as_json, lambda: result.to_dict(), lambda: result.render_table())
 
 
 def main() -> None:
