@@ -77,3 +77,19 @@ def test_committee_plan_then_eval(tmp_path: Path):
     report = json.loads(run("committee", "eval", "--plan", str(plan), "--text", str(text), "--tokens", "256", "--json").stdout)
     assert report["tokens"] == 256 and 0 < report["served_exactly"] <= 1
     assert report["accuracy_change_pp"] == pytest.approx(100 * (report["committee"]["accuracy"] - report["full"]["accuracy"]))
+
+
+def test_generate_with_committee_plan_reports_telemetry(tmp_path: Path):
+    text = tmp_path / "calib.py"
+    text.write_text("class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n" * 30)
+    plan = tmp_path / "plan.json"
+    run("committee", "plan", "--out", str(plan), "--budget", "0.5", "--calibration", str(text), "--tokens", "512")
+    members = [set(m) for m in json.loads(plan.read_text())["members"]]
+    payload = json.loads(
+        run("generate", "--committee", str(plan), "--max-new-tokens", "8", "--routing", "--json").stdout
+    )
+    assert 0 < payload["committee"]["served_exactly"] <= 1
+    # Only committee members were routed to (the routing facts are recorded after the committee).
+    for layer, stats in enumerate(payload["routing"]["layers"]):
+        for pair in stats["top_pairs"]:
+            assert {pair["first"], pair["second"]} <= members[layer]

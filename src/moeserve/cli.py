@@ -86,6 +86,7 @@ def generate(
     expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident: a fraction (25%, 0.5) or a size (2GiB); the rest is read from the checkpoint on demand.")] = None,
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory: lru, lfu, fifo, lifo, lrfu (exact: outputs unchanged).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: predict the next layer's experts with its router and load them in the background.")] = False,
+    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members).")] = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -105,6 +106,11 @@ def generate(
             raise MoeserveError("--prefetch and --cache-policy need --expert-memory")
         moe_model = load_model(model, moe=_moe_config(gating, capacity_factor, backend))
         prompt_token_ids(moe_model, prompt, sampling)  # context errors before anything is printed
+        gate = None
+        if committee is not None:
+            from moeserve.memory.committee import CommitteePlan, apply_committee
+
+            gate = apply_committee(moe_model, CommitteePlan.load(committee, moe_model).members_by_layer())
         cache = None
         if expert_memory is not None:
             from moeserve.memory.offload import apply_expert_cache
@@ -140,6 +146,8 @@ def generate(
             payload["routing"] = stats.to_dict()
         if cache is not None:
             payload["expert_cache"] = cache.stats().to_dict()
+        if gate is not None:
+            payload["committee"] = gate.telemetry()
         print(json.dumps(payload))
         return
     sys.stdout.write("\n")
@@ -154,6 +162,8 @@ def generate(
             f"{cache_stats.hit_rate:.3f}, {cache_stats.loads} loads, {cache_stats.bytes_read / 2**20:.1f} MiB read, "
             f"max resident {cache_stats.max_resident_bytes / 2**20:.1f} MiB, {cache_stats.stalled_uses} stalled uses"
         )
+    if gate is not None:
+        console.print(f"committee: gate mass served exactly {gate.telemetry()['served_exactly']:.4f}")
     if stats is not None:
         from moeserve.traces.stats import render_stats_table
 
