@@ -374,6 +374,7 @@ def bench_offload(
     expert_memory: Annotated[str, typer.Option(help="Comma-separated budgets: fractions (25%) or sizes (2GiB).")] = "25%,50%,75%",
     policies: Annotated[str, typer.Option(help="Comma-separated online eviction policies.")] = "lru,lfu,lrfu",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="Prefetch the next layer's experts.")] = False,
+    committee: Annotated[bool, typer.Option("--committee", help="Also run a parameter committee sized to each budget (lossy), calibrated on the stdlib training split.")] = False,
     new_tokens: Annotated[int, typer.Option(help="Greedy tokens per generation.")] = 64,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -390,6 +391,7 @@ def bench_offload(
             [p.strip() for p in policies.split(",") if p.strip()],
             prefetch=prefetch,
             new_tokens=new_tokens,
+            committee=committee,
         )
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)

@@ -18,3 +18,13 @@ def test_offload_bench_rows_are_exact_and_within_budget():
     lru = cached[0]
     assert lru.belady_hit_rate >= lru.hit_rate
     assert result.to_dict()["results"][1]["policy"] == "lru"
+
+
+def test_offload_bench_committee_row_stays_within_budget():
+    result = run_offload_bench(None, ["50%"], ["lru"], new_tokens=8, committee=True, calibration_tokens=512)
+    committee = result.rows[-1]
+    assert committee.policy == "committee"
+    assert committee.max_resident_bytes <= committee.budget_bytes
+    assert committee.served_exactly is not None and 0 < committee.served_exactly <= 1
+    assert 0 <= committee.token_agreement <= 1
+    assert all(row.token_agreement == 1.0 for row in result.rows if row.policy != "committee")

@@ -53,6 +53,10 @@ class OffloadRow:
     stalled_uses: int
     loads: int
     identical_to_resident: bool
+    token_agreement: float
+    """Share of generated positions whose token equals the resident run's (1.0 for exact policies)."""
+    served_exactly: float | None = None
+    """Committee rows: share of routed gate mass served by the expert the router chose."""
 
 
 @dataclass
@@ -87,6 +91,8 @@ def run_offload_bench(
     prefetch: bool = False,
     new_tokens: int = 64,
     prompt: str = DEFAULT_PROMPT,
+    committee: bool = False,
+    calibration_tokens: int = 8192,
 ) -> OffloadBenchResult:
     """Run the baseline and every (budget, policy) configuration; see the module docstring."""
     for policy in policies:
@@ -104,8 +110,9 @@ def run_offload_bench(
     result = OffloadBenchResult(str(model.path), new_tokens, torch.get_num_threads(), expert_bytes)
     result.rows.append(
         OffloadRow("100%", "resident", False, baseline_tps, expert_bytes, expert_bytes, current_rss_bytes(),
-                   None, None, 0, 0, True)
+                   None, None, 0, 0, True, 1.0)
     )
+    calibration = _calibration_tokens(model, calibration_tokens) if committee else None
     for budget in budgets:
         # The LRU run records its step log, so Belady replays exactly the same expert requests.
         cache = apply_expert_cache(model, budget, "lru", record_steps=True)
@@ -131,9 +138,49 @@ def run_offload_bench(
             result.rows.append(
                 OffloadRow(budget, policy, prefetch, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
                            current_rss_bytes(), _rate(stats.hit_rate), belady_hit_rate, stats.stalled_uses,
-                           stats.loads, ids == baseline_ids)
+                           stats.loads, ids == baseline_ids, _agreement(ids, baseline_ids))
             )
+        if calibration is not None:
+            result.rows.append(_committee_row(model, budget, expert_bytes, calibration, prompt, new_tokens, baseline_ids))
     return result
+
+
+def _agreement(ids: list[int], reference: list[int]) -> float:
+    """Share of positions where the two generations agree (teacher-forcing is not used: the
+    first divergence usually changes what follows, so this is a lower bound on per-step agreement)."""
+    if not reference:
+        return 1.0
+    return sum(a == b for a, b in zip(ids, reference, strict=False)) / len(reference)
+
+
+def _calibration_tokens(model, count: int) -> torch.Tensor:
+    from moeserve.models.reference import reference_split_tokens
+
+    return reference_split_tokens(model.tokenizer, held_out=False, max_tokens=count)
+
+
+def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Tensor, prompt: str,
+                   new_tokens: int, baseline_ids: list[int]) -> OffloadRow:
+    """The committee under the same budget: members sized to it, served through the LRU cache."""
+    from moeserve.memory.cache import parse_expert_memory
+    from moeserve.memory.committee import apply_committee, plan_committee, remove_committee
+
+    fraction = parse_expert_memory(budget).resolve(expert_bytes) / expert_bytes
+    plan = plan_committee(model, calibration, fraction)
+    gate = apply_committee(model, plan.members_by_layer())
+    try:
+        cache = apply_expert_cache(model, budget, "lru")
+        try:
+            ids, tokens_per_s = _timed_generation(model, prompt, new_tokens)
+            stats = cache.stats()
+        finally:
+            remove_expert_cache(model, cache)
+        served = float(gate.telemetry()["served_exactly"])
+    finally:
+        remove_committee(model, gate)
+    return OffloadRow(budget, "committee", False, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
+                      current_rss_bytes(), _rate(stats.hit_rate), None, stats.stalled_uses, stats.loads,
+                      ids == baseline_ids, _agreement(ids, baseline_ids), served)
 
 
 def _rate(value: float) -> float | None:
@@ -144,7 +191,7 @@ def _rate(value: float) -> float | None:
 def render_table(result: OffloadBenchResult) -> Table:
     table = Table(title=f"{result.model}: {result.new_tokens} greedy tokens, {result.threads} thread(s)")
     for column in ("budget", "policy", "tokens/s", "max resident MiB", "RSS MiB", "hit rate", "belady",
-                   "stalled uses", "identical"):
+                   "stalled uses", "identical", "agreement"):
         table.add_column(column, justify="right")
     for row in result.rows:
         table.add_row(
@@ -156,6 +203,7 @@ def render_table(result: OffloadBenchResult) -> Table:
             "-" if row.hit_rate is None else f"{row.hit_rate:.3f}",
             "-" if row.belady_hit_rate is None else f"{row.belady_hit_rate:.3f}",
             str(row.stalled_uses),
-            "yes" if row.identical_to_resident else "NO",
+            "yes" if row.identical_to_resident else "no",
+            f"{row.token_agreement:.3f}",
         )
     return table
