@@ -375,6 +375,8 @@ def bench_offload(
     policies: Annotated[str, typer.Option(help="Comma-separated online eviction policies.")] = "lru,lfu,lrfu",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="Prefetch the next layer's experts.")] = False,
     committee: Annotated[bool, typer.Option("--committee", help="Also run a parameter committee sized to each budget (lossy), calibrated on the stdlib training split.")] = False,
+    calibration_tokens: Annotated[int, typer.Option(help="Committee calibration tokens.")] = 8192,
+    large: Annotated[Path | None, typer.Option("--large", help="Use (building it there first if missing) a random-weight Mixtral whose experts take 5.6 GB; overrides MODEL.")] = None,
     new_tokens: Annotated[int, typer.Option(help="Greedy tokens per generation.")] = 64,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -385,6 +387,11 @@ def bench_offload(
 
     try:
         apply_thread_count(threads)
+        if large is not None:
+            from moeserve.models.random_init import build_large_random_model
+
+            with console.status(f"building the 5.6 GB random model in {large} (once)"):
+                model = build_large_random_model(large)
         result = run_offload_bench(
             model,
             [b.strip() for b in expert_memory.split(",") if b.strip()],
@@ -392,6 +399,7 @@ def bench_offload(
             prefetch=prefetch,
             new_tokens=new_tokens,
             committee=committee,
+            calibration_tokens=calibration_tokens,
         )
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)

@@ -107,3 +107,35 @@ def _randomise_router_biases(model: torch.nn.Module) -> None:
         for name, param in model.named_parameters():
             if name.endswith("gate.weight") and torch.count_nonzero(param) == 0:
                 param.normal_(0, 0.5)
+
+
+LARGE_MIXTRAL = {
+    "vocab_size": 4096,
+    "hidden_size": 1024,
+    "intermediate_size": 3584,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 2048,
+}
+"""A Mixtral-architecture model whose routed experts take 5.6 GB in fp32 (8 x 16 x 44 MB)."""
+
+
+def build_large_random_model(folder: Path, seed: int = 0) -> Path:
+    """Save a random-weight Mixtral of ``LARGE_MIXTRAL`` shape with the reference tokenizer.
+
+    For benchmarks of serving a model whose experts exceed a memory budget; its routing is
+    random, not learned. Does nothing if ``folder`` already holds a config.json.
+    """
+    import shutil
+
+    from moeserve.models.loader import REFERENCE_MODEL
+
+    if (folder / "config.json").is_file():
+        return folder
+    save_random_checkpoint("mixtral", folder, seed=seed, **LARGE_MIXTRAL)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REFERENCE_MODEL / name, folder / name)
+    return folder
