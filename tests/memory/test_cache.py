@@ -99,22 +99,6 @@ def cached(model: MoEModel, *args, **kwargs) -> Iterator[tuple[ExpertCache, Expe
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(reference_model) -> list[int]:
-    return reference_model.tokenizer(PROMPT)["input_ids"]
-
-
-@pytest.fixture(scope="module")
-def expected_logits(reference_model, prompt_ids) -> list[torch.Tensor]:
-    return greedy_logits(reference_model, prompt_ids)
-
-
-@pytest.fixture(scope="module")
-def model() -> MoEModel:
-    """A second copy of the reference model that the tests put caches on (and take them off)."""
-    return load_model(load_tokenizer=False)
-
-
-@pytest.fixture(scope="module")
 def mixtral_folder(tmp_path_factory) -> Path:
     from moeserve.models.random_init import save_random_checkpoint
 

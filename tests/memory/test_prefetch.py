@@ -18,7 +18,7 @@ from moeserve.memory.prefetch import PrefetchConfig
 from moeserve.memory.store import ExpertStore
 from moeserve.models.loader import MoEModel, load_model
 from moeserve.moe.types import RouterOutput
-from tests.memory.test_cache import PROMPT, ExpertUses, assert_bit_identical, greedy_logits
+from tests.memory.test_cache import ExpertUses, assert_bit_identical, greedy_logits
 
 INLINE = PrefetchConfig(background=False)
 
@@ -29,26 +29,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def reference_model() -> MoEModel:
-    return load_model()
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(reference_model) -> list[int]:
-    return reference_model.tokenizer(PROMPT)["input_ids"]
-
-
-@pytest.fixture(scope="module")
-def expected_logits(reference_model, prompt_ids) -> list[torch.Tensor]:
-    return greedy_logits(reference_model, prompt_ids)
-
-
-@pytest.fixture(scope="module")
-def model() -> MoEModel:
-    return load_model(load_tokenizer=False)
 
 
 def run(model: MoEModel, prompt_ids: list[int], budget: str, prefetch: bool | PrefetchConfig):

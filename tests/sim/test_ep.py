@@ -22,9 +22,21 @@ SHARED = Path(__file__).resolve().parents[3] / "shared"
 DEEPSEEK_TRACE = SHARED / "traces" / "deepseek-v2-lite-puffin-a.npz"
 
 
-def test_sync_barrier_waits_for_the_slowest_expert_worker() -> None:
-    # One layer, two experts on two workers, top-1: 3 tokens to expert 0, 1 token to expert 1.
+def _two_worker_sync(costs: SimCosts, passes: int):
+    """One layer, two experts on two workers, top-1: 3 tokens to expert 0, 1 token to expert 1."""
     routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)  # [T, L, K]
+    config = EPSimConfig(
+        attention_workers=1,
+        expert_workers=2,
+        mode="sync",
+        tokens_per_attention_worker=4,
+        micro_batches_per_worker=1,
+        passes=passes,
+    )
+    return simulate_ep(routing, num_experts=2, config=config, costs=costs, expert2rank=np.array([[0, 1]]))
+
+
+def test_sync_barrier_waits_for_the_slowest_expert_worker() -> None:
     costs = SimCosts(
         expert_overhead_s=5.0,
         expert_per_token_s=1.0,
@@ -33,15 +45,7 @@ def test_sync_barrier_waits_for_the_slowest_expert_worker() -> None:
         message_latency_s=0.0,
         bytes_per_token=0,
     )
-    config = EPSimConfig(
-        attention_workers=1,
-        expert_workers=2,
-        mode="sync",
-        tokens_per_attention_worker=4,
-        micro_batches_per_worker=1,
-        passes=3,
-    )
-    result = simulate_ep(routing, num_experts=2, config=config, costs=costs, expert2rank=np.array([[0, 1]]))
+    result = _two_worker_sync(costs, passes=3)
     slowest, other = 5.0 + 3 * 1.0, 5.0 + 1 * 1.0
     assert result.makespan_s == pytest.approx(3 * slowest)
     assert result.mean_barrier_wait_s == pytest.approx((slowest - other) / 2)
@@ -51,7 +55,6 @@ def test_sync_barrier_waits_for_the_slowest_expert_worker() -> None:
 
 
 def test_sync_layer_time_is_attention_dispatch_slowest_combine() -> None:
-    routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)  # [T, L, K]
     costs = SimCosts(
         expert_overhead_s=5.0,
         expert_per_token_s=1.0,
@@ -61,15 +64,7 @@ def test_sync_layer_time_is_attention_dispatch_slowest_combine() -> None:
         bandwidth_bytes_per_s=10.0,
         bytes_per_token=10,
     )
-    config = EPSimConfig(
-        attention_workers=1,
-        expert_workers=2,
-        mode="sync",
-        tokens_per_attention_worker=4,
-        micro_batches_per_worker=1,
-        passes=1,
-    )
-    result = simulate_ep(routing, num_experts=2, config=config, costs=costs, expert2rank=np.array([[0, 1]]))
+    result = _two_worker_sync(costs, passes=1)
     attention = 2.0 + 4 * 0.5
     dispatch = 1.0 + 4 * 10 / 10.0  # one sender, 4 assignments on its link
     combine = 1.0 + 3 * 10 / 10.0  # worker 0 sends back 3 assignments
