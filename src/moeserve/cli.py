@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -71,6 +71,31 @@ def _moe_config(gating: str, capacity_factor: float, backend: str):
         _fail(error)
 
 
+def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: str, prefetch: bool,
+                   committee: Path | None, check: Callable[[Any], object] | None = None):
+    """Load a model and apply the memory options shared by generate and serve: (model, cache, committee gate)."""
+    from moeserve.config import ExpertCacheConfig
+    from moeserve.models.loader import load_model
+
+    if expert_memory is None and (prefetch or cache_policy != "lru"):
+        raise MoeserveError("--prefetch and --cache-policy need --expert-memory")
+    moe_model = load_model(model, moe=moe_config)
+    if check is not None:
+        check(moe_model)
+    gate = None
+    if committee is not None:
+        from moeserve.memory.committee import CommitteePlan, apply_committee
+
+        gate = apply_committee(moe_model, CommitteePlan.load(committee, moe_model).members_by_layer())
+    cache = None
+    if expert_memory is not None:
+        from moeserve.memory.offload import apply_expert_cache
+
+        cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy)
+        cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch)
+    return moe_model, cache, gate
+
+
 @app.command()
 def generate(
     model: ModelArg = None,
@@ -91,34 +116,20 @@ def generate(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate text, streaming tokens to the terminal; reports tokens/s and time to first token."""
-    from moeserve.config import ExpertCacheConfig, SamplingConfig
+    from moeserve.config import SamplingConfig
     from moeserve.engine.generate import generate as run_generate
     from moeserve.engine.generate import prompt_token_ids, warm_up
     from moeserve.env import apply_thread_count
-    from moeserve.models.loader import load_model
     from moeserve.traces.record import RoutingRecorder
     from moeserve.traces.stats import trace_stats
 
     try:
         apply_thread_count(threads)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        if expert_memory is None and (prefetch or cache_policy != "lru"):
-            raise MoeserveError("--prefetch and --cache-policy need --expert-memory")
-        moe_model = load_model(model, moe=_moe_config(gating, capacity_factor, backend))
-        prompt_token_ids(moe_model, prompt, sampling)  # context errors before anything is printed
-        gate = None
-        if committee is not None:
-            from moeserve.memory.committee import CommitteePlan, apply_committee
-
-            gate = apply_committee(moe_model, CommitteePlan.load(committee, moe_model).members_by_layer())
-        cache = None
-        if expert_memory is not None:
-            from moeserve.memory.offload import apply_expert_cache
-
-            cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy)
-            cache = apply_expert_cache(
-                moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch
-            )
+        moe_model, cache, gate = _prepare_model(
+            model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
+            check=lambda m: prompt_token_ids(m, prompt, sampling),  # context errors before anything is printed
+        )
         warm_up(moe_model)
         if cache is not None:
             cache.reset_stats()
@@ -191,6 +202,60 @@ def train_tiny(
     quality = figures["quality"]
     console.print(f"held-out perplexity {quality['perplexity']:.2f}, next-token accuracy {quality['accuracy']:.4f}")
     console.print(f"wrote {out}")
+
+
+@app.command()
+def serve(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    served_model_name: Annotated[str | None, typer.Option(help="The name clients send as `model` (default: the model folder's name).")] = None,
+    max_running: Annotated[int, typer.Option(help="Requests decoded together (KV-cache slots).")] = 32,
+    max_waiting: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 429 with Retry-After.")] = 256,
+    max_prefill_tokens: Annotated[int, typer.Option(help="Padded prompt tokens per prefill step.")] = 4096,
+    max_model_len: Annotated[int | None, typer.Option(help="Prompt + completion tokens per request (default: the model's context).")] = None,
+    default_max_tokens: Annotated[int, typer.Option(help="max_tokens for chat requests that set none (capped by the context).")] = 256,
+    gating: Annotated[str, typer.Option(help="dropless or capacity.")] = "dropless",
+    capacity_factor: Annotated[float, typer.Option(help="Slots per expert factor for --gating capacity.")] = 1.25,
+    backend: Annotated[str, typer.Option(help="Experts backend: auto or a registered one (loop, cpu, grouped_mm).")] = "auto",
+    expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident (25%, 0.5, 2GiB); the rest is read from the checkpoint on demand.")] = None,
+    cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory (lru, lfu, fifo, lifo, lrfu).")] = "lru",
+    prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: load the next layer's predicted experts in the background.")] = False,
+    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy).")] = None,
+    threads: ThreadsOpt = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level (critical, error, warning, info, debug).")] = "info",
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+
+    Routes: POST /v1/completions and /v1/chat/completions (stream with "stream": true),
+    GET /v1/models, /health, /metrics (Prometheus: request latencies and MoE expert load,
+    cache and committee metrics). Ctrl-C drains running requests, then exits.
+    """
+    from moeserve.engine.engine import EngineConfig
+    from moeserve.engine.generate import warm_up
+    from moeserve.engine.scheduler import SchedulerConfig
+    from moeserve.env import apply_thread_count
+    from moeserve.server.serve import build_server, run_server
+
+    try:
+        apply_thread_count(threads)
+        moe_model, cache, gate = _prepare_model(
+            model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee
+        )
+        context = int(getattr(moe_model.config, "max_position_embeddings", 0) or 2048)
+        engine_config = EngineConfig(
+            scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens),
+            max_context=max_model_len or context,
+        )
+        server = build_server(moe_model, engine_config, served_model_name, cache=cache, committee=gate,
+                              default_max_tokens_chat=default_max_tokens)
+        warm_up(moe_model)
+    except (MoeserveError, ValueError, KeyError) as error:
+        _fail(error)
+        return
+    console.print(f"[dim]serving {server.config.model_name} ({moe_model.family.model_type}, {moe_model.num_experts} experts, "
+                  f"top-{moe_model.top_k}) on http://{host}:{port}/v1[/]")
+    run_server(server, host, port, log_level)
 
 
 @trace_app.command("record")

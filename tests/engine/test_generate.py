@@ -42,9 +42,9 @@ def test_sampling_is_reproducible_with_a_seed(reference_model):
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     generator = torch.Generator().manual_seed(0)
-    drawn = {sample_next(logits, SamplingConfig(temperature=1.0, top_p=0.7), generator) for _ in range(200)}
+    drawn = {sample_next(logits, 1.0, 0.7, generator) for _ in range(200)}
     assert drawn == {0, 1}  # 0.5 + 0.3 reach 0.7; tokens 2 and 3 are never drawn
-    assert sample_next(logits, SamplingConfig(temperature=0.0), None) == 0
+    assert sample_next(logits, 0.0, 1.0, None) == 0
 
 
 def test_context_overflow_is_a_clear_error(reference_model):

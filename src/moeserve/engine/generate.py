@@ -42,15 +42,15 @@ class GenerationResult:
         return asdict(self)
 
 
-def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """Next token id from logits [V]: argmax at temperature 0, else temperature + top-p sampling."""
-    if sampling.temperature == 0:
+    if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)  # [V]
-    if sampling.top_p < 1.0:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
+    if top_p < 1.0:
         sorted_probs, sorted_ids = torch.sort(probs, descending=True)
         # Keep tokens until the mass before them reaches top_p (the first token always stays).
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
         probs = torch.zeros_like(probs).scatter_(0, sorted_ids[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -139,7 +139,7 @@ def generate(
     first_token_at = start
     while len(new_ids) < sampling.max_new_tokens:
         logits = model.hf_model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]  # [V]
-        token = sample_next(logits, sampling, generator)
+        token = sample_next(logits, sampling.temperature, sampling.top_p, generator)
         if not new_ids:
             first_token_at = time.perf_counter()
         if sampling.stop_at_eos and token == eos:

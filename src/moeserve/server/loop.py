@@ -1,0 +1,106 @@
+"""Runs the engine on its own thread and hands each request's outputs to its asyncio queue.
+
+The HTTP handlers live on the event loop; model steps run on the engine thread (torch releases
+the GIL in its kernels, so the event loop keeps answering while a step computes). Every
+submitted request gets exactly one stream of outputs ending in a finished output — normal
+finish, abort (client gone, shutdown) or a failed model step — so no handler waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from moeserve.engine.engine import Engine, RequestOutput
+from moeserve.engine.request import SamplingParams, new_request_id
+from moeserve.server.metrics import ServerMetrics
+
+
+class EngineLoop:
+    """Owns the engine thread. ``submit`` / ``abort`` are called from the event loop."""
+
+    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.accepting = True
+        self._thread = threading.Thread(target=self._run, name="moeserve-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> tuple[str, asyncio.Queue]:
+        """Queue a request; returns its id and the queue its outputs arrive on.
+
+        Raises QueueFullError, ContextLengthError (from the engine) and RuntimeError when shutting down.
+        """
+        if not self.accepting:
+            raise RuntimeError("the server is shutting down")
+        request_id = new_request_id("cmpl")
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        try:
+            self.engine.add_request(prompt_ids, sampling, request_id)
+        except BaseException:
+            with self._streams_lock:
+                del self._streams[request_id]
+            raise
+        self._wake.set()
+        return request_id, queue
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: RequestOutput, last: bool) -> None:
+        with self._streams_lock:
+            target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if target is not None:
+            loop, queue = target
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:
+                pass  # the event loop is closed: nobody is waiting any more
+
+    def _run(self) -> None:
+        while not self._stopping:
+            if not self.engine.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            outputs = self.engine.step()
+            for output in outputs:
+                if self.metrics is not None:
+                    self.metrics.observe(output)
+                self._deliver(output.request_id, output, output.finished)
+
+    def drain(self, timeout_s: float) -> int:
+        """Stop accepting, let running and waiting requests finish; abort what is left after ``timeout_s``.
+
+        Returns how many requests had to be aborted.
+        """
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self.engine.has_work() and time.monotonic() < deadline and self.alive:
+            time.sleep(0.02)
+        with self._streams_lock:
+            left = list(self._streams)
+        for request_id in left:
+            self.abort(request_id)
+        while self.engine.has_work() and self.alive and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+        return len(left)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)

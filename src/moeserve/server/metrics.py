@@ -1,0 +1,141 @@
+"""Prometheus metrics: request metrics under vLLM's names (``moeserve:`` prefix) and MoE metrics.
+
+Request metrics are observed as engine outputs arrive. MoE metrics are read at scrape time
+from the model (a routing observer counts tokens per expert per layer) and from whichever
+memory features are on: the expert cache's hits, misses and stalled loads, the committee's
+gate mass served exactly. Each server has its own registry, so several can live in one
+process (tests).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from moeserve.engine.engine import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class ExpertLoadCounter:
+    """Routing observer: tokens routed to each expert of each MoE layer, since the server started."""
+
+    def __init__(self, model) -> None:
+        import torch
+
+        self.model = model
+        self.counts = [torch.zeros(layer.experts.num_experts, dtype=torch.long) for layer in model.layers]
+        for layer in model.layers:
+            layer.observers.append(self.observe)
+
+    def observe(self, layer_index: int, routing) -> None:
+        import torch
+
+        ids = routing.topk_ids.reshape(-1).cpu()  # [T*k]
+        self.counts[layer_index] += torch.bincount(ids, minlength=self.counts[layer_index].numel())
+
+    def snapshot(self) -> list[list[int]]:
+        return [counts.tolist() for counts in self.counts]
+
+    def detach(self) -> None:
+        for layer in self.model.layers:
+            if self.observe in layer.observers:
+                layer.observers.remove(self.observe)
+
+
+class MoECollector:
+    """Scrape-time MoE metrics from the load counter, expert cache and committee, where present."""
+
+    def __init__(self, loads: ExpertLoadCounter | None, cache: Any = None, committee: Any = None) -> None:
+        self.loads = loads
+        self.cache = cache
+        self.committee = committee
+
+    def collect(self) -> Iterator[Metric]:
+        if self.loads is not None:
+            load = CounterMetricFamily("moeserve:expert_load_tokens", "Tokens routed to each expert", labels=["layer", "expert"])
+            balance = GaugeMetricFamily(
+                "moeserve:expert_balancedness", "Mean over max tokens per expert of each MoE layer since start (1 = even)",
+                labels=["layer"],
+            )
+            for layer, counts in enumerate(self.loads.snapshot()):
+                for expert, tokens in enumerate(counts):
+                    load.add_metric([str(layer), str(expert)], tokens)
+                busiest = max(counts)
+                balance.add_metric([str(layer)], (sum(counts) / len(counts)) / busiest if busiest else 1.0)
+            yield load
+            yield balance
+        if self.cache is not None:
+            stats = self.cache.stats()
+            for name, value, text in (
+                ("hits", stats.hits, "Expert uses found resident"),
+                ("misses", stats.misses, "Expert uses that waited for a load"),
+                ("loads", stats.loads, "Experts read from the checkpoint"),
+                ("stalled_loads", stats.stalled_uses, "Expert uses stalled on a load"),
+            ):
+                yield CounterMetricFamily(f"moeserve:expert_cache_{name}", text, value=value)
+            yield GaugeMetricFamily("moeserve:expert_cache_resident_bytes", "Expert bytes resident", value=stats.resident_bytes)
+            yield GaugeMetricFamily("moeserve:expert_cache_budget_bytes", "Expert memory budget", value=stats.budget_bytes)
+        if self.committee is not None:
+            telemetry = self.committee.telemetry()
+            served = GaugeMetricFamily(
+                "moeserve:committee_gate_mass_served_exactly", "Share of routed gate mass served by resident experts",
+                labels=["layer"],
+            )
+            for layer, values in telemetry["layers"].items():
+                served.add_metric([str(layer)], values["served_exactly"])
+            served.add_metric(["all"], telemetry["served_exactly"])
+            yield served
+
+
+class ServerMetrics:
+    """The server's registry, fed with engine outputs by the engine loop."""
+
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], moe: MoECollector | None = None) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes etc.
+        Gauge("moeserve:num_requests_running", "Requests in the running batch", registry=self.registry).set_function(running)
+        Gauge("moeserve:num_requests_waiting", "Requests waiting for a slot", registry=self.registry).set_function(waiting)
+        self.time_to_first_token = Histogram(
+            "moeserve:time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=self.registry
+        )
+        self.inter_token_latency = Histogram(
+            "moeserve:inter_token_latency_seconds", "Time between consecutive tokens of a request",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.e2e_latency = Histogram(
+            "moeserve:e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=self.registry
+        )
+        self.prompt_tokens = Counter("moeserve:prompt_tokens", "Prompt tokens of finished requests", registry=self.registry)
+        self.generation_tokens = Counter("moeserve:generation_tokens", "Generated tokens", registry=self.registry)
+        self.request_success = Counter(
+            "moeserve:request_success", "Finished requests by finish reason", ["finished_reason"], registry=self.registry
+        )
+        self.rejected = Counter("moeserve:request_rejected", "Requests refused with a 4xx or 429", ["status"],
+                                registry=self.registry)
+        if moe is not None:
+            self.registry.register(moe)
+        self._last_token_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, output: RequestOutput) -> None:
+        """Account one engine output (called on the engine thread)."""
+        with self._lock:
+            if output.token_ids:
+                self.generation_tokens.inc(len(output.token_ids))
+                previous = self._last_token_at.get(output.request_id)
+                if previous is None and output.first_token_time is not None:
+                    self.time_to_first_token.observe(output.first_token_time - output.arrival_time)
+                elif previous is not None:
+                    self.inter_token_latency.observe(output.now - previous)
+                self._last_token_at[output.request_id] = output.now
+            if output.finished:
+                self._last_token_at.pop(output.request_id, None)
+                self.e2e_latency.observe(output.now - output.arrival_time)
+                self.prompt_tokens.inc(output.prompt_tokens)
+                self.request_success.labels(finished_reason=output.finish_reason or "unknown").inc()

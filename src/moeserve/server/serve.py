@@ -1,0 +1,65 @@
+"""Wire a loaded model into a server: engine, metrics, engine loop, FastAPI app; run it with uvicorn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+
+from moeserve.engine.engine import EngineConfig, build_engine
+from moeserve.models.loader import MoEModel
+from moeserve.server.app import ServerConfig, create_app
+from moeserve.server.loop import EngineLoop
+from moeserve.server.metrics import ExpertLoadCounter, MoECollector, ServerMetrics
+
+
+@dataclass
+class Server:
+    """The parts of one server; ``app`` is what uvicorn (or a test client) runs."""
+
+    app: FastAPI
+    loop: EngineLoop
+    metrics: ServerMetrics
+    config: ServerConfig
+
+
+def build_server(
+    model: MoEModel,
+    engine_config: EngineConfig | None = None,
+    model_name: str | None = None,
+    cache: Any = None,
+    committee: Any = None,
+    default_max_tokens_chat: int = 256,
+    drain_timeout_s: float = 30.0,
+) -> Server:
+    """A server for ``model`` (with its expert cache / committee, if applied, for their metrics)."""
+    engine = build_engine(model, engine_config)
+    loads = ExpertLoadCounter(model)
+    metrics = ServerMetrics(
+        running=lambda: engine.num_running,
+        waiting=lambda: engine.num_waiting,
+        moe=MoECollector(loads, cache, committee),
+    )
+    loop = EngineLoop(engine, metrics)
+    config = ServerConfig(
+        model_name=model_name or model.name,
+        max_context=engine.config.max_context,
+        vocab_size=int(model.config.vocab_size),
+        default_max_tokens_chat=default_max_tokens_chat,
+        drain_timeout_s=drain_timeout_s,
+    )
+    return Server(create_app(loop, model.tokenizer, config, metrics), loop, metrics, config)
+
+
+def run_server(server: Server, host: str, port: int, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM; running requests drain before the process exits."""
+    import uvicorn
+
+    uvicorn.run(
+        server.app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=int(server.config.drain_timeout_s) + 5,
+    )
