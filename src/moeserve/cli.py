@@ -387,6 +387,109 @@ def bench_cache(
     _emit(as_json, lambda: result.to_dict(), lambda: render_table(result))
 
 
+@bench_app.command("serve")
+def bench_serve(
+    url: Annotated[list[str] | None, typer.Option("--url", help="A running OpenAI-compatible server (repeat to compare several).")] = None,
+    model_name: Annotated[str | None, typer.Option(help="`model` to send to --url servers (default: the first of its /v1/models).")] = None,
+    launch: Annotated[str | None, typer.Option(help="Start these servers one after another and load each: moeserve, transformers (`transformers serve --continuous-batching`), comma-separated.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model folder for --launch (default: the reference model).")] = None,
+    requests: Annotated[int, typer.Option(help="Measured requests per server.")] = 100,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 16,
+    request_rate: Annotated[float | None, typer.Option(help="Poisson arrivals at this many requests/s (default: as fast as --concurrency allows).")] = None,
+    prompt_chars: Annotated[int, typer.Option(help="Median prompt length in characters (log-normal spread).")] = 600,
+    max_tokens: Annotated[int, typer.Option(help="Median max_tokens (log-normal spread).")] = 64,
+    ignore_eos: Annotated[bool, typer.Option(help="Send ignore_eos (vLLM's extension) so every request generates max_tokens; transformers serve refuses it.")] = False,
+    malformed: Annotated[int, typer.Option(help="Malformed requests to mix in; each must get a 4xx.")] = 0,
+    warmup: Annotated[int, typer.Option(help="Sequential warm-up requests before measuring.")] = 4,
+    corpus: Annotated[Path | None, typer.Option(help="A text file to cut prompts from besides the Python standard library sources (e.g. ../shared/corpora/tinyshakespeare.txt).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads of each launched server (MOESERVE_NUM_THREADS / OMP_NUM_THREADS).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of prompt choice, lengths and arrivals.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load-test OpenAI-compatible servers with streaming completions cut from real text.
+
+    Reports output-token throughput and TTFT / TPOT / ITL / end-to-end latency percentiles per
+    server, errors by status, /health failures during the run, and the server's resident memory
+    after warm-up and at the end (when it exports process_resident_memory_bytes). With several
+    servers, each gets the same prompts, one server at a time, and ratios to the first are shown.
+    """
+    import asyncio
+
+    import httpx
+
+    from moeserve.bench.serve import (
+        LoadConfig,
+        default_text_files,
+        launch_server,
+        make_prompts,
+        report_row,
+        run_load,
+    )
+    from moeserve.models.loader import resolve_model_path
+
+    try:
+        config = LoadConfig(requests=requests, concurrency=concurrency, request_rate=request_rate,
+                            prompt_chars_median=prompt_chars, max_tokens_median=max_tokens, ignore_eos=ignore_eos,
+                            malformed=malformed, warmup=warmup, seed=seed)
+        kinds = [k.strip() for k in launch.split(",") if k.strip()] if launch else []
+        if not url and not kinds:
+            raise MoeserveError("give --url of a running server, or --launch moeserve[,transformers]")
+        specs = make_prompts(default_text_files(corpus), config, config.warmup + config.requests)
+        results: dict[str, dict] = {}
+        for target in url or []:
+            name = model_name
+            if name is None:
+                listed = httpx.get(target.rstrip("/") + "/v1/models", timeout=30).json()
+                name = listed["data"][0]["id"]
+            results[target] = asyncio.run(run_load(target, name, specs, config))
+        model_path = resolve_model_path(model)
+        for kind in kinds:
+            if not as_json:
+                console.print(f"[dim]starting {kind} server ...[/]")
+            with launch_server(kind, model_path, threads) as server:
+                results[kind] = asyncio.run(run_load(server.url, server.model_name, specs, config))
+    except (MoeserveError, ValueError, httpx.HTTPError) as error:
+        _fail(error)
+        return
+    names = list(results)
+    first = results[names[0]]
+    ratios = {
+        name: {
+            "output_throughput": result["output_throughput_tokens_per_s"] / first["output_throughput_tokens_per_s"]
+            if first["output_throughput_tokens_per_s"] else None,
+            "ttft_p50": result["ttft_s"]["p50"] / first["ttft_s"]["p50"]
+            if first["ttft_s"]["p50"] and result["ttft_s"]["p50"] is not None else None,
+        }
+        for name, result in results.items()
+    }
+
+    def table():
+        from rich.console import Group
+        from rich.table import Table
+
+        rows = [report_row(name, result) for name, result in results.items()]
+        grid = Table(title=f"bench serve: {requests} requests, concurrency {concurrency}"
+                     + (f", {request_rate}/s" if request_rate else "") + " (latencies in ms)")
+        for column in rows[0]:
+            grid.add_column(column, justify="left" if column == "server" else "right")
+        for row in rows:
+            grid.add_row(*[f"{v:.1f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in row.values()])
+        lines = []
+        for name, result in results.items():
+            rss = result["server_rss_bytes"]
+            growth = f"{rss['growth_fraction'] * 100:+.1f}%" if rss["growth_fraction"] is not None else "n/a"
+            ratio = ratios[name]["output_throughput"]
+            lines.append(
+                f"{name}: 5xx {result['server_errors_5xx']}, errors {result['errors_by_status'] or 0}, malformed 4xx "
+                f"{result['malformed']['answered_4xx']}/{result['malformed']['sent']}, /health failures "
+                f"{result['health_checks']['failed']}/{result['health_checks']['count']}, server RSS growth {growth}"
+                + (f", throughput x{ratio:.2f} of {names[0]}" if ratio is not None and name != names[0] else "")
+            )
+        return Group(grid, *lines)
+
+    _emit(as_json, lambda: {"config": {**config.__dict__}, "results": results, "ratios_to_first": ratios}, table)
+
+
 @app.command("placement")
 def placement(
     trace: Annotated[Path, typer.Option("--trace", help="A moeserve-trace/1 file whose routing predicts expert loads.")],
@@ -544,6 +647,37 @@ def serverless_export(
                   f"see {result.readme} to deploy")
 
 
+@serverless_app.command("run")
+def serverless_run(
+    plan: Annotated[Path, typer.Argument(help="Plan JSON (the output of `serverless plan --json`, or a saved plan file).")],
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint whose experts (and, without --trace, routing) to use. Default: the reference model for a tiny-moe plan, else random weights of the plan's shapes.")] = None,
+    trace: Annotated[Path | None, typer.Option("--trace", help="A moeserve-trace/1 file whose routing the gate replays (inputs random).")] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens", help="Tokens to replay (default: 4 batches).")] = None,
+    layers: Annotated[int | None, typer.Option("--layers", help="Run only the plan's first N MoE layers (host memory).")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help="Tokens per batch (default: the plan's).")] = None,
+    timeout: Annotated[float, typer.Option(help="Invocation timeout in seconds (<= 900).")] = 60.0,
+    concurrency: Annotated[int | None, typer.Option(help="Concurrent invocations allowed (default: the account limit in the price file).")] = None,
+    network: Annotated[str, typer.Option(help="modelled (the gate waits the cost model's transfer times) or none.")] = "modelled",
+    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Time a real expert here for the prediction (else the plan's recorded calibration).")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of random inputs and weights.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a plan on local worker processes emulating Lambda; measured bill and throughput vs the cost model."""
+    from moeserve.serverless.emulator import EmulatorConfig, emulate_plan
+
+    try:
+        config = EmulatorConfig(timeout_s=timeout, concurrency_limit=concurrency, network=network)
+        report = emulate_plan(plan, model, trace, tokens=tokens, layers=layers, batch_tokens=batch_tokens,
+                              config=config, calibrate_here=calibrate_here, seed=seed)
+    except (MoeserveError, ValueError, KeyError, OSError) as error:
+        _fail(error)
+        return
+    _emit(as_json, lambda: report.to_dict(), lambda: report.render_table())
+    if not as_json:
+        for note in report.notes():
+            console.print(f"[dim]- {note}[/]")
+
+
 def _committee_tokens(model, text: Path | None, held_out: bool, max_tokens: int):
     """Tokens of ``text``, or of the reference model's stdlib split (train or held-out) when None."""
     import torch
@@ -631,6 +765,57 @@ def committee_eval(
         f"({payload['accuracy_change_pp']:+.2f} pp), perplexity {full.perplexity:.2f} -> {lossy.perplexity:.2f}, "
         f"gate mass served exactly {telemetry['served_exactly']:.4f}"
     )
+
+
+@bench_app.command("ep")
+def bench_ep(
+    trace: Annotated[Path | None, typer.Option("--trace", help="Replay this moeserve-trace/1 file's routing through random-weight experts (e.g. ../shared/traces/deepseek-v2-lite-puffin-a.npz).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint to serve when no --trace (default: the reference model).")] = None,
+    expert_parallel: Annotated[int, typer.Option("--expert-parallel", help="Processes in all: 1 attention worker + N-1 expert workers (gloo on CPU).")] = 2,
+    mode: Annotated[str, typer.Option(help="sync (barrier all-to-all per layer), async (mu-queues + layer scheduler) or both (same processes, one after the other).")] = "both",
+    requests: Annotated[int, typer.Option(help="Requests decoded together.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 16,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per request.")] = 16,
+    micro_batches: Annotated[int, typer.Option(help="async: micro-batches the requests are split into.")] = 2,
+    scheduler: Annotated[str, typer.Option(help="async layer scheduler: defrag, flfs, max-batch.")] = "defrag",
+    hold_tokens_per_expert: Annotated[float, typer.Option(help="async: hold a layer until it has this many rows per held expert ...")] = 0.0,
+    flush_after_ms: Annotated[float, typer.Option(help="async: ... or its oldest entry waited this long (ms).")] = 2.0,
+    repeats: Annotated[int, typer.Option(help="Launches; figures are medians over them.")] = 2,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Real expert parallelism over local processes: sync vs async throughput, latency, barrier wait, mu-queues."""
+    from moeserve.bench.ep import render_table, run_ep_bench
+    from moeserve.ep.config import MODES, EPConfig
+    from moeserve.env import read_environment
+
+    if mode not in (*MODES, "both"):
+        _fail(MoeserveError(f"--mode must be sync, async or both, got {mode!r}"))
+    if trace is not None and model is not None:
+        _fail(MoeserveError("give --trace or --model, not both"))
+    if trace is not None and not trace.is_file():
+        _fail(MoeserveError(f"{trace}: no such file"))
+    try:
+        chosen_threads = threads if threads is not None else (read_environment().num_threads or 1)
+        config = EPConfig(
+            processes=expert_parallel,
+            modes=MODES if mode == "both" else (mode,),
+            model=None if model is None else str(model),
+            trace=None if trace is None else str(trace),
+            requests=requests,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            micro_batches=micro_batches,
+            scheduler=scheduler,
+            hold_tokens_per_expert=hold_tokens_per_expert,
+            flush_after_s=flush_after_ms / 1e3,
+            threads=chosen_threads,
+        )
+        result = run_ep_bench(config, repeats)
+    except (MoeserveError, ValueError, KeyError) as error:
+        _fail(error)
+        return
+    _emit(as_json, lambda: result.to_dict(), lambda: render_table(result))
 
 
 @simulate_app.command("ep")

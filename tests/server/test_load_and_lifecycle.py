@@ -1,0 +1,83 @@
+"""Queue limits, client disconnects and shutdown draining, on live servers with small limits."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import httpx
+
+from moeserve.engine.engine import EngineConfig
+from moeserve.engine.scheduler import SchedulerConfig
+
+LONG = {"model": "tiny-moe", "prompt": "def f(", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+
+
+def _gauge(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)", text, re.MULTILINE))
+
+
+def test_a_full_queue_answers_429_with_retry_after(server_model, start_server):
+    config = EngineConfig(SchedulerConfig(max_running=1, max_waiting=1), max_context=512)
+    with start_server(server_model, config) as (url, _):
+        results: list[httpx.Response] = []
+
+        def send():
+            results.append(httpx.post(f"{url}/v1/completions", json=LONG, timeout=120))
+
+        threads = [threading.Thread(target=send) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        statuses = sorted(r.status_code for r in results)
+        refused = [r for r in results if r.status_code == 429]
+        assert 200 in statuses and refused, statuses
+        assert set(statuses) <= {200, 429}
+        assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error" for r in refused)
+        assert all(r.json()["usage"]["completion_tokens"] == 300 for r in results if r.status_code == 200)
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_slot(server_model, start_server):
+    config = EngineConfig(SchedulerConfig(max_running=1, max_waiting=4), max_context=2048)
+    with start_server(server_model, config) as (url, _):
+        body = {**LONG, "max_tokens": 2000, "stream": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            received = [line for line in (next(lines) for _ in range(6)) if line.startswith("data:")]
+            assert received and json.loads(received[0][5:])["choices"][0]["text"] is not None
+        # The stream was closed after a few tokens: the request must be aborted, not run to 2000 tokens.
+        deadline = time.monotonic() + 30
+        while _gauge(url, 'moeserve:request_success_total') < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = httpx.get(f"{url}/metrics").text
+        assert re.search(r'^moeserve:request_success_total\{finished_reason="abort"\} 1\.0', text, re.MULTILINE)
+        assert _gauge(url, "moeserve:num_requests_running") == 0
+        assert _gauge(url, "moeserve:generation_tokens_total") < 2000
+        # The freed slot serves the next request.
+        reply = httpx.post(f"{url}/v1/completions", json={**LONG, "max_tokens": 5}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
+
+
+def test_shutdown_drains_running_requests(server_model, start_server):
+    config = EngineConfig(SchedulerConfig(max_running=2, max_waiting=4), max_context=512)
+    results: list[httpx.Response] = []
+    with start_server(server_model, config) as (url, server):
+        def send():
+            results.append(httpx.post(f"{url}/v1/completions", json=LONG, timeout=120))
+
+        threads = [threading.Thread(target=send) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while server.loop.engine.num_running < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+        # Leaving the block asks uvicorn to exit while both requests are mid-generation.
+    for thread in threads:
+        thread.join()
+    assert [r.status_code for r in results] == [200, 200]
+    assert all(r.json()["usage"]["completion_tokens"] == 300 for r in results)
