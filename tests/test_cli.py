@@ -93,3 +93,54 @@ def test_generate_with_committee_plan_reports_telemetry(tmp_path: Path):
     for layer, stats in enumerate(payload["routing"]["layers"]):
         for pair in stats["top_pairs"]:
             assert {pair["first"], pair["second"]} <= members[layer]
+
+
+def test_serve_then_bench_serve_against_it_then_sigterm_drains():
+    import signal
+    import time
+
+    import httpx
+
+    from moeserve.bench.serve import free_port
+
+    port = free_port()
+    server = subprocess.Popen([*MOESERVE, "serve", "--port", str(port), "--threads", "1", "--log-level", "warning"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        bench = json.loads(run("bench", "serve", "--url", url, "--requests", "6", "--concurrency", "3",
+                               "--max-tokens", "6", "--prompt-chars", "120", "--malformed", "3", "--json").stdout)
+        result = bench["results"][url]
+        assert result["completed"] == 6 and result["malformed"]["answered_4xx"] == 3
+        assert result["output_throughput_tokens_per_s"] > 0
+        # A long request in flight when SIGTERM arrives still completes: shutdown drains.
+        body = {"model": "tiny-moe", "prompt": "def f(", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        import threading
+
+        replies: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: replies.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120)))
+        sender.start()
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        sender.join()
+        assert replies[0].status_code == 200 and replies[0].json()["usage"]["completion_tokens"] == 200
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_bench_serve_needs_a_target():
+    result = run("bench", "serve", check=False)
+    assert result.returncode != 0 and "--url" in result.stderr
