@@ -1,0 +1,149 @@
+"""One emulated Lambda execution environment: a process that runs the deployed expert handler.
+
+Started by :mod:`moeserve.serverless.emulator` as ``python -m moeserve.serverless.function_worker``
+with the environment the exported SAM template would give the function (``MOESERVE_EXPERTS``,
+``MOESERVE_WEIGHTS_PATH``) and one BLAS thread. It imports only the standard library, numpy
+and :mod:`moeserve.serverless.handler_template` -- the very handler ``serverless export``
+packages -- so its start-up time and resident memory are those of the deployed package, not of
+moeserve (no torch).
+
+Protocol (stdin -> requests, stdout -> replies; each message a frame: two big-endian uint32
+lengths, a JSON header of the first length, a body of the second):
+
+1. On start it loads its weights through ``handler_template.current_weights()`` (the INIT
+   phase) and replies ``{"ready": true, "load_s": seconds spent loading}``.
+2. Each request header is ``{"vcpus": v, "get_s": s, "put_s": s, "input_path": ...,
+   "output_path": ...}`` with the Lambda event (JSON bytes) as body. Direct channel: the body is
+   the event ``handler_template.handle`` takes. Object-store channel (``input_path`` set): the
+   event names no ``x``; the worker reads the raw float32 rows from ``input_path`` (the
+   object's GET), writes the raw output to ``output_path`` (the PUT), and sleeps ``get_s`` and
+   ``put_s`` beside them -- S3 latency and bandwidth are modelled, a local file is not S3.
+3. The reply header is ``{"wall_s", "cpu_s", "experts_cpu_s", "io_s", "throttle_s"}`` (and
+   ``"error"``, ``"message"`` when the handler raised), the body the handler's JSON response.
+   ``experts_cpu_s`` is the CPU time inside ``handler_template.run_experts`` (the expert
+   matmuls); the rest of ``cpu_s`` is decoding the event and encoding the response.
+
+Requests also carry ``"limit"``, the payload limit in bytes the handler enforces on a
+direct-channel response.
+
+CPU share: a function with ``v < 1`` vCPU is throttled by a duty cycle: after the handler's
+computation, the worker sleeps until ``wall >= cpu / v``, so it gets at most a ``v`` share of a
+core over the invocation, as Lambda's CPU quota gives. The sleep comes after the work, not
+interleaved with it (Lambda throttles within its quota periods), which changes when the work
+happens, not how long the invocation takes. The emulator bills ``cpu / v`` from the reported
+CPU time (``emulator.handler_duration_s``), so a host busier than the share leaves the bill
+alone. Shares of 1 vCPU or more get one thread here (this host cannot give each function its
+own cores); the emulator scales their duration by the modelled speedup.
+
+It knows nothing of plans, prices or billing; the emulator measures and bills.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import sys
+import time
+from typing import Any, BinaryIO
+
+_FRAME = struct.Struct(">II")
+
+
+def read_frame(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
+    """One (header, body) frame from ``stream``; None at end of stream."""
+    prefix = stream.read(_FRAME.size)
+    if len(prefix) < _FRAME.size:
+        return None
+    header_length, body_length = _FRAME.unpack(prefix)
+    header = json.loads(stream.read(header_length)) if header_length else {}
+    body = stream.read(body_length) if body_length else b""
+    return header, body
+
+
+def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
+    """The bytes of one frame (see the module docstring)."""
+    encoded = json.dumps(header).encode()
+    return _FRAME.pack(len(encoded), len(body)) + encoded + body
+
+
+class _ExpertsTimer:
+    """Wraps ``handler_template.run_experts`` to add up its CPU time (instrumentation, like a tracing span)."""
+
+    def __init__(self, run_experts: Any) -> None:
+        self.run_experts = run_experts
+        self.cpu_s = 0.0
+
+    def __call__(self, *args: Any) -> Any:
+        start = time.thread_time()
+        try:
+            return self.run_experts(*args)
+        finally:
+            self.cpu_s += time.thread_time() - start
+
+
+def _serve(
+    request: dict[str, Any], body: bytes, weights: Any, handler: Any, timer: _ExpertsTimer
+) -> tuple[dict[str, Any], bytes]:
+    start, cpu_start = time.perf_counter(), time.thread_time()
+    timer.cpu_s = 0.0
+    io_seconds = 0.0
+    reply: dict[str, Any] = {}
+    response = b""
+    try:
+        event = json.loads(body)
+        if request.get("input_path"):
+            with open(request["input_path"], "rb") as handle:
+                raw = handle.read()
+            time.sleep(request["get_s"])
+            io_seconds += request["get_s"]
+            inner = dict(event, x=base64.b64encode(raw).decode("ascii"))
+            result = handler.handle(inner, weights, limit=2**62)
+            with open(request["output_path"], "wb") as handle:
+                handle.write(base64.b64decode(result.pop("y")))
+            time.sleep(request["put_s"])
+            io_seconds += request["put_s"]
+            result["output_key"] = request["output_path"]
+            response = json.dumps(result).encode()
+        else:
+            response = json.dumps(handler.handle(event, weights, limit=request["limit"])).encode()
+    except Exception as error:  # noqa: BLE001 - any handler failure is the invocation's error, as Lambda reports it
+        reply = {"error": type(error).__name__, "message": str(error)}
+        response = b""
+    cpu = time.thread_time() - cpu_start
+    busy_wall = time.perf_counter() - start - io_seconds
+    throttle = 0.0
+    vcpus = float(request["vcpus"])
+    if vcpus < 1.0 and cpu / vcpus > busy_wall:
+        throttle = cpu / vcpus - busy_wall
+        time.sleep(throttle)
+    reply.update(
+        wall_s=time.perf_counter() - start,
+        cpu_s=cpu,
+        experts_cpu_s=timer.cpu_s,
+        io_s=io_seconds,
+        throttle_s=throttle,
+    )
+    return reply, response
+
+
+def main() -> None:
+    """Run the INIT phase, then serve requests from stdin until it closes."""
+    load_start = time.perf_counter()
+    from moeserve.serverless import handler_template
+
+    weights = handler_template.current_weights()
+    timer = _ExpertsTimer(handler_template.run_experts)
+    # handle() looks run_experts up in its module at call time, so the timer sees every call.
+    handler_template.run_experts = timer  # type: ignore[assignment]
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout.write(frame({"ready": True, "load_s": time.perf_counter() - load_start}))
+    stdout.flush()
+    while (message := read_frame(stdin)) is not None:
+        header, response = _serve(*message, weights, handler_template, timer)
+        stdout.write(frame(header, response))
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
