@@ -31,7 +31,7 @@ import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -225,13 +225,21 @@ async def _one_malformed(client: httpx.AsyncClient, url: str, model: str, index:
         return name, 0
 
 
-async def _poll_health(client: httpx.AsyncClient, url: str, stop: asyncio.Event, results: list[int]) -> None:
+async def _poll_health(client: httpx.AsyncClient, url: str, stop: asyncio.Event, results: list[int],
+                       rss: list[float]) -> None:
+    """``/health`` every 0.5 s; the server's RSS from ``/metrics`` every 5 s (when it exports it)."""
+    polls = 0
     while not stop.is_set():
         try:
             response = await client.get(f"{url}/health", timeout=10)
             results.append(response.status_code)
         except httpx.HTTPError:
             results.append(0)
+        polls += 1
+        if polls % 10 == 0:
+            sample = await _server_rss(client, url)
+            if sample is not None:
+                rss.append(sample)
         try:
             await asyncio.wait_for(stop.wait(), timeout=0.5)
         except TimeoutError:
@@ -249,8 +257,9 @@ async def run_load(url: str, model: str, specs: list[PromptSpec], config: LoadCo
         measured = specs[config.warmup :]
         rss_start = await _server_rss(client, url)
         health: list[int] = []
+        rss_samples: list[float] = []
         stop = asyncio.Event()
-        health_task = asyncio.create_task(_poll_health(client, url, stop, health))
+        health_task = asyncio.create_task(_poll_health(client, url, stop, health, rss_samples))
         semaphore = asyncio.Semaphore(config.concurrency)
         rng = random.Random(config.seed + 7)
 
@@ -280,11 +289,11 @@ async def run_load(url: str, model: str, specs: list[PromptSpec], config: LoadCo
         stop.set()
         await health_task
         rss_end = await _server_rss(client, url)
-    return summarise(records, wall, bad_results, health, rss_start, rss_end)
+    return summarise(records, wall, bad_results, health, rss_start, rss_end, rss_samples)
 
 
 def summarise(records: list[RequestRecord], wall_s: float, malformed: list[tuple[str, int]], health: list[int],
-              rss_start: float | None, rss_end: float | None) -> dict[str, Any]:
+              rss_start: float | None, rss_end: float | None, rss_samples: list[float]) -> dict[str, Any]:
     ok = [r for r in records if r.ok]
     output_tokens = sum(r.output_tokens for r in ok)
     statuses: dict[str, int] = {}
@@ -318,7 +327,10 @@ def summarise(records: list[RequestRecord], wall_s: float, malformed: list[tuple
         "server_rss_bytes": {
             "after_warmup": rss_start,
             "end": rss_end,
+            "max": max([*rss_samples, rss_end]) if rss_end is not None else None,
             "growth_fraction": (rss_end - rss_start) / rss_start if rss_start and rss_end else None,
+            "max_growth_fraction": (max([*rss_samples, rss_end]) - rss_start) / rss_start if rss_start and rss_end else None,
+            "samples": rss_samples,
         },
         "first_errors": [r.error for r in records if r.error][:3],
     }
@@ -413,5 +425,26 @@ def report_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def to_dict(config: LoadConfig) -> dict[str, Any]:
-    return asdict(config)
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median output throughput, with every round's throughput and TTFT p50 attached."""
+    ordered = sorted(runs, key=lambda r: r["output_throughput_tokens_per_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rounds"] = {
+        "output_throughput_tokens_per_s": [r["output_throughput_tokens_per_s"] for r in runs],
+        "ttft_p50_s": [r["ttft_s"]["p50"] for r in runs],
+    }
+    return chosen
+
+
+def ratios_to(base: dict[str, Any], other: dict[str, Any]) -> dict[str, float | None]:
+    """``other`` over ``base``: output throughput and median TTFT (medians over rounds)."""
+
+    def median(values: list[float | None]) -> float | None:
+        present = sorted(v for v in values if v is not None)
+        return present[(len(present) - 1) // 2] if present else None
+
+    def ratio(key: str) -> float | None:
+        top, bottom = median(other["rounds"][key]), median(base["rounds"][key])
+        return top / bottom if top is not None and bottom else None
+
+    return {"output_throughput": ratio("output_throughput_tokens_per_s"), "ttft_p50": ratio("ttft_p50_s")}

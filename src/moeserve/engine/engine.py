@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from moeserve.engine.request import Request, RequestStatus, SamplingParams, new_request_id
@@ -24,6 +24,9 @@ log = logging.getLogger("moeserve.engine")
 
 class ContextLengthError(MoeserveError):
     """Prompt plus max_tokens does not fit the model's context."""
+
+
+DEFAULT_MAX_CONTEXT = 4096
 
 
 class Runner(Protocol):
@@ -41,11 +44,12 @@ class EngineConfig:
     """Capacity and limits of one engine."""
 
     scheduler: SchedulerConfig = SchedulerConfig()
-    max_context: int = 2048
-    """Prompt + generated tokens per request (the KV slot size)."""
+    max_context: int | None = None
+    """Prompt + generated tokens per request (the KV slot size). None: the model's context,
+    at most ``DEFAULT_MAX_CONTEXT`` (every slot preallocates this many positions)."""
 
     def __post_init__(self) -> None:
-        if self.max_context < 2:
+        if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
 
 
@@ -104,6 +108,9 @@ class Engine:
     """Continuous batching over one model runner."""
 
     def __init__(self, runner: Runner, tokenizer, config: EngineConfig, eos_token_id: int | None) -> None:
+        if config.max_context is None:
+            raise ValueError("resolve EngineConfig.max_context before building an Engine (build_engine does)")
+        self.max_context: int = config.max_context
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
@@ -120,9 +127,9 @@ class Engine:
         if not prompt_ids:
             raise MoeserveError("the prompt has no tokens")
         total = len(prompt_ids) + sampling.max_tokens
-        if total > self.config.max_context:
+        if total > self.max_context:
             raise ContextLengthError(
-                f"this model's maximum context length is {self.config.max_context} tokens, but "
+                f"this model's maximum context length is {self.max_context} tokens, but "
                 f"{total} were requested ({len(prompt_ids)} in the prompt, {sampling.max_tokens} for the completion)"
             )
         request = Request(request_id or new_request_id(), list(prompt_ids), sampling)
@@ -244,7 +251,10 @@ def build_engine(model, config: EngineConfig | None = None) -> Engine:
     if model.tokenizer is None:
         raise MoeserveError(f"{model.path} has no tokenizer files (tokenizer.json); cannot serve text")
     model_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    config = config or EngineConfig(max_context=model_context or 2048)
+    config = config or EngineConfig()
+    if config.max_context is None:
+        config = replace(config, max_context=min(model_context or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT))
+    assert config.max_context is not None
     if model_context and config.max_context > model_context:
         raise MoeserveError(f"max_context {config.max_context} exceeds the model's context of {model_context} tokens")
     runner = ModelRunner(model, config.scheduler.max_running, config.max_context)

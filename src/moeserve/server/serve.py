@@ -44,7 +44,7 @@ def build_server(
     loop = EngineLoop(engine, metrics)
     config = ServerConfig(
         model_name=model_name or model.name,
-        max_context=engine.config.max_context,
+        max_context=engine.max_context,
         vocab_size=int(model.config.vocab_size),
         default_max_tokens_chat=default_max_tokens_chat,
         drain_timeout_s=drain_timeout_s,
