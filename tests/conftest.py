@@ -52,14 +52,17 @@ def reference_model():
 
 
 @contextmanager
-def live_server(model, engine_config, drain_timeout_s: float = 30.0) -> Iterator[tuple[str, object]]:
-    """Start a server for ``model``; yields (base URL, Server); shuts it down (drained) on exit."""
+def live_server(model, engine_config, drain_timeout_s: float = 30.0, **server_options) -> Iterator[tuple[str, object]]:
+    """Start a server for ``model``; yields (base URL, Server); shuts it down (drained) on exit.
+
+    ``server_options`` go to ``build_server`` (``cache=``, ``committee=`` for their metrics).
+    """
     import uvicorn
 
     from moeserve.bench.serve import free_port
     from moeserve.server.serve import build_server
 
-    server = build_server(model, engine_config, drain_timeout_s=drain_timeout_s)
+    server = build_server(model, engine_config, drain_timeout_s=drain_timeout_s, **server_options)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning",
                                        timeout_graceful_shutdown=int(drain_timeout_s) + 5))
