@@ -63,6 +63,21 @@ def test_a_client_that_disconnects_frees_its_slot(server_model, start_server):
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
 
 
+def test_a_non_streaming_client_that_gives_up_is_cancelled_too(server_model, start_server):
+    config = EngineConfig(SchedulerConfig(max_running=1, max_waiting=4), max_context=2048)
+    with start_server(server_model, config) as (url, _):
+        try:
+            httpx.post(f"{url}/v1/completions", json={**LONG, "max_tokens": 2000}, timeout=1.0)
+        except httpx.ReadTimeout:
+            pass  # the client closes its connection after 1 s
+        deadline = time.monotonic() + 30
+        while _gauge(url, "moeserve:request_success_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = httpx.get(f"{url}/metrics").text
+        assert re.search(r'^moeserve:request_success_total\{finished_reason="abort"\} 1\.0', text, re.MULTILINE)
+        assert _gauge(url, "moeserve:generation_tokens_total") < 2000
+
+
 def test_shutdown_drains_running_requests(server_model, start_server):
     config = EngineConfig(SchedulerConfig(max_running=2, max_waiting=4), max_context=512)
     results: list[httpx.Response] = []

@@ -185,17 +185,30 @@ def create_app(engine_loop: EngineLoop, tokenizer: Any, config: ServerConfig, me
         except MoeserveError as error:
             raise APIError(400, str(error)) from None
 
-    async def _next(request: Request, request_id: str, queue: asyncio.Queue) -> RequestOutput:
-        """The next output; aborts the request and raises ClientGoneError if the client left."""
+    async def _collect(request: Request, request_id: str, queue: asyncio.Queue) -> tuple[str, RequestOutput]:
+        """All of a request's text; aborts the request and raises ClientGoneError if the client left.
+
+        Outputs arrive every step, so the disconnect check runs on a clock (every 0.5 s), not
+        only when the queue is quiet.
+        """
+        parts = []
+        next_check = time.monotonic() + 0.5
         getter = asyncio.ensure_future(queue.get())
         while True:
             done, _ = await asyncio.wait({getter}, timeout=0.5)
             if done:
-                return getter.result()
-            if await request.is_disconnected():
-                getter.cancel()
-                engine_loop.abort(request_id)
-                raise ClientGoneError(request_id)
+                output: RequestOutput = getter.result()
+                parts.append(output.text)
+                if output.finished:
+                    _check_ended(output)
+                    return "".join(parts), output
+                getter = asyncio.ensure_future(queue.get())
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 0.5
+                if await request.is_disconnected():
+                    getter.cancel()
+                    engine_loop.abort(request_id)
+                    raise ClientGoneError(request_id)
 
     def _check_ended(output: RequestOutput) -> None:
         if output.finish_reason == "error":
@@ -203,15 +216,6 @@ def create_app(engine_loop: EngineLoop, tokenizer: Any, config: ServerConfig, me
         if output.finish_reason == "abort":
             raise APIError(503, "the request was cancelled: the server is shutting down", code="unavailable",
                            error_type="server_error")
-
-    async def _collect(request: Request, request_id: str, queue: asyncio.Queue) -> tuple[str, RequestOutput]:
-        parts = []
-        while True:
-            output = await _next(request, request_id, queue)
-            parts.append(output.text)
-            if output.finished:
-                _check_ended(output)
-                return "".join(parts), output
 
     def _stream(request_id: str, queue: asyncio.Queue, chunk, include_usage: bool, first: dict | None) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
