@@ -127,3 +127,19 @@ def test_metrics_have_request_and_moe_series(client, server_url):
 def _metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)", text, re.MULTILINE))
+
+
+def test_chat_uses_the_tokenizer_template_when_there_is_one(server_model):
+    import copy
+
+    from moeserve.server.app import chat_prompt_ids
+
+    tokenizer = copy.deepcopy(server_model.tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text)["input_ids"]
+
+    messages = [{"role": "user", "content": "hi"}]
+    assert chat_prompt_ids(tokenizer, messages, encode) == encode("user: hi\nassistant:")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    assert chat_prompt_ids(tokenizer, messages, encode) == encode("<user>hi<assistant>")

@@ -58,6 +58,16 @@ class ClientGoneError(Exception):
     """The client disconnected while its request was running."""
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], encode: Any) -> list[int]:
+    """Token ids of a chat: the tokenizer's chat template, or ``role: content`` lines without one."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    return encode("".join(_FALLBACK_CHAT_TEMPLATE.format(**m) for m in messages) + "assistant:")
+
+
 def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -153,13 +163,7 @@ def create_app(engine_loop: EngineLoop, tokenizer: Any, config: ServerConfig, me
 
     def _chat_ids(body: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict):
-                ids = ids["input_ids"]
-            return list(ids)
-        text = "".join(_FALLBACK_CHAT_TEMPLATE.format(**m) for m in messages) + "assistant:"
-        return _encode(text)
+        return chat_prompt_ids(tokenizer, messages, _encode)
 
     def _max_tokens(requested: int | None, prompt_len: int, default: int) -> int:
         if requested is None:
