@@ -72,13 +72,45 @@ def test_prefetch_is_bit_identical(model, prompt_ids, expected_logits, budget, p
 
 
 @pytest.mark.parametrize("budget", ["25%", "50%"])
-def test_inline_prefetch_halves_stalls_on_the_predicted_layers(model, prompt_ids, budget):
+def test_inline_prefetch_halves_stalls(model, prompt_ids, budget):
     _, plain = run(model, prompt_ids, budget, False)
     _, prefetched = run(model, prompt_ids, budget, INLINE)
     assert plain.predicted == 0 and plain.prefetch_loads == 0
-    assert prefetched.stalled_uses < plain.stalled_uses
-    # Layer 0 has no previous layer to predict it; every later layer is predicted.
-    assert 2 * sum(prefetched.layer_misses[1:]) <= sum(plain.layer_misses[1:])
+    # Every layer is predicted, the first one from its decoder layer's input and the LM head.
+    assert 2 * prefetched.stalled_uses <= plain.stalled_uses
+    assert 2 * prefetched.layer_misses[0] <= plain.layer_misses[0]
+
+
+def test_each_signal_adds_recall(model, prompt_ids):
+    # Inline loads make the counts deterministic. The MoE-input signal alone predicts layers
+    # 1..L-1; the decoder-layer-input signal adds the first layer and what attention wrote.
+    _, next_layer_only = run(
+        model, prompt_ids, "25%", PrefetchConfig(background=False, from_layer_input=False, next_tokens=0)
+    )
+    _, both = run(model, prompt_ids, "25%", INLINE)
+    assert next_layer_only.prefetch_recall < both.prefetch_recall
+    assert both.stalled_uses < next_layer_only.stalled_uses
+    assert both.prefetch_precision > 0.5
+
+
+def test_prefetch_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="lookahead"):
+        PrefetchConfig(lookahead=0)
+    with pytest.raises(ValueError, match="next_tokens"):
+        PrefetchConfig(next_tokens=-1)
+    with pytest.raises(ValueError, match="experts_per_token"):
+        PrefetchConfig(experts_per_token=0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [PrefetchConfig(background=False, lookahead=2), PrefetchConfig(background=False, experts_per_token=3)],
+    ids=["lookahead-2", "wider"],
+)
+def test_other_prefetch_settings_stay_bit_identical(model, prompt_ids, expected_logits, config):
+    got, stats = run(model, prompt_ids, "25%", config)
+    assert_bit_identical(got, expected_logits)
+    assert stats.prefetch_loads > 0
 
 
 def test_prefetch_needs_an_online_policy(model):
@@ -92,6 +124,9 @@ def test_remove_expert_cache_unhooks_the_prefetcher(model, prompt_ids, expected_
     remove_expert_cache(model, cache)
     assert all(not layer.observers for layer in model.layers)
     assert all(not layer.mlp._forward_pre_hooks for layer in model.hf_model.model.layers)
+    assert all(not layer._forward_pre_hooks for layer in model.hf_model.model.layers)
+    assert not model.hf_model.get_output_embeddings()._forward_hooks
+    assert not model.hf_model.get_input_embeddings()._forward_hooks
     assert_bit_identical(greedy_logits(model, prompt_ids), expected_logits)
 
 

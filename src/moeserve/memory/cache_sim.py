@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from moeserve.memory.policies import EVICTION_POLICIES, EvictionPolicy, LRUPolicy
+from moeserve.memory.policies import EVICTION_POLICIES, EvictionPolicy, LRUPolicy, StreamContext
 from moeserve.traces.format import UNKNOWN_EXPERT, Trace
 
 SCOPES = ("per-layer", "global")
@@ -139,17 +139,23 @@ def check_capacity(capacity: int, num_experts: int, top_k: int) -> None:
         )
 
 
-def replay(steps: Sequence[Sequence[int]], policy: EvictionPolicy, capacity: int) -> list[int]:
+def replay(
+    steps: Sequence[Sequence[int]],
+    policy: EvictionPolicy,
+    capacity: int,
+    context: StreamContext | None = None,
+) -> list[int]:
     """Run ``steps`` (each a sequence of distinct non-negative keys) through one cache.
 
     The cache starts empty and holds at most ``capacity`` keys; ``policy`` is prepared with
-    ``steps`` first (only policies with ``needs_stream`` read them). Returns the hits of every
+    ``steps`` and ``context`` first (only policies with ``needs_stream`` read them; the context
+    is what a server knows at each step besides its keys). Returns the hits of every
     step (a list of ``len(steps)``); the misses of a step are ``len(steps[time]) - hits[time]``.
     Raises ``ValueError`` for a step wider than ``capacity`` and :class:`PolicyContractError`
     when the policy evicts a key that is not resident, that the step needs, or not as many as
     asked.
     """
-    policy.prepare(steps)
+    policy.prepare(steps, context)
     resident: set[int] = set()
     hits_per_step = [0] * len(steps)
     evict, on_step = policy.evict, policy.on_step
@@ -294,6 +300,9 @@ def simulate(
     every policy is scored on the same later tokens; ``belady`` sees the whole stream as its future.
     Unknown policy names raise ``KeyError`` listing the known ones; a bad scope ``ValueError``.
     ``lru`` per layer takes the vectorised :func:`lru_stack_distances` path (same counts).
+    Per layer, every policy is offered the same :class:`~moeserve.memory.policies.StreamContext`
+    (sequence starts from the trace's offsets, the token's experts at the previous MoE layer);
+    the global scope offers none.
     """
     policy_class = EVICTION_POLICIES.get(policy_name)
     if scope not in SCOPES:
@@ -316,8 +325,13 @@ def simulate(
         for layer, ids in enumerate(clean):
             hits_per_step[:, layer] = (lru_stack_distances(ids, num_experts) < capacity).sum(axis=1)
     elif scope == "per-layer":
+        starts = np.zeros(num_tokens, dtype=bool)  # [T]
+        starts[trace.offsets[:-1][trace.offsets[:-1] < num_tokens]] = True
         for layer, ids in enumerate(clean):
-            hits_per_step[:, layer] = replay(_steps(ids), policy_class(capacity), capacity)
+            context = StreamContext(
+                sequence_starts=starts, previous_layer=clean[layer - 1] if layer else None
+            )
+            hits_per_step[:, layer] = replay(_steps(ids), policy_class(capacity), capacity, context)
     else:
         # One stream of T*L steps, token-major; key = layer * E + expert.
         per_layer = [_steps(ids, layer * num_experts) for layer, ids in enumerate(clean)]

@@ -19,24 +19,29 @@ guarantees enough exist: capacity >= the widest step). A cache shared by several
 their steps interleaved round-robin: ``num_streams`` streams with disjoint keys, step ``time``
 belonging to stream ``time % num_streams`` (a per-layer cache has one stream).
 
-``prepare(steps)`` hands a policy the whole stream before step 0. Online policies (``online``)
-use only the past: most ignore ``prepare``; ``predicted-reuse`` computes from it, in one
-vectorised pass, scores whose row for step t depends on steps 0..t only (a test changes the
-future and checks that nothing before it moves). ``belady`` alone reads the future. Policies
-whose ``needs_stream`` is true cannot run in a live cache, which does not know the stream in
-advance; they exist for trace replay.
+``prepare(steps, context)`` hands a policy the whole stream before step 0, and optionally a
+:class:`StreamContext`: what a server also knows at each step (which steps open a new request,
+the same token's experts at the previous MoE layer). Online policies (``online``) use only the
+past: most ignore ``prepare``; the ``predicted-reuse`` policies compute from it, in one
+vectorised pass, scores whose row for step t depends on steps 0..t (and their context) only (a
+test changes the future and checks that nothing before it moves). ``belady`` alone reads the
+future. Policies whose ``needs_stream`` is true cannot run in a live cache, which does not know
+the stream in advance; they exist for trace replay.
 
 Registered in :data:`EVICTION_POLICIES` (constructor ``policy_class(capacity, num_streams=1)``):
 
-====================  =====================================================================
-``lru``               evict the least recently used
-``lfu``               evict the least frequently used over the whole past; ties: least recent
-``fifo``              evict the earliest inserted; hits change nothing
-``lifo``              evict the latest inserted (expert buffering, Huang et al. 2303.06182)
-``belady``            offline optimum MIN: evict the key whose next use is farthest ahead
-``lrfu``              evict the lowest exponentially decayed use count (recency and frequency)
-``predicted-reuse``   evict the key an online-learned model finds least likely to be reused soon
-====================  =====================================================================
+===========================  ======================================================================
+``lru``                      evict the least recently used
+``lfu``                      evict the least frequently used over the whole past; ties: least recent
+``fifo``                     evict the earliest inserted; hits change nothing
+``lifo``                     evict the latest inserted (expert buffering, Huang et al. 2303.06182)
+``belady``                   offline optimum MIN: evict the key whose next use is farthest ahead
+``lrfu``                     evict the lowest exponentially decayed use count (recency and frequency)
+``predicted-reuse``          evict the key an online-learned model finds least likely to be reused
+                             soon
+``predicted-reuse-context``  ``predicted-reuse`` that also reads the stream's context (request
+                             starts, the previous layer's experts of the same token)
+===========================  ======================================================================
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -60,6 +66,33 @@ SCAN_LIMIT = 64
 
 EVICTION_POLICIES: Registry[type[EvictionPolicy]] = Registry("eviction policy")
 """Every eviction policy by name; build one cache's with ``EVICTION_POLICIES.get(name)(capacity)``."""
+
+
+@dataclass(frozen=True)
+class StreamContext:
+    """What a server knows at each step of a one-stream (per-layer) replay besides the step's keys.
+
+    Both are known before the step's experts load: a server knows which request a token belongs
+    to, and the token's previous MoE layer ran before this one. Shape legend: n steps, K slots.
+    """
+
+    sequence_starts: np.ndarray
+    """bool [n]: the step is the first token of a request's sequence."""
+    previous_layer: np.ndarray | None = None
+    """int [n, K]: the same token's experts at the previous MoE layer, -1 for none; None for the
+    first MoE layer. Ids are in that layer's own range (not keys of this stream)."""
+
+    def __post_init__(self) -> None:
+        if self.sequence_starts.ndim != 1:
+            raise ValueError(f"sequence_starts must be 1-D [n], got shape {self.sequence_starts.shape}")
+        previous = self.previous_layer
+        if previous is not None and (
+            previous.ndim != 2 or previous.shape[0] != self.sequence_starts.shape[0]
+        ):
+            raise ValueError(
+                f"previous_layer must be [n, K] with n = {self.sequence_starts.shape[0]} steps, "
+                f"got shape {previous.shape}"
+            )
 
 
 class EvictionPolicy(ABC):
@@ -78,10 +111,14 @@ class EvictionPolicy(ABC):
         self.capacity = capacity
         self.num_streams = num_streams
 
-    def prepare(self, steps: Sequence[Sequence[int]]) -> None:  # noqa: B027 (an optional hook)
+    def prepare(  # noqa: B027 (an optional hook)
+        self, steps: Sequence[Sequence[int]], context: StreamContext | None = None
+    ) -> None:
         """Receive the whole stream (``steps[time]`` = that step's keys) before step 0.
 
         Policies that do not need it ignore it; one whose ``needs_stream`` is true fails without it.
+        ``context`` (one stream only) is what a server also knows at each step; policies that do
+        not use it ignore it.
         """
 
     @abstractmethod
@@ -301,7 +338,7 @@ class BeladyPolicy(ScoredPolicy):
         super().__init__(capacity, num_streams)
         self._uses: dict[int, list[int]] | None = None  # key -> its request times, latest first
 
-    def prepare(self, steps: Sequence[Sequence[int]]) -> None:
+    def prepare(self, steps: Sequence[Sequence[int]], context: StreamContext | None = None) -> None:
         uses: dict[int, list[int]] = {}
         for time in range(len(steps) - 1, -1, -1):
             for key in steps[time]:
@@ -364,14 +401,14 @@ class PredictedReusePolicy(EvictionPolicy):
         widest = max((len(keys) for keys in steps), default=1)
         return max(1, min(32, round(1.5 * self.capacity / (self.num_streams * max(widest, 1)))))
 
-    def prepare(self, steps: Sequence[Sequence[int]]) -> None:
+    def prepare(self, steps: Sequence[Sequence[int]], context: StreamContext | None = None) -> None:
         largest = max((max(keys) for keys in steps if keys), default=-1)
         horizon = self._horizon(steps)
         if self.num_streams == 1:
             if largest < 0:  # nothing is ever requested, so nothing is ever evicted
                 self._rows = [[] for _ in steps]
             else:
-                self._rows = reuse_scores(_padded(steps), largest + 1, horizon).tolist()
+                self._rows = self._scores(_padded(steps), largest + 1, horizon, context).tolist()
             return
         self._stream_scores, self._stream_base = [], []
         for stream in range(self.num_streams):
@@ -383,6 +420,12 @@ class PredictedReusePolicy(EvictionPolicy):
             self._stream_scores.append(reuse_scores(np.where(ids >= 0, ids - base, -1), width, horizon))
         self._latest = np.zeros(largest + 1)
         self._resident_mask = np.zeros(largest + 1, dtype=bool)
+
+    def _scores(
+        self, ids: np.ndarray, num_keys: int, horizon: int, context: StreamContext | None
+    ) -> np.ndarray:
+        """float32 [n, num_keys] one stream's scores (higher = reused sooner); ``context`` unused here."""
+        return reuse_scores(ids, num_keys, horizon)
 
     def on_step(self, keys: Sequence[int], loaded: Collection[int], time: int) -> None:
         if self._rows is not None:
@@ -424,6 +467,34 @@ class PredictedReusePolicy(EvictionPolicy):
         self._latest[base : base + row.shape[0]] = row
 
 
+@EVICTION_POLICIES.register("predicted-reuse-context")
+class ContextReusePolicy(PredictedReusePolicy):
+    """``predicted-reuse`` whose model also reads the stream's :class:`StreamContext`.
+
+    The extra features (:func:`context_features`) say how much of the current request has used
+    each key, and what the same token's experts at the previous MoE layer were followed by, at
+    this layer, in the past. Without a context (a cache shared by several layers, or a caller that
+    has none) it is ``predicted-reuse``. Online for the same reason: row t of every feature
+    depends on steps 0..t and their context.
+
+    On the DeepSeek-V2-Lite trace with 16 of 64 experts per layer it keeps 78.9% of Belady's hits
+    (``predicted-reuse`` 78.6%, LRU 70.9%). Most of the gap is information no online policy has:
+    told the next token's experts exactly, ``predicted-reuse`` reaches about 83% (an exploratory
+    replay, not a registered policy).
+    """
+
+    def _scores(
+        self, ids: np.ndarray, num_keys: int, horizon: int, context: StreamContext | None
+    ) -> np.ndarray:
+        if context is None:
+            return reuse_scores(ids, num_keys, horizon)
+        if context.sequence_starts.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"the context covers {context.sequence_starts.shape[0]} steps, the stream has {ids.shape[0]}"
+            )
+        return reuse_scores(ids, num_keys, horizon, extra_features=context_features(ids, num_keys, context))
+
+
 def _padded(steps: Sequence[Sequence[int]]) -> np.ndarray:
     """int64 [n, K] the steps' keys, rows padded with -1 to the widest step."""
     width = max((len(keys) for keys in steps), default=0)
@@ -447,6 +518,7 @@ def reuse_scores(
     sample_steps: int = 512,
     candidate_age: int = 32,
     seed: int = 0,
+    extra_features: Sequence[np.ndarray] = (),
 ) -> np.ndarray:
     """Logit that each key is requested within the next ``horizon`` steps, from the past only.
 
@@ -459,7 +531,8 @@ def reuse_scores(
        log(1 + steps since the last use); uses / steps so far; the transition score
        ``sum_{j in step t} P(e at s+1 | j at s)`` and its decayed sums (half-lives 4 and 16);
        and the lag-2 transition score. Transition probabilities come from pair counts of the
-       steps before the current chunk of ``chunk`` steps.
+       steps before the current chunk of ``chunk`` steps. Then ``extra_features`` (float32
+       [n, E] each; the caller keeps them causal), e.g. :func:`context_features`.
     2. Targets: whether e is requested in steps t+1..t+horizon.
     3. At chunk starts, whenever the steps with known targets have doubled (or grown by 16
        chunks) since the last fit, refit a logistic regression (a few Newton steps, warm-started)
@@ -489,6 +562,10 @@ def reuse_scores(
     next_step = _transition_scores(ids, num_keys, lag=1, chunk=chunk)  # [n, E]
     features += [next_step, _decayed(next_step, 4.0), _decayed(next_step, 16.0)]
     features.append(_transition_scores(ids, num_keys, lag=2, chunk=chunk))
+    for extra in extra_features:
+        if extra.shape != (num_steps, num_keys):
+            raise ValueError(f"an extra feature has shape {extra.shape}, expected {(num_steps, num_keys)}")
+        features.append(extra.astype(np.float32, copy=False))
     num_features = len(features)
 
     # 2. Targets.
@@ -552,12 +629,16 @@ def _decayed(values: np.ndarray, half_life: float, block: int = 512) -> np.ndarr
     return out
 
 
-def _transition_scores(ids: np.ndarray, num_keys: int, lag: int, chunk: int) -> np.ndarray:
-    """float32 [n, E]: ``sum_{j in step t} P(e at step s + lag | j at step s)``.
+def _transition_scores(
+    ids: np.ndarray, num_keys: int, lag: int, chunk: int, sources: np.ndarray | None = None
+) -> np.ndarray:
+    """float32 [n, E]: ``sum_{j in sources[t]} P(e at step s + lag | j in sources[s])``.
 
-    ``ids`` [n, K] uses ``num_keys`` as padding. P for the steps of one chunk is estimated (with
-    a small uniform prior) from the pairs whose later step precedes the chunk.
+    ``ids`` [n, K] uses ``num_keys`` as padding; ``sources`` [n, K'] (default ``ids``) too, with
+    ids below ``num_keys``. P for the steps of one chunk is estimated (with a small uniform prior)
+    from the pairs whose later step precedes the chunk (lag 0: the pairs of earlier steps).
     """
+    sources = ids if sources is None else sources
     num_steps = ids.shape[0]
     side = num_keys + 1
     pair_counts = np.zeros(side * side)  # [(E+1)*(E+1)] from-key * side + to-key
@@ -568,12 +649,63 @@ def _transition_scores(ids: np.ndarray, num_keys: int, lag: int, chunk: int) -> 
         stop = min(num_steps, start + chunk)
         counts = pair_counts.reshape(side, side)[:num_keys, :num_keys]  # [E, E]
         probabilities[:num_keys] = (counts + prior) / (counts.sum(axis=1, keepdims=True) + prior * num_keys)
-        out[start:stop] = probabilities[ids[start:stop]].sum(axis=1)
+        out[start:stop] = probabilities[sources[start:stop]].sum(axis=1)
         first = max(start, lag)
         if first < stop:
-            pairs = ids[first - lag : stop - lag, :, None] * side + ids[first:stop, None, :]  # [m, K, K]
+            pairs = sources[first - lag : stop - lag, :, None] * side + ids[first:stop, None, :]  # [m, K', K]
             pair_counts += np.bincount(pairs.reshape(-1), minlength=side * side)
     return out
+
+
+CONTEXT_HALF_LIVES = (4.0, 16.0, 64.0)
+"""Half-lives, in steps, of the per-request decayed use counts in :func:`context_features`."""
+
+
+def context_features(
+    ids: np.ndarray, num_keys: int, context: StreamContext, chunk: int = 512
+) -> list[np.ndarray]:
+    """float32 [n, E] features of one stream's context for :func:`reuse_scores`; row t uses steps 0..t.
+
+    ``ids`` [n, K] as in :func:`reuse_scores` (-1 for none). Shape legend: n steps, K slots, E =
+    num_keys, P previous-layer ids.
+
+    1. Per request: decayed use counts that restart at every sequence start (half-lives
+       :data:`CONTEXT_HALF_LIVES`) and log(1 + tokens since the request began). A new request
+       starts from nothing; the whole-stream counts keep the long-run popularity.
+    2. With ``previous_layer``: ``sum_{j at layer l-1, token t} P(e at layer l, token t+1 | j)``
+       and its decayed sum (half-life 4), and the same-token score
+       ``sum_j P(e at layer l, token t | j at layer l-1, token t)`` decayed (half-life 4): what the
+       request's recent tokens looked like one layer earlier. Probabilities come from pair
+       counts of earlier chunks, as in the transition scores.
+    """
+    num_steps = ids.shape[0]
+    padding = num_keys
+    clean = np.where(ids >= 0, ids, padding)  # [n, K]
+    used = np.zeros((num_steps, num_keys + 1), dtype=np.float32)  # [n, E+1]
+    used[np.repeat(np.arange(num_steps), clean.shape[1]), clean.reshape(-1)] = 1.0
+    used = used[:, :num_keys]  # [n, E]
+    # 1. Per-request counts: decayed sums restarted at each start.
+    starts = np.flatnonzero(context.sequence_starts[:num_steps])
+    bounds = np.unique(np.concatenate([[0], starts, [num_steps]]))  # segment edges
+    features = []
+    for half_life in CONTEXT_HALF_LIVES:
+        per_request = np.empty((num_steps, num_keys), dtype=np.float32)  # [n, E]
+        for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
+            per_request[begin:end] = _decayed(used[begin:end], half_life)
+        features.append(per_request)
+    segment = np.searchsorted(bounds, np.arange(num_steps), side="right") - 1  # [n]
+    position = np.log1p(np.arange(num_steps) - bounds[segment]).astype(np.float32)  # [n]
+    features.append(np.repeat(position[:, None], num_keys, axis=1))
+    # 2. The previous layer of the same token.
+    if context.previous_layer is not None:
+        previous = context.previous_layer.astype(np.int64)  # [n, P]
+        width = max(int(previous.max(initial=-1)) + 1, num_keys)
+        sources = np.where(previous >= 0, previous, width)  # padding of the wider id range
+        targets = np.where(ids >= 0, ids, width)
+        next_token = _transition_scores(targets, width, lag=1, chunk=chunk, sources=sources)[:, :num_keys]
+        same_token = _transition_scores(targets, width, lag=0, chunk=chunk, sources=sources)[:, :num_keys]
+        features += [next_token, _decayed(next_token, 4.0), _decayed(same_token, 4.0)]
+    return features
 
 
 def _fit_logistic(
