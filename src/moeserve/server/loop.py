@@ -61,13 +61,20 @@ class EngineLoop:
         self.engine.abort(request_id)
         self._wake.set()
 
-    def _deliver(self, request_id: str, item: RequestOutput, last: bool) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their queues with one wake-up of each event loop, not one per output."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         with self._streams_lock:
-            target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if target is not None:
-            loop, queue = target
+            for output in outputs:
+                if output.finished:
+                    target = self._streams.pop(output.request_id, None)
+                else:
+                    target = self._streams.get(output.request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], output))
+        for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:
                 pass  # the event loop is closed: nobody is waiting any more
 
@@ -78,10 +85,10 @@ class EngineLoop:
                 self._wake.clear()
                 continue
             outputs = self.engine.step()
-            for output in outputs:
-                if self.metrics is not None:
+            if self.metrics is not None:
+                for output in outputs:
                     self.metrics.observe(output)
-                self._deliver(output.request_id, output, output.finished)
+            self._deliver(outputs)
 
     def drain(self, timeout_s: float) -> int:
         """Stop accepting, let running and waiting requests finish; abort what is left after ``timeout_s``.
@@ -104,3 +111,8 @@ class EngineLoop:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, output in items:
+        queue.put_nowait(output)
