@@ -116,7 +116,7 @@ class ServerMetrics:
         self.request_success = Counter(
             "moeserve:request_success", "Finished requests by finish reason", ["finished_reason"], registry=self.registry
         )
-        self.rejected = Counter("moeserve:request_rejected", "Requests refused with a 4xx or 429", ["status"],
+        self.rejected = Counter("moeserve:request_errors", "Requests answered with an error status (4xx, 429, 5xx)", ["status"],
                                 registry=self.registry)
         if moe is not None:
             self.registry.register(moe)
