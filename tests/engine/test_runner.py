@@ -77,3 +77,37 @@ def test_decode_logits_match_a_full_forward(model):
     for row, request in enumerate(batch.requests):
         full = model.logits(torch.tensor([request.prompt_ids + request.output_ids]))[0, -1]
         torch.testing.assert_close(captured["logits"][row], full, rtol=1e-4, atol=1e-4)
+
+
+class _IdsTokenizer:
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, family):
+    from transformers import DynamicCache
+
+    from moeserve.engine.engine import Engine
+    from moeserve.engine.runner import ModelRunner
+    from moeserve.models.loader import load_model
+
+    model = load_model(tiny_checkpoints[family], load_tokenizer=False)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    reference = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache, ids, tokens = DynamicCache(config=model.config), torch.tensor([prompt]), []
+            for _ in range(6):
+                tokens.append(int(model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
+                ids = torch.tensor([tokens[-1:]])
+            reference.append(tokens)
+    engine = Engine(ModelRunner(model, 2, 64), _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2), max_context=64), None)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=6)).request_id for p in prompts]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for output in engine.step():
+            got[output.request_id] += output.token_ids
+    assert [got[i] for i in ids] == reference
