@@ -213,7 +213,7 @@ def serve(
     max_running: Annotated[int, typer.Option(help="Requests decoded together (KV-cache slots).")] = 32,
     max_waiting: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 429 with Retry-After.")] = 256,
     max_prefill_tokens: Annotated[int, typer.Option(help="Padded prompt tokens per prefill step.")] = 4096,
-    max_model_len: Annotated[int | None, typer.Option(help="Prompt + completion tokens per request (default: the model's context).")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Prompt + completion tokens per request; every KV slot preallocates this many positions (default: the model's context, at most 4096).")] = None,
     default_max_tokens: Annotated[int, typer.Option(help="max_tokens for chat requests that set none (capped by the context).")] = 256,
     gating: Annotated[str, typer.Option(help="dropless or capacity.")] = "dropless",
     capacity_factor: Annotated[float, typer.Option(help="Slots per expert factor for --gating capacity.")] = 1.25,
@@ -242,10 +242,9 @@ def serve(
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee
         )
-        context = int(getattr(moe_model.config, "max_position_embeddings", 0) or 2048)
         engine_config = EngineConfig(
             scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens),
-            max_context=max_model_len or context,
+            max_context=max_model_len,
         )
         server = build_server(moe_model, engine_config, served_model_name, cache=cache, committee=gate,
                               default_max_tokens_chat=default_max_tokens)
@@ -404,6 +403,7 @@ def bench_serve(
     corpus: Annotated[Path | None, typer.Option(help="A text file to cut prompts from besides the Python standard library sources (e.g. ../shared/corpora/tinyshakespeare.txt).")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads of each launched server (MOESERVE_NUM_THREADS / OMP_NUM_THREADS).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of prompt choice, lengths and arrivals.")] = 0,
+    rounds: Annotated[int, typer.Option(help="Load every server this many times, alternating; the run with the median throughput is reported.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Load-test OpenAI-compatible servers with streaming completions cut from real text.
@@ -422,6 +422,8 @@ def bench_serve(
         default_text_files,
         launch_server,
         make_prompts,
+        median_run,
+        ratios_to,
         report_row,
         run_load,
     )
@@ -434,34 +436,29 @@ def bench_serve(
         kinds = [k.strip() for k in launch.split(",") if k.strip()] if launch else []
         if not url and not kinds:
             raise MoeserveError("give --url of a running server, or --launch moeserve[,transformers]")
+        if rounds < 1:
+            raise MoeserveError(f"--rounds must be >= 1, got {rounds}")
         specs = make_prompts(default_text_files(corpus), config, config.warmup + config.requests)
-        results: dict[str, dict] = {}
-        for target in url or []:
-            name = model_name
-            if name is None:
-                listed = httpx.get(target.rstrip("/") + "/v1/models", timeout=30).json()
-                name = listed["data"][0]["id"]
-            results[target] = asyncio.run(run_load(target, name, specs, config))
+        runs: dict[str, list[dict]] = {}
         model_path = resolve_model_path(model)
-        for kind in kinds:
-            if not as_json:
-                console.print(f"[dim]starting {kind} server ...[/]")
-            with launch_server(kind, model_path, threads) as server:
-                results[kind] = asyncio.run(run_load(server.url, server.model_name, specs, config))
+        for _ in range(rounds):  # alternate the servers, so drifting machine load hits all of them alike
+            for target in url or []:
+                name = model_name
+                if name is None:
+                    listed = httpx.get(target.rstrip("/") + "/v1/models", timeout=30).json()
+                    name = listed["data"][0]["id"]
+                runs.setdefault(target, []).append(asyncio.run(run_load(target, name, specs, config)))
+            for kind in kinds:
+                if not as_json:
+                    console.print(f"[dim]starting {kind} server ...[/]")
+                with launch_server(kind, model_path, threads) as server:
+                    runs.setdefault(kind, []).append(asyncio.run(run_load(server.url, server.model_name, specs, config)))
     except (MoeserveError, ValueError, httpx.HTTPError) as error:
         _fail(error)
         return
+    results = {name: median_run(server_runs) for name, server_runs in runs.items()}
     names = list(results)
-    first = results[names[0]]
-    ratios = {
-        name: {
-            "output_throughput": result["output_throughput_tokens_per_s"] / first["output_throughput_tokens_per_s"]
-            if first["output_throughput_tokens_per_s"] else None,
-            "ttft_p50": result["ttft_s"]["p50"] / first["ttft_s"]["p50"]
-            if first["ttft_s"]["p50"] and result["ttft_s"]["p50"] is not None else None,
-        }
-        for name, result in results.items()
-    }
+    ratios = {name: ratios_to(results[names[0]], result) for name, result in results.items()}
 
     def table():
         from rich.console import Group
@@ -583,13 +580,15 @@ def serverless_plan(
     batch_tokens: Annotated[int, typer.Option(help="Tokens per batch sent through the MoE layers.")] = 256,
     trials: Annotated[int, typer.Option(help="Optimiser trials.")] = 200,
     max_throughput_loss: Annotated[float | None, typer.Option(help="Also require throughput within this fraction of the LambdaML-style design.")] = 0.15,
-    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Time a real expert on this machine for the compute model.")] = True,
+    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Use the deployed handler's calibration on this machine (timed at the shape once, then cached) instead of the built-in default.")] = True,
+    calibration: Annotated[Path, typer.Option("--calibration", help="Calibration cache (JSON keyed by device and shape); shared with `serverless run`.")] = Path("runs/serverless/calibration.json"),
+    recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Time the handler again and replace the cached calibration.")] = False,
     seed: Annotated[int, typer.Option(help="Optimiser seed.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Cheapest Lambda plan for the expert layers, next to a CPU cluster and a LambdaML-style design (modelled)."""
     from moeserve.serverless.optimize import plan_deployment
-    from moeserve.serverless.perf import calibrate
+    from moeserve.serverless.perf import cached_calibration
     from moeserve.serverless.plan import CostModel
     from moeserve.serverless.plan import render_table as render_plan_table
     from moeserve.serverless.shapes import shape_by_name
@@ -597,7 +596,9 @@ def serverless_plan(
 
     try:
         expert_shape = shape_by_name(shape)
-        cost_model = CostModel(calibration=calibrate(expert_shape)) if calibrate_here else CostModel()
+        cost_model = (
+            CostModel(calibration=cached_calibration(expert_shape, calibration, recalibrate)) if calibrate_here else CostModel()
+        )
         report = plan_deployment(
             load_trace(trace), expert_shape, throughput, batch_tokens=batch_tokens, model=cost_model, trials=trials,
             seed=seed, max_throughput_loss_vs_lambdaml=max_throughput_loss,
@@ -658,7 +659,9 @@ def serverless_run(
     timeout: Annotated[float, typer.Option(help="Invocation timeout in seconds (<= 900).")] = 60.0,
     concurrency: Annotated[int | None, typer.Option(help="Concurrent invocations allowed (default: the account limit in the price file).")] = None,
     network: Annotated[str, typer.Option(help="modelled (the gate waits the cost model's transfer times) or none.")] = "modelled",
-    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Time a real expert here for the prediction (else the plan's recorded calibration).")] = True,
+    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Predict with the cached calibration of this machine, as `serverless plan` does (else the plan's recorded calibration).")] = True,
+    calibration: Annotated[Path, typer.Option("--calibration", help="Calibration cache (JSON keyed by device and shape); shared with `serverless plan`.")] = Path("runs/serverless/calibration.json"),
+    recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Time the handler again and replace the cached calibration.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of random inputs and weights.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -668,7 +671,8 @@ def serverless_run(
     try:
         config = EmulatorConfig(timeout_s=timeout, concurrency_limit=concurrency, network=network)
         report = emulate_plan(plan, model, trace, tokens=tokens, layers=layers, batch_tokens=batch_tokens,
-                              config=config, calibrate_here=calibrate_here, seed=seed)
+                              config=config, calibrate_here=calibrate_here, seed=seed,
+                              calibration_path=calibration, recalibrate=recalibrate)
     except (MoeserveError, ValueError, KeyError, OSError) as error:
         _fail(error)
         return
@@ -780,14 +784,15 @@ def bench_ep(
     scheduler: Annotated[str, typer.Option(help="async layer scheduler: defrag, flfs, max-batch.")] = "defrag",
     hold_tokens_per_expert: Annotated[float, typer.Option(help="async: hold a layer until it has this many rows per held expert ...")] = 0.0,
     flush_after_ms: Annotated[float, typer.Option(help="async: ... or its oldest entry waited this long (ms).")] = 2.0,
-    repeats: Annotated[int, typer.Option(help="Launches; figures are medians over them.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Runs of each mode per launch, alternating sync and async.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Launches; figures are medians over all their rounds.")] = 2,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Real expert parallelism over local processes: sync vs async throughput, latency, barrier wait, mu-queues."""
     from moeserve.bench.ep import render_table, run_ep_bench
-    from moeserve.ep.config import MODES, EPConfig
     from moeserve.env import read_environment
+    from moeserve.ep.config import MODES, EPConfig
 
     if mode not in (*MODES, "both"):
         _fail(MoeserveError(f"--mode must be sync, async or both, got {mode!r}"))
@@ -806,6 +811,7 @@ def bench_ep(
             prompt_tokens=prompt_tokens,
             new_tokens=new_tokens,
             micro_batches=micro_batches,
+            rounds=rounds,
             scheduler=scheduler,
             hold_tokens_per_expert=hold_tokens_per_expert,
             flush_after_s=flush_after_ms / 1e3,
@@ -825,22 +831,66 @@ def simulate_ep(
     expert_workers: Annotated[int, typer.Option(help="Expert workers.")] = 8,
     mode: Annotated[str, typer.Option(help="sync (barrier all-to-all per layer) or async (mu-queues + layer scheduler).")] = "async",
     scheduler: Annotated[str, typer.Option(help="Async layer scheduler: defrag, flfs, max-batch.")] = "defrag",
-    passes: Annotated[int, typer.Option(help="Times the trace is replayed.")] = 4,
-    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Use costs measured on this machine instead of the GPU-class defaults.")] = False,
+    passes: Annotated[int, typer.Option(help="Decode-only workload: forward passes every in-flight token makes.")] = 4,
+    tokens_per_attention_worker: Annotated[int, typer.Option(help="Decode-only workload: in-flight tokens per attention worker.")] = 256,
+    requests: Annotated[int, typer.Option(help="Requests with a prefill then decode steps, as `moeserve bench ep` runs them (0: the decode-only workload).")] = 0,
+    prompt_tokens: Annotated[int, typer.Option(help="With --requests: prompt tokens per request.")] = 16,
+    new_tokens: Annotated[int, typer.Option(help="With --requests: generated tokens per request.")] = 16,
+    micro_batches: Annotated[int, typer.Option(help="async: micro-batches per attention worker.")] = 4,
+    hold_tokens_per_expert: Annotated[float, typer.Option(help="async: a layer runs once it holds this many rows per held expert ...")] = 32.0,
+    flush_after_ms: Annotated[float, typer.Option(help="async: ... or its oldest entry waited this long (ms).")] = 0.02,
+    cores: Annotated[int | None, typer.Option(help="Processors all workers share (0: one each). Default: the calibration's measured effective cores with --costs/--calibrate, else 0.")] = None,
+    costs_file: Annotated[Path | None, typer.Option("--costs", help="A moeserve-sim-costs/1 JSON file (from --save-costs) to use instead of the GPU-class defaults.")] = None,
+    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Measure the costs on this machine now (expert backend, attention-side layer, thread hand-off, gloo messages).")] = False,
+    save_costs: Annotated[Path | None, typer.Option("--save-costs", help="With --calibrate: write the measured costs here.")] = None,
+    hidden_size: Annotated[int, typer.Option(help="--calibrate: hidden size D of the measured experts (bench ep's synthetic model: 128).")] = 128,
+    intermediate_size: Annotated[int, typer.Option(help="--calibrate: expert intermediate size I (bench ep's synthetic model: 160).")] = 160,
     as_json: JsonOpt = False,
 ) -> None:
     """Simulated expert parallelism: throughput and latency of sync vs async on real routing (simulator figures)."""
-    from moeserve.sim.ep import EPSimConfig, calibrate_costs, simulate_trace
+    from dataclasses import asdict
+
+    from moeserve.sim.calibrate import CalibrationShape, calibrate_costs, load_calibration, save_calibration
+    from moeserve.sim.ep import EPSimConfig, RequestWorkload, SimCosts, simulate_trace
     from moeserve.traces.format import load_trace
 
+    if calibrate_here and costs_file is not None:
+        _fail(MoeserveError("give --calibrate or --costs, not both"))
     try:
+        loaded = load_trace(trace)
+        costs = SimCosts()
+        source = "assumed GPU-class defaults"
+        measured_cores = 0
+        if costs_file is not None:
+            loaded_calibration = load_calibration(costs_file)
+            costs, measured_cores = loaded_calibration.costs, loaded_calibration.effective_cores
+            source = str(costs_file)
+        elif calibrate_here:
+            shape = CalibrationShape(
+                hidden=hidden_size,
+                intermediate=intermediate_size,
+                experts_per_worker=-(-loaded.meta.num_experts // expert_workers),
+                top_k=loaded.meta.top_k,
+            )
+            calibration = calibrate_costs(shape)
+            if save_costs is not None:
+                save_calibration(calibration, save_costs)
+            costs, measured_cores = calibration.costs, calibration.effective_cores
+            source = "measured now"
+        workload = (
+            RequestWorkload(requests=requests, prompt_tokens=prompt_tokens, new_tokens=new_tokens) if requests else None
+        )
         config = EPSimConfig(attention_workers=attention_workers, expert_workers=expert_workers, mode=mode,
-                             scheduler=scheduler, passes=passes)
-        result = simulate_trace(load_trace(trace), config, calibrate_costs() if calibrate_here else None)
-    except (MoeserveError, ValueError, KeyError) as error:
+                             scheduler=scheduler, passes=passes, tokens_per_attention_worker=tokens_per_attention_worker,
+                             micro_batches_per_worker=micro_batches, hold_tokens_per_expert=hold_tokens_per_expert,
+                             flush_after_s=flush_after_ms / 1e3, workload=workload,
+                             cores=measured_cores if cores is None else cores)
+        result = simulate_trace(loaded, config, costs)
+    except (MoeserveError, ValueError, KeyError, OSError) as error:
         _fail(error)
         return
-    _emit(as_json, lambda: result.to_dict(), lambda: result.render_table())
+    document = {**result.to_dict(), "costs": {**asdict(costs), "measured": list(costs.measured)}, "costs_source": source}
+    _emit(as_json, lambda: document, lambda: result.render_table() + f"\ncosts: {source} (simulator figures)")
 
 
 def main() -> None:

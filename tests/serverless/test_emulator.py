@@ -23,6 +23,7 @@ from moeserve.serverless.emulator import (
 )
 from moeserve.serverless.export import PlanFile, save_plan_json
 from moeserve.serverless.ledger import Ledger
+from moeserve.serverless.perf import Calibration, device_name, save_calibration
 from moeserve.serverless.plan import CostModel, DeploymentPlan, FunctionPlan, LayerPlan
 from moeserve.serverless.prices import billed_cost, default_prices
 from moeserve.serverless.shapes import ExpertShape, reference_shape
@@ -200,10 +201,14 @@ def test_cli_runs_a_saved_plan_with_a_trace_on_the_reference_weights(tmp_path):
     writer = TraceWriter(TraceMeta("tiny-moe", 16, 2, "prefill", "test"), num_layers=4)
     writer.add_sequence(np.stack([rng.permutation(16)[:2] for _ in range(64 * 4)]).reshape(64, 4, 2))
     trace_path = writer.save(tmp_path / "trace.npz")
+    # The prediction uses the cached calibration `serverless plan` would use (none is measured here).
+    stored = Calibration(3e10, 1e-4, True, probe=(128, 160), invocation_overhead_s=2e-4,
+                         payload_seconds_per_byte=9e-9, weights_streamed=True, device=device_name())  # fmt: skip
+    calibration_path = save_calibration(tmp_path / "calibration.json", reference_shape(), stored)
     result = CliRunner().invoke(
         app,
         ["serverless", "run", str(plan_path), "--trace", str(trace_path), "--tokens", "64", "--batch-tokens", "32",
-         "--no-calibrate", "--json"],
+         "--calibration", str(calibration_path), "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -212,6 +217,7 @@ def test_cli_runs_a_saved_plan_with_a_trace_on_the_reference_weights(tmp_path):
     assert report["measured"]["ledger"]["invocations"] > 0
     assert report["measured"]["outputs_allclose"] is None  # a trace holds no hidden states to compare with
     assert report["modelled"]["invoke_cost_usd"] > 0
+    assert report["modelled"]["calibration"] == stored.to_dict()
     assert report["bill_ratio_measured_over_modelled"] == pytest.approx(
         report["measured"]["invoke_cost_usd"] / report["modelled"]["invoke_cost_usd"]
     )
@@ -230,11 +236,15 @@ def test_a_plan_for_another_shape_without_weights_or_routing_is_refused(tmp_path
 def test_the_handler_fit_recovers_known_compute_constants():
     shape = reference_shape()
     ledger = Ledger(LIMITS, "x86_64")
-    for tokens, touched in ((16, 5), (64, 12), (256, 16), (100, 3)):
-        seconds = touched * 2e-4 + tokens * shape.flops_per_token / 5e10
+    for tokens, touched, payload in ((16, 5, 9_000), (64, 12, 40_000), (256, 16, 150_000), (100, 3, 70_000)):
+        experts = touched * 2e-4 + tokens * shape.flops_per_token / 5e10
+        rest = 1e-4 + payload * 8e-9
         ledger.bill("invoke", 512, 1.0, layer=0, function=0, replica=0, batch=0, micro_batch=0,
-                    tokens=tokens, experts_touched=touched, experts_cpu_s=seconds)  # fmt: skip
+                    tokens=tokens, experts_touched=touched, experts_cpu_s=experts, cpu_s=experts + rest,
+                    request_bytes=payload // 2, response_bytes=payload - payload // 2)  # fmt: skip
     fitted = fit_handler_calibration(ledger.entries, shape)
-    assert fitted is not None
+    assert fitted is not None and fitted.covers(shape)
     assert fitted.flops_per_second == pytest.approx(5e10, rel=1e-6)
     assert fitted.call_overhead_s == pytest.approx(2e-4, rel=1e-6)
+    assert fitted.invocation_overhead_s == pytest.approx(1e-4, rel=1e-6)
+    assert fitted.payload_seconds_per_byte == pytest.approx(8e-9, rel=1e-6)

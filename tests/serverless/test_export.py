@@ -207,3 +207,42 @@ def test_payloads_over_the_synchronous_limit_are_refused_clearly():
     with pytest.raises(ht.PayloadTooLargeError, match="response of 50 tokens"):
         ht.handle(event, weights, limit=500)
     assert ht.handle(event, weights)["tokens"] == 50
+
+
+def test_grouped_experts_equal_a_row_by_row_reference_and_the_object_store_path_matches_direct():
+    rng = np.random.default_rng(2)
+    n, intermediate, hidden = 5, 6, 4
+    weights = ht.ExpertWeights(
+        np.array([7, 3, 9, 1, 4]),
+        rng.standard_normal((n, intermediate, hidden)).astype(np.float32),
+        rng.standard_normal((n, intermediate, hidden)).astype(np.float32),
+        rng.standard_normal((n, hidden, intermediate)).astype(np.float32),
+    )
+    x = rng.standard_normal((40, hidden)).astype(np.float32)
+    experts = rng.choice(weights.experts, 40)
+    y = ht.run_experts(weights, x, experts)
+    for row, expert in enumerate(experts):
+        slot = weights.slot(int(expert))
+        h = x[row] @ weights.gate[slot].T
+        expected = (h / (1 + np.exp(-h)) * (x[row] @ weights.up[slot].T)) @ weights.down[slot].T
+        np.testing.assert_allclose(y[row], expected, rtol=1e-4, atol=1e-5)
+
+    store = {"in": np.ascontiguousarray(x, dtype="<f4").tobytes()}
+    event = {
+        "tokens": 40,
+        "hidden_size": hidden,
+        "experts": ht.encode_array(experts, "<i4"),
+        "input_key": "in",
+    }
+    response = ht.handle_object_store(event, weights, store.__getitem__, store.__setitem__)
+    assert response["output_key"] == "in.out" and "y" not in response
+    direct = ht.handle(ht.encode_request(x, experts), weights)
+    np.testing.assert_array_equal(
+        np.frombuffer(store["in.out"], dtype="<f4").reshape(40, hidden),
+        ht.decode_array(direct["y"], "<f4", (40, hidden)),
+    )
+    # The response size the handler checks is the size of the JSON it returns.
+    assert len(json.dumps(direct)) <= 3 * 4 * 40 * hidden
+    with pytest.raises(ht.PayloadTooLargeError):
+        ht.handle(ht.encode_request(x, experts), weights, limit=len(json.dumps(direct)) - 1)
+    assert ht.handle(ht.encode_request(x, experts), weights, limit=len(json.dumps(direct)))["tokens"] == 40

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
 from moeserve.serverless.perf import (
+    CALIBRATION_FORMAT,
     DEFAULT_CALIBRATION,
     Calibration,
     PerfConstants,
+    cached_calibration,
     calibrate,
     cold_start_seconds,
     compute_seconds,
+    device_name,
+    handler_overhead_seconds,
+    handler_payload_bytes,
+    load_calibration,
+    save_calibration,
+    shape_key,
     speedup,
     transfer_seconds,
 )
@@ -117,11 +128,75 @@ def test_bad_constants_raise(field):
         PerfConstants(**{field: 0})
 
 
-def test_calibrate_times_a_real_expert_and_fits_positive_constants():
-    calibration = calibrate(reference_shape(), token_counts=(8, 64), repeats=2, max_width=64)
-    assert calibration.measured
+def test_calibrate_times_the_deployed_handler_and_fits_positive_constants():
+    shape = reference_shape()
+    calibration = calibrate(shape, experts_touched=(1, 4), tokens_per_expert=(1, 16), repeats=1)
+    assert calibration.measured and calibration.weights_streamed and calibration.covers(shape)
     assert calibration.flops_per_second > 0 and calibration.call_overhead_s >= 0
-    assert [tokens for tokens, _ in calibration.points] == [8, 64]
-    assert calibration.probe == (64, 64)
-    with pytest.raises(ValueError, match="two token counts"):
-        calibrate(reference_shape(), token_counts=(8,))
+    assert calibration.payload_seconds_per_byte >= 0 and calibration.invocation_overhead_s >= 0
+    assert calibration.invocation_overhead_s + calibration.payload_seconds_per_byte > 0
+    assert [(n, t) for n, t, *_ in calibration.points] == [(1, 1), (1, 16), (4, 4), (4, 64)]
+    assert calibration.probe == (128, 160)
+    assert not calibration.covers(DEEPSEEK_V2_LITE)
+    # The recorded payload bytes are the handler's real ones, which the model's estimate follows.
+    for _, tokens, _, _, measured_bytes in calibration.points:
+        request, response = handler_payload_bytes(shape, tokens, "direct")
+        assert float(request + response) == pytest.approx(measured_bytes, rel=0.02, abs=80)
+    with pytest.raises(ValueError, match="two expert counts"):
+        calibrate(shape, experts_touched=(8,))
+
+
+def test_a_calibration_that_measured_streaming_adds_no_modelled_floor():
+    shape = DEEPSEEK_V2_LITE
+    measured = Calibration(1e10, 2e-3, True, probe=(2048, 1408), weights_streamed=True)
+    constants = PerfConstants(memory_bandwidth_bytes_per_s=1e9)
+    assert float(compute_seconds(shape, 1, 2, 1.0, measured, constants)) == pytest.approx(
+        2 * 2e-3 + shape.flops_per_token / 1e10
+    )
+    elsewhere = Calibration(1e10, 2e-3, True, probe=(128, 160), weights_streamed=True)
+    assert float(compute_seconds(shape, 1, 2, 1.0, elsewhere, constants)) == pytest.approx(
+        2 * 2e-3 + 2 * shape.expert_bytes / 1e9
+    )
+
+
+def test_handler_overhead_is_per_invocation_and_per_byte_and_not_sped_up_by_more_vcpus():
+    calibration = Calibration(1e10, 0.0, True, invocation_overhead_s=1e-4, payload_seconds_per_byte=1e-8)
+    assert float(handler_overhead_seconds(1e6, 1.0, calibration)) == pytest.approx(1e-4 + 1e-2)
+    assert float(handler_overhead_seconds(1e6, 0.5, calibration)) == pytest.approx(2 * (1e-4 + 1e-2))
+    assert float(handler_overhead_seconds(1e6, 4.0, calibration)) == pytest.approx(1e-4 + 1e-2)
+    request, response = handler_payload_bytes(reference_shape(), 0, "object_store")
+    assert float(request) > 0 and float(response) > 0  # small JSON only: the rows travel raw
+    with pytest.raises(ValueError, match="known"):
+        handler_payload_bytes(reference_shape(), 1, "pigeon")
+
+
+def test_calibrations_are_cached_as_data_keyed_by_device_and_shape(tmp_path, monkeypatch):
+    path = tmp_path / "calibration.json"
+    shape = reference_shape()
+    stored = Calibration(3e10, 1e-4, True, points=((1.0, 2.0, 3.0, 4.0, 5.0),), probe=(128, 160),
+                         invocation_overhead_s=2e-4, payload_seconds_per_byte=9e-9, weights_streamed=True,
+                         device=device_name(), spread=0.2)  # fmt: skip
+    assert load_calibration(path, shape) is None
+    save_calibration(path, shape, stored)
+    save_calibration(path, DEEPSEEK_V2_LITE, dataclasses.replace(stored, probe=(2048, 1408)))
+    assert load_calibration(path, shape) == stored
+    assert load_calibration(path, shape, device="another cpu") is None
+    document = json.loads(path.read_text())
+    assert document["format"] == CALIBRATION_FORMAT
+    assert set(document["devices"][device_name()]) == {shape_key(shape), shape_key(DEEPSEEK_V2_LITE)}
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a cached calibration must not be measured again")
+
+    monkeypatch.setattr("moeserve.serverless.perf.calibrate", no_timing)
+    assert cached_calibration(shape, path) == stored
+    monkeypatch.setattr(
+        "moeserve.serverless.perf.calibrate", lambda shape: dataclasses.replace(stored, spread=0.5)
+    )
+    assert cached_calibration(shape, path, recalibrate=True).spread == 0.5
+    assert load_calibration(path, shape).spread == 0.5
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a"):
+        load_calibration(path, shape)
+    with pytest.raises(ValueError, match="call_overhead_s"):
+        Calibration(1e10, -1.0, True)

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from moeserve.sim.calibrate import (
+    Calibration,
+    CalibrationShape,
+    calibrate_costs,
+    load_calibration,
+    save_calibration,
+)
 from moeserve.sim.ep import (
     EPSimConfig,
+    RequestWorkload,
     SimCosts,
-    calibrate_costs,
     simulate_ep,
     simulate_trace,
     synthetic_routing,
@@ -47,7 +55,7 @@ def test_sync_barrier_waits_for_the_slowest_expert_worker() -> None:
     )
     result = _two_worker_sync(costs, passes=3)
     slowest, other = 5.0 + 3 * 1.0, 5.0 + 1 * 1.0
-    assert result.makespan_s == pytest.approx(3 * slowest)
+    assert result.makespan_s == pytest.approx(3 * slowest)  # message latency is 0 here
     assert result.mean_barrier_wait_s == pytest.approx((slowest - other) / 2)
     assert result.expert_utilisation == pytest.approx((1.0, other / slowest))
     assert result.latency_p99_s == pytest.approx(slowest)
@@ -66,9 +74,10 @@ def test_sync_layer_time_is_attention_dispatch_slowest_combine() -> None:
     )
     result = _two_worker_sync(costs, passes=1)
     attention = 2.0 + 4 * 0.5
+    split_sizes = 1.0  # the split-size exchange before the variable-size all-to-all
     dispatch = 1.0 + 4 * 10 / 10.0  # one sender, 4 assignments on its link
     combine = 1.0 + 3 * 10 / 10.0  # worker 0 sends back 3 assignments
-    assert result.makespan_s == pytest.approx(attention + dispatch + 8.0 + combine)
+    assert result.makespan_s == pytest.approx(attention + split_sizes + dispatch + 8.0 + combine)
 
 
 def test_async_beats_sync_on_skewed_routing() -> None:
@@ -169,11 +178,146 @@ def test_result_dict_carries_throughput_and_latency() -> None:
     assert len(result.render_table().splitlines()) == 10
 
 
-def test_calibrate_costs_measures_positive_numbers() -> None:
-    costs = calibrate_costs(batch_sizes=(1, 16, 64), repeats=5)
-    assert "expert_per_token_s" in costs.measured and "message_latency_s" in costs.measured
+def test_calibration_measures_positive_costs_and_round_trips_through_json(tmp_path: Path) -> None:
+    shape = CalibrationShape(
+        hidden=32,
+        intermediate=48,
+        experts_per_worker=8,
+        top_k=2,
+        row_counts=(4, 16, 64),
+        token_counts=(4, 32),
+        message_rows=(0, 64),
+        repeats=3,
+    )
+    calibration = calibrate_costs(shape)
+    costs = calibration.costs
+    assert {"expert_per_token_s", "attention_per_token_s", "message_latency_s", "attention_switch_s"} <= set(
+        costs.measured
+    )
     assert "bytes_per_token" not in costs.measured
-    assert costs.expert_per_token_s > 0 and costs.message_latency_s > 0 and costs.bandwidth_bytes_per_s > 0
+    assert costs.bytes_per_token == 4 * 32 + 8
+    assert 1 <= calibration.effective_cores <= (os.cpu_count() or 1)
+    assert calibration.samples["parallel_speedup"][0] == [1.0, 1.0]
+    for name in ("expert_per_token_s", "attention_per_token_s", "message_latency_s", "bandwidth_bytes_per_s"):
+        assert math.isfinite(getattr(costs, name)) and getattr(costs, name) > 0
+    assert len(calibration.samples["expert"]) == 6 and all(len(row) == 3 for row in calibration.samples["expert"])
+    assert [row[0] for row in calibration.samples["attention"]] == [4.0, 32.0]
+    assert [row[0] for row in calibration.samples["message"]] == [64.0, 64.0 + 64 * (4 * 32 + 8)]
+    path = tmp_path / "costs.json"
+    save_calibration(calibration, path)
+    assert load_calibration(path) == calibration
+    with pytest.raises(ValueError, match="format"):
+        Calibration.from_dict({"format": "something-else"})
+
+
+def _balanced_routing(num_tokens: int, num_experts: int, top_k: int, num_layers: int) -> np.ndarray:
+    """int16 [T, L, K]: token t goes to experts t, t+1, ... (mod E): every expert gets T*K/E tokens."""
+    experts = (np.arange(num_tokens)[:, None] + np.arange(top_k)[None, :]) % num_experts  # [T, K]
+    return np.repeat(experts[:, None, :], num_layers, axis=1).astype(np.int16)
+
+
+def test_sync_equals_async_on_balanced_routing_with_linear_costs() -> None:
+    """One batch per attention worker, nothing held back, no fixed costs: async has nothing to win."""
+    routing = _balanced_routing(num_tokens=64, num_experts=4, top_k=2, num_layers=3)
+    costs = SimCosts(
+        expert_overhead_s=0.0,
+        expert_per_token_s=1e-6,
+        attention_overhead_s=0.0,
+        attention_per_token_s=2e-6,
+        message_latency_s=0.0,
+        bandwidth_bytes_per_s=1e9,
+        bytes_per_token=1000,
+    )
+    for workload in (None, RequestWorkload(requests=8, prompt_tokens=4, new_tokens=3)):
+        results = {
+            mode: simulate_ep(
+                routing,
+                4,
+                EPSimConfig(
+                    attention_workers=1,
+                    expert_workers=2,
+                    mode=mode,
+                    tokens_per_attention_worker=16,
+                    micro_batches_per_worker=1,
+                    hold_tokens_per_expert=0.0,
+                    flush_after_s=0.0,
+                    passes=3,
+                    workload=workload,
+                ),
+                costs,
+                expert2rank=np.array([[0, 0, 1, 1]] * 3),
+            )
+            for mode in ("sync", "async")
+        }
+        sync, async_ = results["sync"], results["async"]
+        assert sync.tokens == async_.tokens
+        assert async_.makespan_s == pytest.approx(sync.makespan_s, rel=1e-9)
+        assert async_.latency_p50_s == pytest.approx(sync.latency_p50_s, rel=1e-9)
+        assert sync.mean_barrier_wait_s == pytest.approx(0.0, abs=1e-15)
+
+
+def test_request_workload_counts_generated_tokens_and_times_decode_steps() -> None:
+    routing = synthetic_routing(num_tokens=200, num_layers=2, num_experts=8, top_k=2, seed=4)
+    workload = RequestWorkload(requests=6, prompt_tokens=5, new_tokens=4)
+    for mode in ("sync", "async"):
+        result = simulate_ep(
+            routing,
+            8,
+            EPSimConfig(attention_workers=2, expert_workers=2, mode=mode, micro_batches_per_worker=3, workload=workload),
+        )
+        assert result.tokens == 6 * 4
+        assert result.latency_p50_s > 0 and result.throughput_tokens_per_s == pytest.approx(24 / result.makespan_s)
+    with pytest.raises(ValueError, match="requests 4 give 2 per attention worker"):
+        EPSimConfig(
+            attention_workers=2,
+            expert_workers=1,
+            mode="async",
+            micro_batches_per_worker=3,
+            workload=RequestWorkload(requests=4),
+        )
+
+
+def test_shared_cores_serialise_expert_workers_in_sync() -> None:
+    costs = SimCosts(
+        expert_overhead_s=5.0,
+        expert_per_token_s=1.0,
+        attention_overhead_s=0.0,
+        attention_per_token_s=0.0,
+        message_latency_s=0.0,
+        bytes_per_token=0,
+    )
+    routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)
+    makespans = {}
+    for cores in (0, 1, 2):
+        config = EPSimConfig(
+            attention_workers=1,
+            expert_workers=2,
+            mode="sync",
+            tokens_per_attention_worker=4,
+            micro_batches_per_worker=1,
+            passes=1,
+            cores=cores,
+        )
+        makespans[cores] = simulate_ep(routing, 2, config, costs, expert2rank=np.array([[0, 1]])).makespan_s
+    assert makespans[0] == makespans[2] == pytest.approx(8.0)
+    assert makespans[1] == pytest.approx(8.0 + 6.0)  # one processor runs both workers in turn
+    async_one_core = simulate_ep(
+        routing,
+        2,
+        EPSimConfig(
+            attention_workers=1,
+            expert_workers=2,
+            mode="async",
+            tokens_per_attention_worker=4,
+            micro_batches_per_worker=1,
+            hold_tokens_per_expert=0.0,
+            passes=1,
+            cores=1,
+        ),
+        costs,
+        expert2rank=np.array([[0, 1]]),
+    )
+    assert async_one_core.makespan_s == pytest.approx(14.0)
 
 
 @pytest.mark.skipif(

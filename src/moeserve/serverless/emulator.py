@@ -44,9 +44,11 @@ below 1 vCPU; above it the speedup is modelled); network and object-store transf
 the cost model's constants, slept, not measured; and the host is a shared 2-core machine, not
 Lambda, so measured throughput is this host's. The prediction next to the measurement comes
 from :func:`moeserve.serverless.plan.evaluate_plan` on the same plan and the loads the run
-actually replayed; the report also re-evaluates it with the compute constants fitted to the
-handler's measured times and re-prices the bill without payload (de)serialisation, so a gap
-can be traced to calibration, to serialisation, or to neither. ``moeserve serverless run``
+actually replayed, with the calibration ``serverless plan`` uses (``perf.cached_calibration``:
+the deployed handler timed on this machine at the plan's shape); the report also re-evaluates
+it with the handler constants fitted to this run's measured times and re-prices the bill
+without payload (de)serialisation, so a gap can be traced to calibration, to serialisation,
+or to neither. ``moeserve serverless run``
 is the command line for :func:`emulate_plan`.
 """
 
@@ -75,13 +77,19 @@ from rich.table import Table
 
 from moeserve.errors import MoeserveError
 from moeserve.serverless import handler_template
-from moeserve.serverless.function_worker import frame
+from moeserve.serverless.function_worker import ONE_THREAD_ENVIRONMENT, frame
 from moeserve.serverless.ledger import Ledger, LedgerEntry, line_cost
 from moeserve.serverless.perf import (
     DEFAULT_CALIBRATION,
+    DEFAULT_CALIBRATION_PATH,
     Calibration,
     PerfConstants,
+    cached_calibration,
     compute_seconds,
+    device_name,
+    fit_nonnegative,
+    handler_overhead_seconds,
+    handler_payload_bytes,
     speedup,
     transfer_seconds,
 )
@@ -325,15 +333,21 @@ class RandomWeights:
         )
 
 
-def handler_duration_s(cpu_s: float, io_s: float, vcpus: float, constants: PerfConstants) -> float:
-    """Billed seconds of a handler that used ``cpu_s`` CPU seconds (one thread) at a share of ``vcpus``.
+def handler_duration_s(
+    cpu_s: float, experts_cpu_s: float, io_s: float, vcpus: float, constants: PerfConstants
+) -> float:
+    """Billed seconds of a handler that used ``cpu_s`` CPU seconds (one thread, ``experts_cpu_s`` of
+    them in the expert matmuls) at a share of ``vcpus``.
 
-    ``io_s + cpu_s / perf.speedup(vcpus)``: below 1 vCPU the CPU time stretched by the share (what
-    the worker's duty cycle makes its wall time when this host is not oversubscribed), from 1
-    vCPU up shortened by the modelled multi-thread speedup. Wall time beyond this is contention
-    on this host (other functions and processes sharing 2 cores), which Lambda would not bill.
+    ``io_s + experts_cpu_s / perf.speedup(vcpus) + (cpu_s - experts_cpu_s) / min(vcpus, 1)``:
+    below 1 vCPU the CPU time stretched by the share (what the worker's duty cycle makes its
+    wall time when this host is not oversubscribed); from 1 vCPU up the matmuls shortened by the
+    modelled multi-thread speedup, JSON and base64 not (they run on one thread), as the cost
+    model has it. Wall time beyond this is contention on this host (other functions and
+    processes sharing 2 cores), which Lambda would not bill.
     """
-    return io_s + cpu_s / float(speedup(vcpus, constants))
+    rest = max(cpu_s - experts_cpu_s, 0.0)
+    return io_s + experts_cpu_s / float(speedup(vcpus, constants)) + rest / min(vcpus, 1.0)
 
 
 # -- function instances --------------------------------------------------------------------------
@@ -389,9 +403,7 @@ class _Instance:
             **os.environ,
             "MOESERVE_EXPERTS": ",".join(str(e) for e in self.spec.plan.experts),
             "MOESERVE_WEIGHTS_PATH": str(self.spec.weights_path),
-            "OPENBLAS_NUM_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
+            **ONE_THREAD_ENVIRONMENT,
         }
         self.stop()
         self.killed_for, self.peak_rss_kib = None, 0
@@ -793,7 +805,11 @@ class Emulator:
             duration = self.config.timeout_s
         elif "cpu_s" in reply:  # the handler ran to an answer (a result or its own error)
             duration = handler_duration_s(
-                float(reply["cpu_s"]), float(reply["io_s"]), spec.vcpus, self.model.constants
+                float(reply["cpu_s"]),
+                float(reply["experts_cpu_s"]),
+                float(reply["io_s"]),
+                spec.vcpus,
+                self.model.constants,
             )
             scaled = spec.vcpus >= 1.0
         entry = self.ledger.bill(
@@ -1061,25 +1077,51 @@ def replayed_workload(
     )
 
 
-def fit_handler_calibration(entries: Sequence[LedgerEntry], shape: ExpertShape) -> Calibration | None:
-    """The compute model's constants fitted to the handler's measured expert-matmul CPU time.
+def fit_handler_calibration(
+    entries: Sequence[LedgerEntry], shape: ExpertShape, channels: Sequence[str] | None = None
+) -> Calibration | None:
+    """The cost model's handler constants fitted to this run's measured CPU times (ok invocations).
 
-    Least squares of ``experts_cpu_s = experts_touched * call_overhead + tokens * flops_per_token
-    / flops_per_second`` over ok invocations (the form ``perf.compute_seconds`` uses, without its
-    weight-streaming floor); None with fewer than two invocations or no positive rate.
+    Two fits of the forms ``perf.calibrate`` fits (relative least squares, coefficients >= 0):
+    ``experts_cpu_s = experts_touched * call_overhead + tokens * flops_per_token / flops_per_second``
+    and ``cpu_s - experts_cpu_s = invocation_overhead + json_bytes * payload_seconds_per_byte``,
+    where ``json_bytes`` is the request and response bytes less, on the object-store channel
+    (``channels[layer]``; default direct), the raw rows that travel outside the JSON. When noise
+    leaves no per-token cost, all expert time is counted per token. None with fewer than two
+    invocations or no positive rate.
     """
     ok = [e for e in entries if e.kind == "invoke" and e.outcome == "ok"]
     if len(ok) < 2:
         return None
     design = np.array([[e.experts_touched, e.tokens * shape.flops_per_token] for e in ok], dtype=np.float64)
-    seconds = np.array([e.experts_cpu_s for e in ok])
-    (overhead, inverse_rate), *_ = np.linalg.lstsq(design, seconds, rcond=None)
-    if overhead < 0:
-        # Overhead and rate are nearly collinear when every call touches all experts; keep the rate.
-        overhead, inverse_rate = 0.0, float(seconds.sum() / design[:, 1].sum())
-    if inverse_rate <= 0:
+    experts_seconds = np.array([e.experts_cpu_s for e in ok])
+    per_expert, per_flop = fit_nonnegative(design, experts_seconds)
+    if per_flop <= 0:
+        # Noise swamped the per-token trend (small invocations are mostly per-expert overhead):
+        # keep a rate, all time counted per token.
+        per_expert, per_flop = 0.0, float(experts_seconds.sum() / design[:, 1].sum())
+    if per_flop <= 0:
         return None
-    return Calibration(flops_per_second=1.0 / inverse_rate, call_overhead_s=float(overhead), measured=True)
+
+    def json_bytes(entry: LedgerEntry) -> float:
+        channel = channels[entry.layer] if channels is not None else "direct"
+        raw = entry.tokens * 4 * shape.hidden_size if channel == "object_store" else 0
+        return float(entry.request_bytes + entry.response_bytes - raw)
+
+    rest = np.array([max(e.cpu_s - e.experts_cpu_s, 0.0) for e in ok])
+    per_invocation, per_byte = fit_nonnegative(
+        np.array([[1.0, json_bytes(e)] for e in ok], dtype=np.float64), rest
+    )
+    return Calibration(
+        flops_per_second=1.0 / per_flop,
+        call_overhead_s=float(per_expert),
+        measured=True,
+        probe=(shape.hidden_size, shape.intermediate_size),
+        invocation_overhead_s=float(per_invocation),
+        payload_seconds_per_byte=float(per_byte),
+        weights_streamed=True,
+        device=device_name(),
+    )
 
 
 @dataclass(frozen=True)
@@ -1145,10 +1187,13 @@ class EmulatorReport:
         return self.measured_invoke_cost / self.predicted_invoke_cost
 
     def refitted_prediction(self) -> tuple[Calibration, PlanEvaluation] | None:
-        """``evaluate_plan`` again with compute constants fitted to this run's measured handler
-        (:func:`fit_handler_calibration`), and those constants: what gap is left is not calibration."""
+        """``evaluate_plan`` again with handler constants fitted to this run's measured handler
+        (:func:`fit_handler_calibration`), and those constants: what gap is left is not calibration
+        but the model's form (expected experts touched, loads, rounding)."""
         emulator = self.run.emulator
-        fitted = fit_handler_calibration(emulator.ledger.entries, emulator.shape)
+        fitted = fit_handler_calibration(
+            emulator.ledger.entries, emulator.shape, [layer.channel for layer in emulator.plan.layers]
+        )
         if fitted is None:
             return None
         model = dataclasses.replace(emulator.model, calibration=fitted)
@@ -1160,7 +1205,7 @@ class EmulatorReport:
 
         Each ok line re-billed from its measured expert-matmul CPU time alone (same share, same
         rounding, same prices); failed lines as billed. The gap to :attr:`measured_invoke_cost`
-        is what payload (de)serialisation costs, which the cost model does not count.
+        is what payload (de)serialisation costs (the cost model counts it from its calibration).
         """
         emulator = self.run.emulator
         limits, constants = emulator.limits, emulator.model.constants
@@ -1173,33 +1218,47 @@ class EmulatorReport:
                 total += entry.cost_usd
                 continue
             seconds = handler_duration_s(
-                entry.experts_cpu_s, entry.io_s, limits.vcpu_share(entry.memory_mb), constants
+                entry.experts_cpu_s,
+                entry.experts_cpu_s,
+                entry.io_s,
+                limits.vcpu_share(entry.memory_mb),
+                constants,
             )
             billed = limits.billed_duration_ms(seconds * 1000.0)
             total += line_cost(limits, price, "invoke", entry.memory_mb, billed)
         return total
 
     def compute_check(self) -> dict[str, float]:
-        """Where the handler's time goes, against the cost model's compute time (ok invocations, one vCPU).
+        """Where the handler's time goes, against the cost model's (ok invocations, CPU seconds at one vCPU).
 
-        ``experts_cpu_s`` is the expert matmuls (what ``perf.calibrate`` times, with torch);
-        ``serialisation_cpu_s`` the rest of the handler's CPU time: decoding the base64 JSON event
-        and encoding the response, which the cost model does not count. Per payload byte (request
-        plus response) it is ``serialisation_ns_per_byte``.
+        ``experts_cpu_s`` is the expert matmuls, ``serialisation_cpu_s`` the rest of the handler's
+        CPU time (parsing the event, encoding the response); ``modelled_compute_s`` and
+        ``modelled_serialisation_s`` are the calibration's figures for the same invocations
+        (tokens, experts touched and payload bytes as measured). Per payload byte the measured
+        rest is ``serialisation_ns_per_byte``.
         """
         emulator = self.run.emulator
         entries = [e for e in emulator.ledger.entries if e.kind == "invoke" and e.outcome == "ok"]
+        calibration = emulator.model.calibration
+        tokens = np.array([e.tokens for e in entries], dtype=np.float64)
         modelled = compute_seconds(
             emulator.shape,
-            np.array([e.tokens for e in entries], dtype=np.float64),
+            tokens,
             np.array([e.experts_touched for e in entries], dtype=np.float64),
             1.0,
-            emulator.model.calibration,
+            calibration,
             emulator.model.constants,
         )
+        modelled_rest = 0.0
+        for entry in entries:
+            request, response = handler_payload_bytes(
+                emulator.shape, entry.tokens, emulator.plan.layers[entry.layer].channel
+            )
+            modelled_rest += float(handler_overhead_seconds(request + response, 1.0, calibration))
         cpu = sum(e.cpu_s for e in entries)
         experts = sum(e.experts_cpu_s for e in entries)
         payload = sum(e.request_bytes + e.response_bytes for e in entries)
+        modelled_total = float(modelled.sum()) + modelled_rest
         return {
             "invocations_measured": float(len(entries)),
             "invocations_predicted": self.prediction.invocations_per_token * self.run.tokens,
@@ -1208,8 +1267,10 @@ class EmulatorReport:
             "serialisation_cpu_s": cpu - experts,
             "serialisation_ns_per_byte": (cpu - experts) / payload * 1e9 if payload else math.nan,
             "modelled_compute_s": float(modelled.sum()),
+            "modelled_serialisation_s": modelled_rest,
             "experts_over_modelled": experts / float(modelled.sum()) if modelled.sum() > 0 else math.nan,
-            "handler_over_modelled": cpu / float(modelled.sum()) if modelled.sum() > 0 else math.nan,
+            "serialisation_over_modelled": (cpu - experts) / modelled_rest if modelled_rest > 0 else math.nan,
+            "handler_over_modelled": cpu / modelled_total if modelled_total > 0 else math.nan,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -1233,7 +1294,6 @@ class EmulatorReport:
                 "calibration": fitted.to_dict(),
                 "invoke_cost_usd": refit_cost,
                 "bill_ratio": self.measured_invoke_cost / refit_cost,
-                "bill_ratio_without_serialisation": self.invoke_cost_without_serialisation / refit_cost,
             }
         ok = [e for e in ledger.entries if e.kind == "invoke" and e.outcome == "ok"]
         # Wall time over billed time: 1 when every function had its CPU share; more when this
@@ -1290,8 +1350,8 @@ class EmulatorReport:
             },
             "refitted": refitted,
             "bill_ratio_measured_over_modelled": self.bill_ratio,
-            "bill_ratio_without_serialisation": self.invoke_cost_without_serialisation
-            / self.predicted_invoke_cost,
+            "serialisation_share_of_bill": 1.0
+            - self.invoke_cost_without_serialisation / self.measured_invoke_cost,
             "bill_within_tolerance": abs(self.bill_ratio - 1.0) <= BILL_TOLERANCE,
             "tolerance": BILL_TOLERANCE,
             "notes": self.notes(),
@@ -1310,7 +1370,8 @@ class EmulatorReport:
             "the worker also sleeps its idle share, a duty cycle); wall time above that is contention on this "
             "2-core shared host, reported as host contention and not billed; it lowers the measured throughput",
             "payload (de)serialisation: the deployed handler decodes base64 JSON events and encodes its response; "
-            "the cost model counts only the expert matmuls, so the bill is also re-priced without it",
+            "the cost model counts it per invocation and per payload byte from its calibration (the bill is also "
+            "re-priced without it, to show its share)",
             "prediction: evaluate_plan on the same plan layers with the loads this run replayed (cold starts "
             "excluded from both bills)",
         ]
@@ -1352,7 +1413,9 @@ class EmulatorReport:
             f"{check['modelled_compute_s']:.4f}",
         )
         table.add_row(
-            "payload (de)serialisation CPU seconds", f"{check['serialisation_cpu_s']:.4f}", "not modelled"
+            "payload (de)serialisation CPU seconds (1 vCPU)",
+            f"{check['serialisation_cpu_s']:.4f}",
+            f"{check['modelled_serialisation_s']:.4f}",
         )
         cold = measured["cold_start_s_max"]
         table.add_row(
@@ -1367,19 +1430,14 @@ class EmulatorReport:
         table.add_row(
             "bill without payload (de)serialisation (USD)",
             f"{measured['invoke_cost_without_serialisation_usd']:.4e}",
-            f"ratio {data['bill_ratio_without_serialisation']:.3f}",
+            f"share {data['serialisation_share_of_bill']:.1%}",
         )
         if data["refitted"] is not None:
             refitted = data["refitted"]
             table.add_row(
-                "modelled with compute fitted to the handler (USD)",
-                "",
+                "modelled with the handler refitted to this run (USD)",
+                f"ratio {refitted['bill_ratio']:.3f}",
                 f"{refitted['invoke_cost_usd']:.4e}",
-            )
-            table.add_row(
-                "bill / refitted model: all, without (de)serialisation",
-                f"{refitted['bill_ratio']:.3f}",
-                f"{refitted['bill_ratio_without_serialisation']:.3f}",
             )
         table.add_row("host contention (wall / billed time)", f"{measured['host_contention']:.2f}", "")
         table.add_row(
@@ -1403,6 +1461,8 @@ def emulate_plan(
     config: EmulatorConfig | None = None,
     calibrate_here: bool = True,
     seed: int = 0,
+    calibration_path: str | Path = DEFAULT_CALIBRATION_PATH,
+    recalibrate: bool = False,
 ) -> EmulatorReport:
     """Run the plan in ``plan_path`` (any form ``export.load_plan_json`` reads) and report it.
 
@@ -1411,13 +1471,13 @@ def emulate_plan(
     trace in ``trace_path`` (random inputs); else the model's own routing on the standard
     library's held-out split (needs a checkpoint). 3. the first ``layers`` layers (default:
     all the plan has, at most the model's), ``tokens`` tokens (default: 4 batches) in batches of
-    ``batch_tokens`` (default: the plan file's, else 256). 4. the cost model calibrated here
-    (``perf.calibrate``, as ``serverless plan`` does) unless ``calibrate_here`` is False (then
-    the plan file's recorded calibration, else perf's default).
+    ``batch_tokens`` (default: the plan file's, else 256). 4. the cost model's calibration for
+    the shape on this device from ``calibration_path`` (``perf.cached_calibration``: measured
+    and stored there if absent or ``recalibrate``), the same data ``serverless plan`` uses;
+    with ``calibrate_here`` False, the plan file's recorded calibration, else perf's default.
     """
     from moeserve.models.loader import REFERENCE_MODEL
     from moeserve.serverless.export import load_plan_json
-    from moeserve.serverless.perf import calibrate
     from moeserve.serverless.shapes import reference_shape
 
     try:
@@ -1486,16 +1546,9 @@ def emulate_plan(
             "(the experts get random weights of the planned shapes) or --model"
         )
     if calibrate_here:
-        # As `serverless plan` calibrates. (Timing the full DeepSeek-sized expert instead fits a
-        # 14 ms "call overhead" that is really weight streaming, and predicts worse.)
-        calibration = calibrate(shape)
+        calibration = cached_calibration(shape, calibration_path, recalibrate)
     elif isinstance(document.get("calibration"), dict):
-        recorded = document["calibration"]
-        calibration = Calibration(
-            float(recorded["flops_per_second"]),
-            float(recorded["call_overhead_s"]),
-            bool(recorded["measured"]),
-        )
+        calibration = Calibration.from_dict(document["calibration"])
     else:
         calibration = DEFAULT_CALIBRATION
     model = CostModel(calibration=calibration, architecture=plan_file.architecture)

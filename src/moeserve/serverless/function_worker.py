@@ -15,9 +15,10 @@ lengths, a JSON header of the first length, a body of the second):
 2. Each request header is ``{"vcpus": v, "get_s": s, "put_s": s, "input_path": ...,
    "output_path": ...}`` with the Lambda event (JSON bytes) as body. Direct channel: the body is
    the event ``handler_template.handle`` takes. Object-store channel (``input_path`` set): the
-   event names no ``x``; the worker reads the raw float32 rows from ``input_path`` (the
-   object's GET), writes the raw output to ``output_path`` (the PUT), and sleeps ``get_s`` and
-   ``put_s`` beside them -- S3 latency and bandwidth are modelled, a local file is not S3.
+   event names no ``x``; the worker runs ``handler_template.handle_object_store`` with local
+   files for the store: it reads the raw float32 rows from ``input_path`` (the object's GET),
+   writes the raw output to ``output_path`` (the PUT), and sleeps ``get_s`` and ``put_s``
+   beside them -- S3 latency and bandwidth are modelled, a local file is not S3.
 3. The reply header is ``{"wall_s", "cpu_s", "experts_cpu_s", "io_s", "throttle_s"}`` (and
    ``"error"``, ``"message"`` when the handler raised), the body the handler's JSON response.
    ``experts_cpu_s`` is the CPU time inside ``handler_template.run_experts`` (the expert
@@ -40,7 +41,6 @@ It knows nothing of plans, prices or billing; the emulator measures and bills.
 
 from __future__ import annotations
 
-import base64
 import json
 import struct
 import sys
@@ -67,7 +67,7 @@ def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
     return _FRAME.pack(len(encoded), len(body)) + encoded + body
 
 
-class _ExpertsTimer:
+class ExpertsTimer:
     """Wraps ``handler_template.run_experts`` to add up its CPU time (instrumentation, like a tracing span)."""
 
     def __init__(self, run_experts: Any) -> None:
@@ -82,9 +82,15 @@ class _ExpertsTimer:
             self.cpu_s += time.thread_time() - start
 
 
-def _serve(
-    request: dict[str, Any], body: bytes, weights: Any, handler: Any, timer: _ExpertsTimer
+def serve_request(
+    request: dict[str, Any], body: bytes, weights: Any, handler: Any, timer: ExpertsTimer
 ) -> tuple[dict[str, Any], bytes]:
+    """Serve one request (header ``request``, event ``body``): the reply header and the response bytes.
+
+    ``handler`` is the handler module, whose ``run_experts`` must be ``timer`` for
+    ``experts_cpu_s`` to be counted. Also used by ``perf.calibrate``, so the cost model is
+    calibrated on exactly this code path.
+    """
     start, cpu_start = time.perf_counter(), time.thread_time()
     timer.cpu_s = 0.0
     io_seconds = 0.0
@@ -93,18 +99,24 @@ def _serve(
     try:
         event = json.loads(body)
         if request.get("input_path"):
-            with open(request["input_path"], "rb") as handle:
-                raw = handle.read()
-            time.sleep(request["get_s"])
-            io_seconds += request["get_s"]
-            inner = dict(event, x=base64.b64encode(raw).decode("ascii"))
-            result = handler.handle(inner, weights, limit=2**62)
-            with open(request["output_path"], "wb") as handle:
-                handle.write(base64.b64decode(result.pop("y")))
-            time.sleep(request["put_s"])
-            io_seconds += request["put_s"]
-            result["output_key"] = request["output_path"]
-            response = json.dumps(result).encode()
+            # The deployed object-store path, with local files for S3 and the modelled GET/PUT slept.
+            def read(path: str) -> bytes:
+                nonlocal io_seconds
+                with open(path, "rb") as handle:
+                    raw = handle.read()
+                time.sleep(request["get_s"])
+                io_seconds += request["get_s"]
+                return raw
+
+            def write(path: str, data: bytes) -> None:
+                nonlocal io_seconds
+                with open(path, "wb") as handle:
+                    handle.write(data)
+                time.sleep(request["put_s"])
+                io_seconds += request["put_s"]
+
+            event = dict(event, input_key=request["input_path"], output_key=request["output_path"])
+            response = json.dumps(handler.handle_object_store(event, weights, read, write)).encode()
         else:
             response = json.dumps(handler.handle(event, weights, limit=request["limit"])).encode()
     except Exception as error:  # noqa: BLE001 - any handler failure is the invocation's error, as Lambda reports it
@@ -127,20 +139,85 @@ def _serve(
     return reply, response
 
 
+def measure_handler(spec: dict[str, Any]) -> list[list[float]]:
+    """Time :func:`serve_request` on direct-channel events; the timing half of ``perf.calibrate``.
+
+    ``spec``: ``hidden``, ``intermediate`` (the expert shape), ``pool`` (experts held, used in
+    rotation so each invocation reads cold weights), ``flush_bytes`` (a buffer written before
+    each invocation to evict the caches), ``pairs`` ([experts, tokens per expert]),
+    ``repeats`` (after one warm-up round), ``seed``. Pairs run round-robin. Returns one row per
+    timed invocation: [experts, tokens, experts CPU s, rest CPU s, request + response bytes].
+    """
+    import math
+
+    import numpy as np
+
+    from moeserve.serverless import handler_template
+
+    hidden, intermediate, pool = int(spec["hidden"]), int(spec["intermediate"]), int(spec["pool"])
+    rng = np.random.default_rng(int(spec["seed"]))
+
+    def matrices(rows: int, columns: int) -> Any:
+        return rng.standard_normal((pool, rows, columns), dtype=np.float32) / np.float32(math.sqrt(columns))
+
+    weights = handler_template.ExpertWeights(
+        np.arange(pool, dtype=np.int64),
+        matrices(intermediate, hidden),
+        matrices(intermediate, hidden),
+        matrices(hidden, intermediate),
+    )
+    timer = ExpertsTimer(handler_template.run_experts)
+    handler_template.run_experts = timer  # type: ignore[assignment]
+    request = {"vcpus": 1.0, "limit": 2**62}
+    scratch = np.empty(int(spec["flush_bytes"]), dtype=np.uint8)
+    rows: list[list[float]] = []
+    cursor = 0
+    for round_index in range(int(spec["repeats"]) + 1):
+        for n, t in spec["pairs"]:
+            ids = (cursor + np.arange(n)) % pool  # [n], the next experts of the rotation
+            cursor = (cursor + n) % pool
+            experts = rng.permutation(np.repeat(ids, t))  # [n*t]
+            x = rng.standard_normal((n * t, hidden), dtype=np.float32)  # [n*t, D]
+            body = json.dumps(handler_template.encode_request(x, experts, limit=2**62)).encode()
+            # Between invocations an instance sleeps its duty cycle while other processes run:
+            # it starts each one with cold caches, so the timing does too.
+            scratch.fill(round_index & 0xFF)
+            reply, response = serve_request(request, body, weights, handler_template, timer)
+            if "error" in reply:
+                raise RuntimeError(f"the handler failed while calibrating: {reply['message']}")
+            if round_index:
+                experts_s = float(reply["experts_cpu_s"])
+                rows.append(
+                    [n, n * t, experts_s, float(reply["cpu_s"]) - experts_s, len(body) + len(response)]
+                )
+    return rows
+
+
+ONE_THREAD_ENVIRONMENT = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""Set for every worker process: one BLAS thread, as ``perf.speedup`` models more vCPUs separately."""
+
+
 def main() -> None:
-    """Run the INIT phase, then serve requests from stdin until it closes."""
+    """Run the INIT phase, then serve requests from stdin until it closes.
+
+    With ``--calibrate``: read a :func:`measure_handler` spec (JSON) from stdin instead, and write
+    its rows (JSON) to stdout.
+    """
+    if sys.argv[1:] == ["--calibrate"]:
+        sys.stdout.write(json.dumps(measure_handler(json.loads(sys.stdin.read()))))
+        return
     load_start = time.perf_counter()
     from moeserve.serverless import handler_template
 
     weights = handler_template.current_weights()
-    timer = _ExpertsTimer(handler_template.run_experts)
+    timer = ExpertsTimer(handler_template.run_experts)
     # handle() looks run_experts up in its module at call time, so the timer sees every call.
     handler_template.run_experts = timer  # type: ignore[assignment]
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     stdout.write(frame({"ready": True, "load_s": time.perf_counter() - load_start}))
     stdout.flush()
     while (message := read_frame(stdin)) is not None:
-        header, response = _serve(*message, weights, handler_template, timer)
+        header, response = serve_request(*message, weights, handler_template, timer)
         stdout.write(frame(header, response))
         stdout.flush()
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,15 +153,23 @@ def silu(z: np.ndarray) -> np.ndarray:
 
 
 def run_experts(weights: ExpertWeights, x: np.ndarray, experts: np.ndarray) -> np.ndarray:
-    """float32 [T, D]: row t is expert ``experts[t]`` applied to ``x[t]``; ``KeyError`` for an expert not held."""
-    x = np.asarray(x, dtype=np.float32)
-    y = np.zeros_like(x)
-    for expert in np.unique(experts):
-        slot = weights.slot(int(expert))
-        mask = experts == expert
-        h = x[mask]
-        hidden = silu(h @ weights.gate[slot].T) * (h @ weights.up[slot].T)
-        y[mask] = hidden @ weights.down[slot].T
+    """float32 [T, D]: row t is expert ``experts[t]`` applied to ``x[t]``; ``KeyError`` for an expert not held.
+
+    Rows are grouped by expert once (a stable argsort), so the work per expert is its own rows,
+    not a mask over all T rows.
+    """
+    x = np.asarray(x, dtype=np.float32)  # [T, D]
+    experts = np.asarray(experts)  # [T]
+    y = np.empty_like(x)  # [T, D]
+    order = np.argsort(experts, kind="stable")  # [T], rows grouped by expert
+    ids, starts = np.unique(experts[order], return_index=True)  # [n], [n]
+    ends = np.append(starts[1:], order.size)  # [n]
+    for expert, start, end in zip(ids.tolist(), starts.tolist(), ends.tolist(), strict=True):
+        slot = weights.slot(expert)
+        rows = order[start:end]  # [t] rows of this expert
+        h = x[rows]  # [t, D]
+        hidden = silu(h @ weights.gate[slot].T) * (h @ weights.up[slot].T)  # [t, I]
+        y[rows] = hidden @ weights.down[slot].T  # [t, D]
     return y
 
 
@@ -196,6 +205,22 @@ def current_weights() -> ExpertWeights:
     return _CACHE[path]
 
 
+def serve(weights: ExpertWeights, x: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """The function's outputs float32 [T, D] for rows ``x`` [T, D] routed to ``experts`` int [T].
+
+    ``ValueError`` for an expert this function does not hold (``MOESERVE_EXPERTS``, or the
+    weights file when that is unset).
+    """
+    held = held_experts()
+    stray = sorted(set(np.unique(experts).tolist()) - held) if held else []
+    if stray:
+        raise ValueError(f"experts {stray} are not held by this function (holds {sorted(held)})")
+    try:
+        return run_experts(weights, x, experts)
+    except KeyError as error:
+        raise ValueError(str(error)) from error
+
+
 def handle(
     event: dict[str, Any], weights: ExpertWeights, limit: int = SYNC_PAYLOAD_LIMIT_BYTES
 ) -> dict[str, Any]:
@@ -208,39 +233,66 @@ def handle(
     if hidden != weights.hidden_size:
         raise ValueError(f"hidden_size {hidden} does not match the weights' {weights.hidden_size}")
     experts = decode_array(event["experts"], "<i4", (tokens,))
-    held = held_experts()
-    stray = sorted(set(np.unique(experts).tolist()) - held) if held else []
-    if stray:
-        raise ValueError(f"experts {stray} are not held by this function (holds {sorted(held)})")
     x = decode_array(event["x"], "<f4", (tokens, hidden))
-    try:
-        y = run_experts(weights, x, experts)
-    except KeyError as error:
-        raise ValueError(str(error)) from error
-    response: dict[str, Any] = {"tokens": tokens, "hidden_size": hidden, "y": encode_array(y, "<f4")}
+    y = serve(weights, x, experts)
+    response: dict[str, Any] = {"tokens": tokens, "hidden_size": hidden, "y": ""}
     if "rows" in event:
         response["rows"] = event["rows"]
-    _check_payload("response", len(json.dumps(response)), tokens, limit)
+    # Base64 needs no JSON escaping, so the response's size is known without serialising it
+    # (the runtime serialises it once, on return).
+    encoded = encode_array(y, "<f4")
+    _check_payload("response", len(json.dumps(response)) + len(encoded), tokens, limit)
+    response["y"] = encoded
     return response
 
 
-def _handle_object_store(event: dict[str, Any], weights: ExpertWeights) -> dict[str, Any]:
+def handle_object_store(
+    event: dict[str, Any],
+    weights: ExpertWeights,
+    read: Callable[[str], bytes],
+    write: Callable[[str, bytes], None],
+) -> dict[str, Any]:
+    """Serve one object-store event: rows from ``read(input_key)``, outputs to ``write(output_key, bytes)``.
+
+    The rows travel as raw little-endian float32 bytes both ways (no base64). ``read`` and
+    ``write`` are the store: S3 in :func:`lambda_handler`, local files in the emulator.
+    """
+    tokens, hidden = int(event["tokens"]), int(event["hidden_size"])
+    if hidden != weights.hidden_size:
+        raise ValueError(f"hidden_size {hidden} does not match the weights' {weights.hidden_size}")
+    experts = decode_array(event["experts"], "<i4", (tokens,))
+    raw = read(event["input_key"])
+    x = np.frombuffer(raw, dtype="<f4")
+    if x.size != tokens * hidden:
+        raise ValueError(f"input object has {x.size} float32 values, expected {tokens} x {hidden}")
+    y = serve(weights, x.reshape(tokens, hidden), experts)
+    output_key = event.get("output_key") or event["input_key"] + ".out"
+    write(output_key, np.ascontiguousarray(y, dtype="<f4").tobytes())
+    response: dict[str, Any] = {"tokens": tokens, "hidden_size": hidden, "output_key": output_key}
+    if "rows" in event:
+        response["rows"] = event["rows"]
+    return response
+
+
+def _s3_store() -> tuple[Callable[[str], bytes], Callable[[str, bytes], None]]:
     import boto3  # provided by the Lambda Python runtime
 
     bucket = os.environ["MOESERVE_EXCHANGE_BUCKET"]
     s3 = boto3.client("s3")
-    raw = s3.get_object(Bucket=bucket, Key=event["input_key"])["Body"].read()
-    inner = dict(event, x=base64.b64encode(raw).decode("ascii"))
-    result = handle(inner, weights, limit=2**62)
-    output_key = event.get("output_key") or event["input_key"] + ".out"
-    s3.put_object(Bucket=bucket, Key=output_key, Body=base64.b64decode(result.pop("y")))
-    result["output_key"] = output_key
-    return result
+
+    def read(key: str) -> bytes:
+        body: bytes = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return body
+
+    def write(key: str, data: bytes) -> None:
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+
+    return read, write
 
 
 def lambda_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """The Lambda entry point (``handler.lambda_handler``): direct or object-store event."""
     weights = current_weights()
     if "input_key" in event:
-        return _handle_object_store(event, weights)
+        return handle_object_store(event, weights, *_s3_store())
     return handle(event, weights)

@@ -1,72 +1,143 @@
-"""Performance model of expert functions: compute, transfer and cold-start time, in seconds.
+"""Performance model of expert functions: compute, handler, transfer and cold-start time, in seconds.
 
 Which figures are measured and which are modelled:
 
-* **Measured** (by :func:`calibrate`, on this machine, one torch thread): the time of a real
-  SiLU-gated expert MLP at a few token counts. To keep calibration cheap the expert is a
-  *small* one (D and I capped at 512 by default); a least-squares fit of
-  ``time = call_overhead + flops / flops_per_second`` gives the two measured constants.
-* **Modelled**: scaling to the target shape by FLOPs (and by weight bytes against a memory
-  bandwidth floor, :attr:`PerfConstants.memory_bandwidth_bytes_per_s`); CPU share (a Lambda
-  function with ``v`` vCPUs' share runs ``v`` times as fast as one vCPU when ``v < 1`` and
-  ``min(v, usable_threads)`` times as fast above it, scaled by ``thread_efficiency``); every
-  network and start-up figure in :class:`PerfConstants` (from published measurements, cited
-  per field, not measured here). Nothing here has run on AWS.
+* **Measured** (by :func:`calibrate`, on this machine, one thread): the CPU time of the deployed
+  handler (:mod:`handler_template`, run through the emulator worker's own request loop,
+  :func:`function_worker.serve_request`) at the plan's expert shape, on a grid of invocations
+  (experts touched x tokens per expert), with every expert's weights cold (a rotation of
+  experts larger than the last-level cache). Two least-squares fits give four constants:
+  ``experts_cpu = experts * call_overhead + tokens * flops_per_token / flops_per_second``
+  (``call_overhead`` includes streaming one expert's weights, at this shape) and
+  ``rest = invocation_overhead + payload_bytes * payload_seconds_per_byte`` (JSON parsing,
+  base64 decoding of the event, encoding the response). Medians of repeats; the spread of the
+  repeats is recorded. :func:`cached_calibration` keeps calibrations as JSON data keyed by
+  device and shape, so ``serverless plan`` and ``serverless run`` use the same one.
+* **Modelled**: a calibration measured at another shape (or the built-in default) scales to the
+  target by FLOPs, with a weight-streaming floor at :attr:`PerfConstants.memory_bandwidth_bytes_per_s`;
+  CPU share (a Lambda function with ``v`` vCPUs' share runs ``v`` times as fast as one vCPU when
+  ``v < 1`` and, for the expert matmuls only, ``min(v, usable_threads)`` times as fast above it,
+  scaled by ``thread_efficiency``); every network and start-up figure in :class:`PerfConstants`
+  (from published measurements, cited per field, not measured here). Nothing here has run on AWS.
 
-This module knows expert shapes and seconds; it knows nothing of prices or plans.
+This module knows expert shapes, the handler's payload sizes and seconds; it knows nothing of
+prices or plans.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import time
+import os
+import platform
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from moeserve.errors import MoeserveError
 from moeserve.serverless.shapes import ExpertShape
 
 CHANNELS = ("direct", "object_store")
 """How tokens reach an expert function: in the invocation payload, or through an object store."""
 
 
+class CalibrationError(MoeserveError, RuntimeError):
+    """Timing the handler failed, or its timings could not be fitted."""
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Compute speed of one CPU thread running expert MLPs: measured by :func:`calibrate` or a default.
+    """CPU time of the expert handler on one thread: measured by :func:`calibrate`, or a default.
 
-    Contract: ``flops_per_second > 0``, ``call_overhead_s >= 0``.
+    Contract: ``flops_per_second > 0``; ``call_overhead_s``, ``invocation_overhead_s``,
+    ``payload_seconds_per_byte`` and ``spread`` >= 0 (``ValueError`` naming the field otherwise).
     """
 
     flops_per_second: float
-    """Sustained FLOP/s of one thread on expert matmuls."""
+    """Sustained FLOP/s of one thread on the experts' per-token work (matmuls and activation)."""
     call_overhead_s: float
-    """Fixed time per expert call (framework dispatch, small-matrix inefficiency)."""
+    """Fixed time per expert an invocation touches (dispatch; with ``weights_streamed``, also
+    reading that expert's cold weights at the ``probe`` shape)."""
     measured: bool
     """True when fitted from timings on this machine; False for the built-in default."""
-    points: tuple[tuple[int, float], ...] = ()
-    """(tokens, seconds) pairs that were timed, for reports."""
+    points: tuple[tuple[float, ...], ...] = ()
+    """Per timed invocation: (experts, tokens, experts CPU s, rest CPU s, payload bytes), medians."""
     probe: tuple[int, int] = (0, 0)
     """(D, I) of the expert that was timed."""
+    invocation_overhead_s: float = 0.0
+    """Fixed handler time per invocation outside the experts (event parsing, validation)."""
+    payload_seconds_per_byte: float = 0.0
+    """Handler time per byte of request plus response JSON (base64 decode and encode, JSON)."""
+    weights_streamed: bool = False
+    """True when ``call_overhead_s`` was measured with cold weights at ``probe``: for that shape
+    weight streaming is already in it, and no modelled streaming floor is added."""
+    device: str = ""
+    """The CPU the calibration was measured on."""
+    spread: float = 0.0
+    """Median over timed points of (max - min) / median of the repeats: how noisy the timings were."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.flops_per_second) and self.flops_per_second > 0):
             raise ValueError(f"flops_per_second must be > 0, got {self.flops_per_second}")
-        if not (math.isfinite(self.call_overhead_s) and self.call_overhead_s >= 0):
-            raise ValueError(f"call_overhead_s must be >= 0, got {self.call_overhead_s}")
+        for name in ("call_overhead_s", "invocation_overhead_s", "payload_seconds_per_byte", "spread"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def covers(self, shape: ExpertShape) -> bool:
+        """Whether weight streaming for ``shape`` was measured (not modelled) by this calibration."""
+        return self.weights_streamed and self.probe == (shape.hidden_size, shape.intermediate_size)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "flops_per_second": self.flops_per_second,
             "call_overhead_s": self.call_overhead_s,
+            "invocation_overhead_s": self.invocation_overhead_s,
+            "payload_seconds_per_byte": self.payload_seconds_per_byte,
             "measured": self.measured,
+            "weights_streamed": self.weights_streamed,
+            "device": self.device,
+            "spread": self.spread,
             "points": [list(point) for point in self.points],
             "probe_hidden_intermediate": list(self.probe),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_dict`; fields it lacks (older files) take their defaults."""
+        try:
+            probe = data.get("probe_hidden_intermediate", (0, 0))
+            return cls(
+                flops_per_second=float(data["flops_per_second"]),
+                call_overhead_s=float(data["call_overhead_s"]),
+                measured=bool(data["measured"]),
+                points=tuple(tuple(float(v) for v in point) for point in data.get("points", ())),
+                probe=(int(probe[0]), int(probe[1])),
+                invocation_overhead_s=float(data.get("invocation_overhead_s", 0.0)),
+                payload_seconds_per_byte=float(data.get("payload_seconds_per_byte", 0.0)),
+                weights_streamed=bool(data.get("weights_streamed", False)),
+                device=str(data.get("device", "")),
+                spread=float(data.get("spread", 0.0)),
+            )
+        except (KeyError, TypeError, IndexError) as error:
+            raise ValueError(f"malformed calibration: {error!r}") from error
 
-DEFAULT_CALIBRATION = Calibration(flops_per_second=40e9, call_overhead_s=30e-6, measured=False)
-"""Modelled stand-in (one AVX2/AVX-512 core at float32, about 40 GFLOP/s) for tests and when not calibrated."""
+
+DEFAULT_CALIBRATION = Calibration(
+    flops_per_second=40e9,
+    call_overhead_s=30e-6,
+    measured=False,
+    invocation_overhead_s=100e-6,
+    payload_seconds_per_byte=8e-9,
+)
+"""Modelled stand-in for tests and when not calibrated: one AVX2/AVX-512 core at float32 (about
+40 GFLOP/s), numpy dispatch per expert, and CPython's JSON + base64 at about 8 ns per payload
+byte (the order :func:`calibrate` measures on x86 servers)."""
 
 
 @dataclass(frozen=True)
@@ -133,18 +204,62 @@ def compute_seconds(
 ) -> np.ndarray:
     """Seconds for ``experts`` experts of ``shape`` to process ``tokens`` token-assignments in total.
 
-    Broadcasts over its array arguments. Time is ``experts * call_overhead`` plus the larger of
-    the FLOP time and the weight-streaming floor (weights of the ``experts`` experts read once),
-    both divided by :func:`speedup`. Zero tokens cost nothing.
+    Broadcasts over its array arguments. Time is ``experts * call_overhead`` plus the FLOP time,
+    divided by :func:`speedup`. When the calibration did not measure this shape's weight
+    streaming (:meth:`Calibration.covers`), the FLOP time is raised to the modelled floor of
+    reading the ``experts`` experts' weights once. Zero tokens cost nothing.
     """
     constants = constants or PerfConstants()
     tokens = np.asarray(tokens, dtype=np.float64)
     experts = np.asarray(experts, dtype=np.float64)
     rate = speedup(vcpus, constants)
     flop_time = tokens * shape.flops_per_token / calibration.flops_per_second
-    stream_time = experts * shape.expert_bytes / constants.memory_bandwidth_bytes_per_s
-    busy = experts * calibration.call_overhead_s + np.maximum(flop_time, stream_time)
+    if not calibration.covers(shape):
+        stream_time = experts * shape.expert_bytes / constants.memory_bandwidth_bytes_per_s
+        flop_time = np.maximum(flop_time, stream_time)
+    busy = experts * calibration.call_overhead_s + flop_time
     return np.where(tokens > 0, busy / rate, 0.0)
+
+
+_EVENT_JSON_BYTES = 64
+"""JSON around the arrays of an event or response (keys, counts), bytes; approximate."""
+
+
+def handler_payload_bytes(
+    shape: ExpertShape, tokens: np.ndarray | float, channel: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(request, response) JSON bytes the handler parses and writes for ``tokens`` token-assignments.
+
+    The handler's format (:mod:`handler_template`): base64 (4/3 larger) of int32 expert ids and,
+    on the direct channel, float32 rows [T, D] in, float32 rows out; on the object store the rows
+    travel as raw bytes outside the JSON. Unknown channels raise ``ValueError``.
+    """
+    tokens = np.asarray(tokens, dtype=np.float64)
+    row_bytes = 4 * shape.hidden_size  # the handler always exchanges float32 rows
+    if channel == "direct":
+        request = tokens * (row_bytes + 4) * 4 / 3 + _EVENT_JSON_BYTES
+        response = tokens * row_bytes * 4 / 3 + _EVENT_JSON_BYTES
+    elif channel == "object_store":
+        request = tokens * 4 * 4 / 3 + 2 * _EVENT_JSON_BYTES
+        response = np.full_like(tokens, 2 * _EVENT_JSON_BYTES)
+    else:
+        raise ValueError(f"unknown channel {channel!r}; known: {', '.join(CHANNELS)}")
+    return request, response
+
+
+def handler_overhead_seconds(
+    payload_bytes: np.ndarray | float,
+    vcpus: np.ndarray | float,
+    calibration: Calibration = DEFAULT_CALIBRATION,
+) -> np.ndarray:
+    """Handler seconds outside the experts for one invocation with ``payload_bytes`` of JSON in and out.
+
+    ``invocation_overhead + bytes * payload_seconds_per_byte``, at the CPU share when below one
+    vCPU; JSON and base64 run on one thread, so more vCPUs do not speed them up.
+    """
+    payload = np.asarray(payload_bytes, dtype=np.float64)
+    share = np.minimum(np.asarray(vcpus, dtype=np.float64), 1.0)
+    return (calibration.invocation_overhead_s + payload * calibration.payload_seconds_per_byte) / share
 
 
 def transfer_seconds(
@@ -175,55 +290,203 @@ def cold_start_seconds(weight_bytes: float, constants: PerfConstants | None = No
     return constants.process_start_s + weight_bytes / constants.weight_load_bandwidth_bytes_per_s
 
 
+def device_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), else the machine architecture: the key calibrations are kept under."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
+
+
+def _last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (sysfs), or 32 MiB when unknown."""
+    largest = 0
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            largest = max(largest, int(digits) * scale)
+    return largest or 32 << 20
+
+
+def fit_nonnegative(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    """Least squares of ``design @ coefficients = seconds`` in relative error, coefficients >= 0.
+
+    Each row is scaled by 1 / its size so small invocations weigh as much as large ones: first by
+    the measurement, then by the first fit's prediction (scaling by noisy measurements alone
+    biases the fit low). A coefficient that comes out negative (noise, near-collinear columns)
+    is fixed at 0 and the rest refitted.
+    """
+    size = np.maximum(seconds, 1e-12)
+    coefficients = np.zeros(design.shape[1])
+    for _ in range(2):
+        scale = 1.0 / size
+        active = list(range(design.shape[1]))
+        coefficients = np.zeros(design.shape[1])
+        while active:
+            solution, *_ = np.linalg.lstsq(design[:, active] * scale[:, None], seconds * scale, rcond=None)
+            if (solution >= 0).all():
+                coefficients[active] = solution
+                break
+            active.pop(int(np.argmin(solution)))
+        predicted = design @ coefficients
+        if not (predicted > 0).all():
+            break
+        size = predicted
+    return coefficients
+
+
 def calibrate(
     shape: ExpertShape,
-    token_counts: Sequence[int] = (16, 64, 256),
-    repeats: int = 5,
-    max_width: int = 512,
+    experts_touched: Sequence[int] = (1, 4, 16),
+    tokens_per_expert: Sequence[int] = (1, 8, 32),
+    repeats: int = 7,
+    max_pool_bytes: int = 1 << 30,
+    seed: int = 0,
 ) -> Calibration:
-    """Time a real SiLU-gated expert MLP (torch, float32, one thread) and fit FLOP/s and call overhead.
+    """Time the deployed handler at ``shape`` on one thread and fit the :class:`Calibration` constants.
 
-    The timed expert has D and I capped at ``max_width`` (cheap: a few tens of ms in all); its
-    FLOP rate is assumed to carry over to ``shape`` (modelled). Median of ``repeats`` after a
-    warm-up, per token count; the fit is least squares of ``seconds = overhead + flops / rate``
-    (overhead clipped at 0). torch's thread count is restored afterwards.
+    Steps: 1. random float32 experts of ``shape``, a pool of at least twice the last-level cache
+    (at most ``max_pool_bytes``, at least ``max(experts_touched)`` experts), used in rotation so
+    every invocation reads cold weights, as a function instance does between invocations on a
+    shared host; 2. in a worker process with one BLAS thread, as the emulator starts them
+    (``python -m moeserve.serverless.function_worker --calibrate``,
+    :func:`function_worker.measure_handler`), for every (experts, tokens per expert) pair a
+    direct-channel event as the gate sends it, served by the worker's request loop
+    (:func:`function_worker.serve_request`: JSON parse, ``handler_template.handle``, JSON
+    encode), recording the thread's CPU time and the expert part of it; 3. the pairs in
+    round-robin, ``repeats`` times after a warm-up round, medians per pair; 4. the two fits in
+    the module docstring (relative least squares, coefficients >= 0). :class:`CalibrationError`
+    if the worker fails or no per-token cost can be fitted.
     """
-    import torch
+    from moeserve.serverless import function_worker
 
-    if len(token_counts) < 2 or min(token_counts) < 1:
-        raise ValueError(f"need at least two token counts >= 1, got {tuple(token_counts)}")
-    hidden = min(shape.hidden_size, max_width)
-    intermediate = min(shape.intermediate_size, max_width)
-    generator = torch.Generator().manual_seed(0)
-    gate_up = torch.randn(2 * intermediate, hidden, generator=generator) / math.sqrt(hidden)
-    down = torch.randn(hidden, intermediate, generator=generator) / math.sqrt(intermediate)
-    flops_per_token = 2 * 3 * hidden * intermediate
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    points: list[tuple[int, float]] = []
-    try:
-        with torch.inference_mode():
-            for tokens in token_counts:
-                x = torch.randn(tokens, hidden, generator=generator)
-                timings = []
-                for _ in range(repeats + 1):
-                    start = time.perf_counter()
-                    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
-                    _ = (torch.nn.functional.silu(gate) * up) @ down.T
-                    timings.append(time.perf_counter() - start)
-                points.append((int(tokens), float(np.median(timings[1:]))))
-    finally:
-        torch.set_num_threads(threads)
-    flops = np.array([tokens * flops_per_token for tokens, _ in points], dtype=np.float64)
-    seconds = np.array([elapsed for _, elapsed in points])
-    slope, intercept = np.polyfit(flops, seconds, 1)
-    if slope <= 0:
-        # Noise swamped the trend (a loaded machine); fall back to the largest point's rate.
-        slope, intercept = seconds[-1] / flops[-1], 0.0
-    return Calibration(
-        flops_per_second=float(1.0 / slope),
-        call_overhead_s=float(max(intercept, 0.0)),
-        measured=True,
-        points=tuple(points),
-        probe=(hidden, intermediate),
+    if len(experts_touched) < 2 or min(experts_touched) < 1:
+        raise ValueError(f"need at least two expert counts >= 1, got {tuple(experts_touched)}")
+    if not tokens_per_expert or min(tokens_per_expert) < 1:
+        raise ValueError(f"need token counts >= 1, got {tuple(tokens_per_expert)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    hidden, intermediate = shape.hidden_size, shape.intermediate_size
+    float32_expert_bytes = 3 * hidden * intermediate * 4  # the handler computes in float32
+    most = max(experts_touched)
+    pool = max(most, min(math.ceil(2 * _last_level_cache_bytes() / float32_expert_bytes),
+                         max_pool_bytes // float32_expert_bytes))  # fmt: skip
+    pairs = [[n, t] for n in experts_touched for t in tokens_per_expert]
+    spec = {
+        "hidden": hidden,
+        "intermediate": intermediate,
+        "pool": pool,
+        "flush_bytes": 2 * _last_level_cache_bytes(),
+        "pairs": pairs,
+        "repeats": repeats,
+        "seed": seed,
+    }  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-m", "moeserve.serverless.function_worker", "--calibrate"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **function_worker.ONE_THREAD_ENVIRONMENT},
+        check=False,
     )
+    if completed.returncode != 0:
+        raise CalibrationError(f"calibrating the handler failed: {completed.stderr.strip()[-600:]}")
+    samples: dict[tuple[int, int], list[list[float]]] = {}
+    for row in json.loads(completed.stdout):
+        samples.setdefault((int(row[0]), int(row[1])), []).append(row)
+    points = []
+    spreads = []
+    for (n, tokens), rows in samples.items():
+        table = np.array(rows, dtype=np.float64)  # [repeats, 5]
+        totals = table[:, 2] + table[:, 3]
+        spreads.append(float((totals.max() - totals.min()) / max(np.median(totals), 1e-12)))
+        points.append((float(n), float(tokens), float(np.median(table[:, 2])), float(np.median(table[:, 3])),
+                       float(np.median(table[:, 4]))))  # fmt: skip
+    data = np.array(points)  # [P, 5]
+    per_expert, per_flop = fit_nonnegative(
+        np.stack([data[:, 0], data[:, 1] * shape.flops_per_token], axis=1), data[:, 2]
+    )
+    if per_flop <= 0:
+        raise CalibrationError("calibration found no per-token cost; the timings are too noisy to fit")
+    per_invocation, per_byte = fit_nonnegative(np.stack([np.ones(len(data)), data[:, 4]], axis=1), data[:, 3])
+    return Calibration(
+        flops_per_second=float(1.0 / per_flop),
+        call_overhead_s=float(per_expert),
+        measured=True,
+        points=tuple(tuple(point) for point in points),
+        probe=(hidden, intermediate),
+        invocation_overhead_s=float(per_invocation),
+        payload_seconds_per_byte=float(per_byte),
+        weights_streamed=True,
+        device=device_name(),
+        spread=float(np.median(spreads)),
+    )
+
+
+CALIBRATION_FORMAT = "moeserve-serverless-calibration/1"
+DEFAULT_CALIBRATION_PATH = Path("runs") / "serverless" / "calibration.json"
+"""Where ``serverless plan`` and ``serverless run`` keep calibrations by default (relative to the
+working directory; ``runs/`` is scratch)."""
+
+
+def shape_key(shape: ExpertShape) -> str:
+    """The key of a shape in a calibration file: the handler's cost depends on D and I only."""
+    return f"D{shape.hidden_size}-I{shape.intermediate_size}"
+
+
+def load_calibration(path: str | Path, shape: ExpertShape, device: str | None = None) -> Calibration | None:
+    """The calibration for ``shape`` on ``device`` (default: this one) in the file at ``path``; None if absent.
+
+    ``ValueError`` for a file that is not a calibration file.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    document = json.loads(path.read_text())
+    if not isinstance(document, dict) or document.get("format") != CALIBRATION_FORMAT:
+        raise ValueError(f"{path} is not a {CALIBRATION_FORMAT} file")
+    entry = document.get("devices", {}).get(device or device_name(), {}).get(shape_key(shape))
+    return None if entry is None else Calibration.from_dict(entry)
+
+
+def save_calibration(path: str | Path, shape: ExpertShape, calibration: Calibration) -> Path:
+    """Add (or replace) ``calibration`` for ``shape`` under its device in the file at ``path``; returns it.
+
+    The file: ``{"format", "devices": {device: {shape_key: Calibration.to_dict()}}}``.
+    """
+    path = Path(path)
+    document: dict[str, Any] = {"format": CALIBRATION_FORMAT, "devices": {}}
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if isinstance(existing, dict) and existing.get("format") == CALIBRATION_FORMAT:
+            document = existing
+    device = calibration.device or device_name()
+    document.setdefault("devices", {}).setdefault(device, {})[shape_key(shape)] = calibration.to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def cached_calibration(
+    shape: ExpertShape, path: str | Path = DEFAULT_CALIBRATION_PATH, recalibrate: bool = False
+) -> Calibration:
+    """The calibration for ``shape`` on this device from ``path``; measured (:func:`calibrate`) and saved if absent.
+
+    ``recalibrate`` measures again and replaces the stored one.
+    """
+    if not recalibrate:
+        stored = load_calibration(path, shape)
+        if stored is not None:
+            return stored
+    calibration = calibrate(shape)
+    save_calibration(path, shape, calibration)
+    return calibration

@@ -17,8 +17,9 @@ experts, possibly replicated) and gathers the results. Per layer it fixes:
 4. the channel (invocation payload, or an object store).
 
 Cost model (modelled, never measured on AWS): each invocation bills its handler duration
-(compute, plus the object-store GET of its inputs and PUT of its outputs when that channel is
-used) rounded up to 1 ms, times memory in GB, at the Lambda GB-second price, plus the
+(expert compute, plus parsing the event and encoding the response -- per invocation and per
+payload byte, both from the calibration -- plus the object-store GET of its inputs and PUT of
+its outputs when that channel is used) rounded up to 1 ms, times memory in GB, at the Lambda GB-second price, plus the
 per-request price (``prices.LambdaPrices``). Expected loads drive cost; quantile loads drive
 time. Throughput is ``B / (slowest layer's seconds per batch)``: layers work on different
 batches at once; a plan needing more concurrent executions than the limit has its throughput
@@ -47,6 +48,8 @@ from moeserve.serverless.perf import (
     PerfConstants,
     cold_start_seconds,
     compute_seconds,
+    handler_overhead_seconds,
+    handler_payload_bytes,
     transfer_seconds,
 )
 from moeserve.serverless.prices import ARCHITECTURES, BYTES_PER_MB, Prices, default_prices
@@ -226,7 +229,8 @@ class FunctionFigures:
     needed_mb: np.ndarray
     """int64 [G]: memory the function needs (runtime + weights + activations)."""
     payload_bytes: np.ndarray
-    """float64 [G]: bytes per invocation each way at the quantile load."""
+    """float64 [G]: bytes per invocation at the quantile load: the larger JSON payload of request and
+    response on the direct channel, the object's bytes on the object store."""
     duration_s: np.ndarray
     """Handler seconds of one invocation at the expected load (what is billed)."""
     cost_per_batch: np.ndarray
@@ -282,6 +286,9 @@ def function_figures(
 
     def handler_seconds(tokens: np.ndarray) -> np.ndarray:
         busy = compute_seconds(shape, tokens, touched(tokens), vcpus, model.calibration, constants)
+        request, response = handler_payload_bytes(shape, tokens, channel)
+        parse = handler_overhead_seconds(request + response, vcpus, model.calibration)
+        busy = busy + np.where(tokens > 0, parse, 0.0)
         if channel == "object_store":
             _, get_in = transfer_seconds(tokens * token_bytes, channel, constants)
             put_out, _ = transfer_seconds(tokens * shape.token_bytes, channel, constants)
@@ -298,17 +305,22 @@ def function_figures(
     cost = per_invocation * invocations  # [G, M]
 
     busy_peak = handler_seconds(peak_tokens)  # [G, M]
-    send_in, _ = transfer_seconds(peak_tokens * token_bytes, channel, constants)
     if channel == "object_store":
+        send_in, _ = transfer_seconds(peak_tokens * token_bytes, channel, constants)
         _, gather = transfer_seconds(peak_tokens * shape.token_bytes, channel, constants)
+        payload = peak_tokens[:, 0] * token_bytes
     else:
-        gather = peak_tokens * shape.token_bytes / constants.direct_bandwidth_bytes_per_s
+        # The invoke payload is the handler's JSON (base64), what the synchronous limit applies to.
+        request_json, response_json = handler_payload_bytes(shape, peak_tokens, channel)
+        send_in, _ = transfer_seconds(request_json, channel, constants)
+        gather = response_json / constants.direct_bandwidth_bytes_per_s
+        payload = np.maximum(request_json, response_json)[:, 0]
     stage = np.maximum(np.maximum(send_in, busy_peak), gather)
     seconds = send_in + busy_peak + gather + (micro_batches - 1) * stage  # [G, M]
     seconds = np.where(peak_tokens > 0, seconds, 0.0)
     return FunctionFigures(
         needed_mb=needed,
-        payload_bytes=peak_tokens[:, 0] * token_bytes,
+        payload_bytes=payload,
         duration_s=duration,
         cost_per_batch=cost,
         seconds_per_batch=seconds,

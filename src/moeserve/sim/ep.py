@@ -3,11 +3,13 @@
 Roles (DESIGN 5): A attention workers run embeddings, attention, router and KV cache for their
 share of the in-flight tokens; E expert workers hold the experts a placement gives them
 (``expert2rank`` per layer). Routing is replayed from a trace (each token's experts per layer)
-or drawn by :func:`synthetic_routing`. Every trace row is treated as one decode token; in-flight
-token slots take rows in trace order, cycling.
+or drawn by :func:`synthetic_routing`. Two workloads: decode-only (every trace row is one
+decode token; in-flight token slots take rows in trace order, cycling, ``passes`` times) and
+:class:`RequestWorkload` (requests with a prefill and decode steps, as ``moeserve bench ep`` runs
+them, so the simulator can be checked against the real runtime at the same description).
 
-- ``sync``: per layer, every attention worker runs attention on its whole batch, a barrier
-  all-to-all dispatches, every expert worker runs its tokens, and the combine waits for the
+- ``sync``: per layer, every attention worker runs attention on its whole batch, the split
+  sizes are exchanged (one message latency), a barrier all-to-all dispatches, every expert worker runs its tokens, and the combine waits for the
   slowest expert worker before the next layer starts. Attention workers idle meanwhile.
 - ``async`` (AMoE, arXiv 2505.08944, DESIGN 1C): each attention worker splits its tokens into
   micro-batches that move through the layers independently (a heapq event queue). Dispatched
@@ -16,9 +18,12 @@ token slots take rows in trace order, cycling.
   everything queued for it. A layer runs once it holds ``hold_tokens_per_expert`` per resident expert or its oldest entry
   waited ``flush_after_s``.
 
-Costs (:class:`SimCosts`): an expert invocation costs ``a + b * tokens`` per expert that has
-tokens (so tiny batches pay the fixed overhead), an attention layer ``c + d * tokens``, and a
-message ``latency + bytes / bandwidth``. Each worker has one outgoing link: its messages leave one
+Costs (:class:`SimCosts`): an expert-worker invocation costs ``call + a + b * tokens`` per
+expert that has tokens (so tiny batches pay the fixed overhead), an attention layer ``c + d *
+tokens`` (async: plus a hand-off per micro-batch layer call), and a message ``latency + bytes /
+bandwidth``. Costs are the assumed GPU-class defaults or measured on this machine
+(:mod:`moeserve.sim.calibrate`). With ``cores`` > 0 all computations share that many processors
+first-come first-served (the real runs here put every worker process on the same cores). Each worker has one outgoing link: its messages leave one
 after another (a FIFO link resource), so a dispatch or combine of N bytes from one worker takes
 ``latency + N / bandwidth`` for its last message; different workers' links run in parallel and
 receivers are not a bottleneck.
@@ -35,7 +40,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -60,10 +64,13 @@ class SimCosts:
     MFLOP per token run at ~200 TFLOP/s (b = 0.1 us); attention reads ~2k tokens of MLA cache
     (576 x 2 B each, 2.3 MB per token and layer) and runs the shared experts (d = 0.8 us), plus
     weights and launches per batch (c = 20 us); a message costs 10 us plus bytes at 50 GB/s.
-    :func:`calibrate_costs` measures this machine instead and names what it measured in
-    ``measured``. Every value must be finite and >= 0 (bandwidth > 0); ``ValueError`` otherwise.
+    :func:`moeserve.sim.calibrate.calibrate_costs` measures this machine instead and names what
+    it measured in ``measured``. Every value must be finite and >= 0 (bandwidth > 0); ``ValueError`` otherwise.
     """
 
+    expert_call_overhead_s: float = 0.0
+    """Fixed time of one expert-worker invocation with any tokens, however many experts it runs
+    (grouping rows, host dispatch); 0 by default: on a GPU it is one of the per-expert launches."""
     expert_overhead_s: float = 10e-6
     """a: fixed time per expert invocation with at least one token (weights read, launch)."""
     expert_per_token_s: float = 0.1e-6
@@ -72,6 +79,10 @@ class SimCosts:
     """c: fixed time of one attention layer on one batch (weights, launch, shared experts)."""
     attention_per_token_s: float = 0.8e-6
     """d: attention time per token of the batch (KV cache reads, projections)."""
+    attention_switch_s: float = 0.0
+    """async only: time to hand the attention worker to another micro-batch and back, once per
+    micro-batch layer call (the real runtime's thread hand-offs); 0 by default: a GPU worker
+    switches micro-batches by launching on another stream."""
     message_latency_s: float = 10e-6
     """Fixed time of one message between an attention and an expert worker."""
     bandwidth_bytes_per_s: float = 50e9
@@ -102,7 +113,11 @@ class SimCosts:
     def expert_time(self, tokens_per_expert: np.ndarray) -> float:
         """Seconds for one worker to run tokens_per_expert [E'] (zeros are not invoked)."""
         active = tokens_per_expert[tokens_per_expert > 0]
-        return float(active.size * self.expert_overhead_s + active.sum() * self.expert_per_token_s)
+        if not active.size:
+            return 0.0
+        return float(
+            self.expert_call_overhead_s + active.size * self.expert_overhead_s + active.sum() * self.expert_per_token_s
+        )
 
     def attention_time(self, tokens: int) -> float:
         """Seconds of one attention layer over a batch of ``tokens`` tokens."""
@@ -111,6 +126,30 @@ class SimCosts:
     def transfer_time(self, assignments: int) -> float:
         """Seconds of one message carrying ``assignments`` token activations."""
         return self.message_latency_s + assignments * self.bytes_per_token / self.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True)
+class RequestWorkload:
+    """Requests as ``moeserve bench ep`` runs them. Invalid values raise ``ValueError``.
+
+    Request r replays trace rows from ``r * (prompt_tokens + new_tokens)`` on (modulo T): a
+    prefill step over its ``prompt_tokens`` rows yields its first token, then ``new_tokens - 1``
+    decode steps of one row each. Requests are split evenly over attention workers; in ``sync``
+    each attention worker runs its requests as one batch, in ``async`` as
+    ``micro_batches_per_worker`` micro-batches. Throughput counts generated tokens
+    (``requests * new_tokens``) over the whole run, prefill included; latency percentiles are over
+    decode tokens, each taking its step's duration (as the real benchmark records them).
+    """
+
+    requests: int = 32
+    prompt_tokens: int = 16
+    new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "prompt_tokens", "new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +175,13 @@ class EPSimConfig:
     """async: ... or once its oldest entry has waited this long."""
     passes: int = 4
     """Forward passes (decode steps) every in-flight token makes; throughput counts them all."""
+    workload: RequestWorkload | None = None
+    """Requests with a prefill then decode steps, as ``moeserve bench ep`` runs them; when given,
+    ``tokens_per_attention_worker`` and ``passes`` are ignored (see :class:`RequestWorkload`)."""
+    cores: int = 0
+    """Processors all workers share (0: every worker has its own). With C > 0, attention and
+    expert computations queue first-come first-served for C processors: the real runs on this
+    machine put every worker process on the same few cores."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -151,7 +197,17 @@ class EPSimConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         LAYER_SCHEDULERS.get(self.scheduler)
-        if self.micro_batches_per_worker > self.tokens_per_attention_worker:
+        if isinstance(self.cores, bool) or not isinstance(self.cores, int) or self.cores < 0:
+            raise ValueError(f"cores must be an integer >= 0, got {self.cores!r}")
+        if self.workload is not None:
+            per_worker = self.workload.requests // self.attention_workers
+            needed = self.micro_batches_per_worker if self.mode == "async" else 1
+            if per_worker < needed:
+                raise ValueError(
+                    f"requests {self.workload.requests} give {per_worker} per attention worker, fewer "
+                    f"than the {needed} batch(es) each must hold"
+                )
+        elif self.micro_batches_per_worker > self.tokens_per_attention_worker:
             raise ValueError(
                 f"micro_batches_per_worker {self.micro_batches_per_worker} exceeds "
                 f"tokens_per_attention_worker {self.tokens_per_attention_worker}"
@@ -264,8 +320,14 @@ def greedy_expert2rank(routing: np.ndarray, num_experts: int, expert_workers: in
 
 
 def simulate_trace(trace: Trace, config: EPSimConfig, costs: SimCosts | None = None) -> SimResult:
-    """:func:`simulate_ep` on a trace's routing, experts placed greedily from the trace's loads."""
-    placement = greedy_expert2rank(trace.experts, trace.meta.num_experts, config.expert_workers)
+    """:func:`simulate_ep` on a trace's routing, experts placed greedily from the trace's loads
+    (with a workload: from its requests' prompt rows, as the real runtime places them)."""
+    if config.workload is not None:
+        placement = request_expert2rank(
+            trace.experts, trace.meta.num_experts, config.expert_workers, config.workload
+        )
+    else:
+        placement = greedy_expert2rank(trace.experts, trace.meta.num_experts, config.expert_workers)
     return simulate_ep(trace.experts, trace.meta.num_experts, config, costs, placement)
 
 
@@ -304,32 +366,113 @@ def simulate_ep(
 
 
 # --------------------------------------------------------------------------------------------
+# what every batch runs
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One forward step of one batch: its trace rows, the tokens it yields, whether it is timed."""
+
+    rows: np.ndarray
+    """int64 [n] trace rows that run through every layer in this step."""
+    tokens: int
+    """Tokens the step generates (counted in throughput)."""
+    timed: bool
+    """Whether its tokens enter the latency percentiles (decode steps; a prefill is not)."""
+
+
+def _plan_batches(num_rows: int, config: EPSimConfig, batches_per_worker: int) -> list[list[list[_Step]]]:
+    """[A][batches_per_worker][steps] the steps of every batch, deterministic.
+
+    Decode-only (no workload): pass p gives attention worker a, batch m the next rows of the
+    trace in order (a before a + 1, m before m + 1), so sync's one batch per worker holds the
+    same rows as async's micro-batches together. With a workload: see :class:`RequestWorkload`.
+    """
+    attention = config.attention_workers
+    if config.workload is None:
+        split = np.linspace(0, config.tokens_per_attention_worker, batches_per_worker + 1).astype(int)
+        plan: list[list[list[_Step]]] = [[[] for _ in range(batches_per_worker)] for _ in range(attention)]
+        cursor = 0
+        for _ in range(config.passes):
+            for worker in range(attention):
+                for batch, size in enumerate(np.diff(split).tolist()):
+                    rows = (cursor + np.arange(size)) % num_rows  # [b]
+                    cursor = (cursor + size) % num_rows
+                    plan[worker][batch].append(_Step(rows, size, True))
+        return plan
+    workload = config.workload
+    span = workload.prompt_tokens + workload.new_tokens
+    starts = np.arange(workload.requests, dtype=np.int64) * span  # [R]
+    worker_bounds = np.linspace(0, workload.requests, attention + 1).astype(int)
+    plan = []
+    for worker in range(attention):
+        own = starts[worker_bounds[worker] : worker_bounds[worker + 1]]
+        batch_bounds = np.linspace(0, own.size, batches_per_worker + 1).astype(int)
+        batches = []
+        for batch in range(batches_per_worker):
+            first = own[batch_bounds[batch] : batch_bounds[batch + 1]]  # [b]
+            prefill = (first[:, None] + np.arange(workload.prompt_tokens)[None, :]).reshape(-1) % num_rows
+            steps = [_Step(prefill, int(first.size), False)]
+            for step in range(1, workload.new_tokens):
+                rows = (first + workload.prompt_tokens + step - 1) % num_rows  # [b]
+                steps.append(_Step(rows, int(first.size), True))
+            batches.append(steps)
+        plan.append(batches)
+    return plan
+
+
+def request_expert2rank(
+    routing: np.ndarray, num_experts: int, expert_workers: int, workload: RequestWorkload
+) -> np.ndarray:
+    """int64 [L, E]: greedy placement from the loads of the requests' prompt rows (as the runtime places)."""
+    span = workload.prompt_tokens + workload.new_tokens
+    starts = np.arange(workload.requests, dtype=np.int64) * span  # [R]
+    rows = (starts[:, None] + np.arange(workload.prompt_tokens)[None, :]).reshape(-1) % routing.shape[0]
+    return greedy_expert2rank(routing[rows], num_experts, expert_workers)
+
+
+def _parallel_time(durations: list[float], cores: int) -> float:
+    """Makespan of independent ``durations`` on ``cores`` processors, in order, each to the first free one (0: one each)."""
+    if not durations:
+        return 0.0
+    if cores == 0 or len(durations) <= cores:
+        return max(durations)
+    free = [0.0] * cores
+    for duration in durations:
+        heapq.heappush(free, heapq.heappop(free) + duration)
+    return max(free)
+
+
+# --------------------------------------------------------------------------------------------
 # sync
 
 
 def _simulate_sync(
     routing: np.ndarray, num_experts: int, config: EPSimConfig, costs: SimCosts, expert2rank: np.ndarray
 ) -> SimResult:
-    """Barrier all-to-all per layer: layer time = attention + dispatch + slowest worker + combine."""
-    num_tokens_trace, num_layers, _ = routing.shape
+    """Barrier all-to-all per layer: layer time = attention + split-size exchange + dispatch + slowest worker + combine.
+
+    The split sizes (rows per worker) are exchanged before the variable-size all-to-all: one
+    message latency per layer (the real sync mode's control collective; DeepEP's notify step).
+    """
+    _, num_layers, _ = routing.shape
     workers, attention = config.expert_workers, config.attention_workers
-    per_worker = config.tokens_per_attention_worker
-    batch = attention * per_worker
+    plan = _plan_batches(routing.shape[0], config, 1)
     busy = np.zeros(workers)  # [W]
     barrier_wait = 0.0
     invocations, invoked_tokens = 0, 0
     clock, attention_busy = 0.0, 0.0
-    step_times = []
-    cursor = 0
-    for _ in range(config.passes):
-        rows = (cursor + np.arange(batch)) % num_tokens_trace  # [A*b]
-        cursor = (cursor + batch) % num_tokens_trace
-        step = 0.0
+    tokens, layer_calls = 0, 0
+    latencies: list[tuple[float, int]] = []
+    for step_index in range(len(plan[0][0])):
+        steps = [plan[worker][0][step_index] for worker in range(attention)]
+        rows = np.concatenate([step.rows for step in steps])  # [n]
+        sender = np.repeat(np.arange(attention), [step.rows.size for step in steps])[:, None]  # [n, 1]
+        step_time = 0.0
         for layer in range(num_layers):
-            ids = routing[rows, layer, :].astype(np.int64)  # [A*b, K]
-            known = ids != UNKNOWN_EXPERT  # [A*b, K]
-            ranks = np.where(known, expert2rank[layer][np.where(known, ids, 0)], -1)  # [A*b, K]
-            sender = np.repeat(np.arange(attention), per_worker)[:, None]  # [A*b, 1]
+            ids = routing[rows, layer, :].astype(np.int64)  # [n, K]
+            known = ids != UNKNOWN_EXPERT  # [n, K]
+            ranks = np.where(known, expert2rank[layer][np.where(known, ids, 0)], -1)  # [n, K]
             pair = (sender * workers + ranks)[known]  # [N]
             messages = np.bincount(pair, minlength=attention * workers).reshape(attention, workers)  # [A, W]
             # Each sender's messages share its link: the last one lands after all its bytes.
@@ -339,35 +482,52 @@ def _simulate_sync(
             worker_times = np.array(
                 [costs.expert_time(tokens_per_expert[expert2rank[layer] == w]) for w in range(workers)]
             )  # [W]
-            slowest = float(worker_times.max())
+            slowest = _parallel_time(worker_times.tolist(), config.cores)
             barrier_wait += float((slowest - worker_times).sum())
             busy += worker_times
             invocations += int((tokens_per_expert > 0).sum())
             invoked_tokens += int(tokens_per_expert.sum())
-            attention_time = costs.attention_time(per_worker)
-            attention_busy += attention_time
-            step += attention_time + dispatch + slowest + combine
-        clock += step
-        step_times.append(step)
-    latencies = np.repeat(np.array(step_times), batch)  # every token of a step waits the whole step
+            attention_times = [costs.attention_time(step.rows.size) for step in steps]
+            attention_busy += sum(attention_times)
+            step_time += (
+                _parallel_time(attention_times, config.cores)
+                + costs.message_latency_s
+                + dispatch
+                + slowest
+                + combine
+            )
+            layer_calls += 1
+        clock += step_time
+        step_tokens = sum(step.tokens for step in steps)
+        tokens += step_tokens
+        if steps[0].timed:
+            latencies.append((step_time, step_tokens))  # every token of a step waits the whole step
+    per_token = _expand_latencies(latencies)
     return SimResult(
         mode="sync",
         attention_workers=attention,
         expert_workers=workers,
         scheduler=None,
-        tokens=batch * config.passes,
+        tokens=tokens,
         makespan_s=clock,
-        throughput_tokens_per_s=batch * config.passes / clock,
-        latency_p50_s=float(np.percentile(latencies, 50)),
-        latency_p90_s=float(np.percentile(latencies, 90)),
-        latency_p99_s=float(np.percentile(latencies, 99)),
+        throughput_tokens_per_s=tokens / clock,
+        latency_p50_s=float(np.percentile(per_token, 50)),
+        latency_p90_s=float(np.percentile(per_token, 90)),
+        latency_p99_s=float(np.percentile(per_token, 99)),
         expert_utilisation=tuple(float(value) for value in busy / clock),
-        attention_utilisation=attention_busy / clock,
-        mean_barrier_wait_s=barrier_wait / (workers * num_layers * config.passes),
+        attention_utilisation=attention_busy / (clock * attention),
+        mean_barrier_wait_s=barrier_wait / (workers * layer_calls),
         mean_queue_depth=0.0,
         max_queue_depth=0.0,
         mean_expert_batch=invoked_tokens / max(invocations, 1),
     )
+
+
+def _expand_latencies(latencies: list[tuple[float, int]]) -> np.ndarray:
+    """float64 [tokens]: each (duration, count) repeated count times; [nan] when there are none."""
+    if not latencies:
+        return np.array([math.nan])
+    return np.repeat(np.array([duration for duration, _ in latencies]), [count for _, count in latencies])
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,13 +539,18 @@ class _MicroBatch:
     """Mutable state of one micro-batch moving through the layers."""
 
     attention_worker: int
-    rows: np.ndarray
-    """int64 [b] trace rows of this pass."""
+    steps: list[_Step]
+    step: int = 0
+    """Index into ``steps`` of the step running now."""
     layer: int = 0
     pending: int = 0
     """Expert workers whose combine for ``layer`` has not arrived yet."""
-    pass_start: float = 0.0
-    passes_done: int = 0
+    step_start: float = 0.0
+
+    @property
+    def rows(self) -> np.ndarray:
+        """int64 [b] trace rows of the current step."""
+        return self.steps[self.step].rows
 
 
 @dataclass
@@ -427,8 +592,10 @@ class _AsyncSimulation:
         self.scheduler = LAYER_SCHEDULERS.get(config.scheduler)
         self.events: list[tuple[float, int, int, tuple[Any, ...]]] = []
         self.sequence = 0
-        self.cursor = 0
         self.clock = 0.0
+        self.tokens = 0
+        self.core_free = [0.0] * config.cores
+        """Heap of the times each shared processor becomes free (empty: one processor per worker)."""
         self.latencies: list[tuple[float, int]] = []
         self.depths: list[float] = []
         self.invocations, self.invoked_tokens = 0, 0
@@ -442,19 +609,18 @@ class _AsyncSimulation:
             [np.bincount(row, minlength=config.expert_workers) for row in expert2rank]
         ).T  # [W, L]
         self.hold = experts_per_worker * config.hold_tokens_per_expert  # [W, L] assignments
-        sizes = np.diff(
-            np.linspace(0, config.tokens_per_attention_worker, config.micro_batches_per_worker + 1).astype(
-                int
-            )
-        )
-        for attention_worker in range(config.attention_workers):
-            for size in sizes:
-                self.micro_batches.append(_MicroBatch(attention_worker, self._take_rows(int(size))))
+        plan = _plan_batches(routing.shape[0], config, config.micro_batches_per_worker)
+        for attention_worker, batches in enumerate(plan):
+            for steps in batches:
+                self.micro_batches.append(_MicroBatch(attention_worker, steps))
 
-    def _take_rows(self, count: int) -> np.ndarray:
-        rows = (self.cursor + np.arange(count)) % self.routing.shape[0]  # [b]
-        self.cursor = (self.cursor + count) % self.routing.shape[0]
-        return rows
+    def _compute(self, duration: float) -> float:
+        """End time of a computation of ``duration`` asked for now (it waits for a shared processor if any)."""
+        if not self.core_free:
+            return self.clock + duration
+        start = max(self.clock, heapq.heappop(self.core_free))
+        heapq.heappush(self.core_free, start + duration)
+        return start + duration
 
     def _send(self, link: tuple[str, int], assignments: int) -> float:
         """Arrival time of a message queued now on ``link`` (a FIFO resource: one message at a time)."""
@@ -491,10 +657,10 @@ class _AsyncSimulation:
         if not self.attention_free[attention_worker] or not ready:
             return
         index = ready.popleft()
-        duration = self.costs.attention_time(len(self.micro_batches[index].rows))
+        duration = self.costs.attention_time(len(self.micro_batches[index].rows)) + self.costs.attention_switch_s
         self.attention_free[attention_worker] = False
         self.attention_busy += duration
-        self._push(self.clock + duration, _ATTENTION_DONE, index)
+        self._push(self._compute(duration), _ATTENTION_DONE, index)
 
     def _on_attention_done(self, index: int) -> None:
         micro_batch = self.micro_batches[index]
@@ -557,7 +723,7 @@ class _AsyncSimulation:
         self.invocations += int((tokens_per_expert > 0).sum())
         self.invoked_tokens += int(tokens_per_expert.sum())
         state.busy += duration
-        state.busy_until = self.clock + duration
+        state.busy_until = self._compute(duration)
         self._push(state.busy_until, _EXPERT_DONE, worker, entries)
 
     def _on_expert_done(self, worker: int, entries: list[tuple[int, np.ndarray, float]]) -> None:
@@ -577,22 +743,22 @@ class _AsyncSimulation:
         if micro_batch.layer + 1 < self.num_layers:
             micro_batch.layer += 1
         else:
-            self.latencies.append((self.clock - micro_batch.pass_start, len(micro_batch.rows)))
-            micro_batch.passes_done += 1
-            if micro_batch.passes_done == self.config.passes:
+            step = micro_batch.steps[micro_batch.step]
+            self.tokens += step.tokens
+            if step.timed:
+                self.latencies.append((self.clock - micro_batch.step_start, step.tokens))
+            micro_batch.step += 1
+            if micro_batch.step == len(micro_batch.steps):
                 return
             micro_batch.layer = 0
-            micro_batch.pass_start = self.clock
-            micro_batch.rows = self._take_rows(len(micro_batch.rows))
+            micro_batch.step_start = self.clock
         self.attention_ready[micro_batch.attention_worker].append(index)
         self._start_attention(micro_batch.attention_worker)
 
     def _result(self) -> SimResult:
         makespan = self.clock
-        durations = np.array([latency for latency, _ in self.latencies])
-        counts = np.array([count for _, count in self.latencies])
-        latencies = np.repeat(durations, counts)
-        tokens = int(counts.sum())
+        latencies = _expand_latencies(self.latencies)
+        tokens = self.tokens
         return SimResult(
             mode="async",
             attention_workers=self.config.attention_workers,
@@ -611,121 +777,3 @@ class _AsyncSimulation:
             max_queue_depth=float(np.max(self.depths)) if self.depths else 0.0,
             mean_expert_batch=self.invoked_tokens / max(self.invocations, 1),
         )
-
-
-# --------------------------------------------------------------------------------------------
-# calibration
-
-
-def calibrate_costs(
-    hidden: int = 256,
-    intermediate: int = 512,
-    batch_sizes: tuple[int, ...] = (1, 8, 32, 128),
-    repeats: int = 20,
-) -> SimCosts:
-    """SimCosts measured on this machine with torch on 1 CPU thread, small shapes.
-
-    Measured: expert a and b (least-squares fit of a SwiGLU expert MLP [hidden -> intermediate ->
-    hidden] over ``batch_sizes``), attention c and d (the same fit for q/k/v/o projections of
-    width ``hidden``), message latency and bandwidth (a multiprocessing pipe round trip, halved,
-    at 64 B and 1 MiB). Assumed: bytes_per_token is set to ``hidden * 4`` (float32 activations).
-    Takes about a second.
-    """
-    import multiprocessing
-
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            gate_up = torch.nn.Linear(hidden, 2 * intermediate, bias=False)
-            down = torch.nn.Linear(intermediate, hidden, bias=False)
-            qkv = torch.nn.Linear(hidden, 3 * hidden, bias=False)
-            out = torch.nn.Linear(hidden, hidden, bias=False)
-
-            def expert(x: torch.Tensor) -> torch.Tensor:
-                gate, up = gate_up(x).chunk(2, dim=-1)
-                return down(torch.nn.functional.silu(gate) * up)
-
-            def attention(x: torch.Tensor) -> torch.Tensor:
-                return out(qkv(x)[:, :hidden])
-
-            expert_a, expert_b = _fit_linear_cost(expert, hidden, batch_sizes, repeats)
-            attention_c, attention_d = _fit_linear_cost(attention, hidden, batch_sizes, repeats)
-    finally:
-        torch.set_num_threads(threads)
-    latency, bandwidth = _measure_pipe(multiprocessing)
-    return SimCosts(
-        expert_overhead_s=expert_a,
-        expert_per_token_s=expert_b,
-        attention_overhead_s=attention_c,
-        attention_per_token_s=attention_d,
-        message_latency_s=latency,
-        bandwidth_bytes_per_s=bandwidth,
-        bytes_per_token=hidden * 4,
-        measured=(
-            "expert_overhead_s",
-            "expert_per_token_s",
-            "attention_overhead_s",
-            "attention_per_token_s",
-            "message_latency_s",
-            "bandwidth_bytes_per_s",
-        ),
-    )
-
-
-def _fit_linear_cost(
-    function: Any, hidden: int, batch_sizes: tuple[int, ...], repeats: int
-) -> tuple[float, float]:
-    """(fixed s, per-token s) >= 0: least squares of the median time of ``function`` over batch sizes."""
-    import torch
-
-    medians = []
-    for size in batch_sizes:
-        x = torch.randn(size, hidden)
-        function(x)
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function(x)
-            samples.append(time.perf_counter() - start)
-        medians.append(float(np.median(samples)))
-    slope, intercept = np.polyfit(np.array(batch_sizes, dtype=np.float64), np.array(medians), 1)
-    return max(float(intercept), 0.0), max(float(slope), 1e-12)
-
-
-def _echo(connection: Any) -> None:
-    while True:
-        message = connection.recv_bytes()
-        if not message:
-            return
-        connection.send_bytes(message)
-
-
-def _measure_pipe(multiprocessing: Any, repeats: int = 20) -> tuple[float, float]:
-    """(one-way latency s, bandwidth B/s) from pipe round trips of 64 B and 1 MiB to a child process."""
-    parent, child = multiprocessing.Pipe()
-    process = multiprocessing.get_context("fork").Process(target=_echo, args=(child,), daemon=True)
-    process.start()
-    try:
-        one_way = {}
-        for size in (64, 1 << 20):
-            payload = b"x" * size
-            parent.send_bytes(payload)
-            parent.recv_bytes()
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                parent.send_bytes(payload)
-                parent.recv_bytes()
-                samples.append((time.perf_counter() - start) / 2)
-            one_way[size] = float(np.median(samples))
-        parent.send_bytes(b"")
-    finally:
-        process.join(timeout=5)
-        if process.is_alive():
-            process.terminate()
-    latency = one_way[64]
-    bandwidth = ((1 << 20) - 64) / max(one_way[1 << 20] - latency, 1e-9)
-    return latency, bandwidth

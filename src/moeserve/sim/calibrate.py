@@ -1,0 +1,489 @@
+"""Measure the expert-parallelism simulator's costs on this machine, and store them as data.
+
+``calibrate_costs(shape)`` times, on one torch thread (what each ``moeserve bench ep`` worker
+uses by default):
+
+1. **Expert worker invocation** at the workload's expert shape: rows [n, D] for experts drawn
+   from ``shape.experts_per_worker`` held SwiGLU experts [D -> I -> D] are grouped by expert
+   (argsort, bincount, index_select), run by the registered CPU experts backend that
+   ``moeserve.moe.backends.resolve_backend`` picks (the one ``moeserve.ep`` expert workers use),
+   and put back in arrival order. A least-squares fit of the median times over a grid of
+   (rows, active experts) gives ``t = call + a * active_experts + b * rows``.
+2. **Attention-side layer call** over T tokens, what the trace workload's attention worker runs
+   per MoE layer: an RMS norm and a D x D mixer (the workload's stand-in for attention), the
+   router's top-k rows dispatched by a stable argsort and gathered, and the weighted combine.
+   Fit: ``t = c + d * tokens``.
+3. **Hand-off of the async attention worker's compute slot**: a round trip between two threads
+   through ``threading.Event`` (``attention_switch_s``).
+4. **Processors left to us**: the aggregate speed-up of k concurrent CPU-bound processes over
+   one (``effective_cores``; a shared machine gives fewer than it has).
+5. **Messages between two real processes**: torch.distributed gloo (TCP on loopback), a second
+   process echoing uint8 tensors of the byte sizes the runtime's messages have (64-byte header
+   plus ``8 + 4 D`` bytes per row); the median round trip halved, fitted as ``latency +
+   bytes / bandwidth``.
+
+The result is a :class:`Calibration`: the fitted :class:`~moeserve.sim.ep.SimCosts` (its
+``measured`` names the fields measured here) plus the raw medians, the shape and the machine,
+written as JSON (``save_calibration``) and read back by ``load_calibration``; the simulator's
+defaults in code stay the assumed GPU-class costs (STYLE 13: tuned numbers are data).
+
+It knows nothing of the simulator's modes. Figures from a loaded shared machine move by tens of
+percent between runs; the JSON keeps the load average at measurement time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeserve.sim.ep import SimCosts
+
+CALIBRATION_FORMAT = "moeserve-sim-costs/1"
+MESSAGE_HEADER_BYTES = 64
+"""Header of one runtime message (``moeserve.ep.serialize.HEADER_BYTES``)."""
+ROW_ID_BYTES = 8
+"""int64 expert id sent with every dispatched row."""
+
+
+@dataclass(frozen=True)
+class CalibrationShape:
+    """The workload whose costs are measured. Invalid values raise ``ValueError``.
+
+    Defaults are ``moeserve bench ep --trace``'s synthetic model on DeepSeek-V2-Lite routing:
+    D=128, I=160, 64 experts per layer, top-6, float32.
+    """
+
+    hidden: int = 128
+    """D: hidden size."""
+    intermediate: int = 160
+    """I: expert intermediate size."""
+    experts_per_worker: int = 64
+    """Experts one worker holds at a layer (rows are spread over these)."""
+    top_k: int = 6
+    """k: assignments per token (rows per token at the attention side)."""
+    row_counts: tuple[int, ...] = (8, 32, 96, 256, 768, 1536)
+    """Rows per expert-worker invocation to time."""
+    token_counts: tuple[int, ...] = (4, 16, 64, 256, 512)
+    """Tokens per attention-side layer call to time."""
+    message_rows: tuple[int, ...] = (0, 16, 128, 1024)
+    """Rows per message to time (0: a header-only message)."""
+    repeats: int = 25
+    """Timed rounds over all points (median per point taken) after one warm-up round."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "intermediate", "experts_per_worker", "top_k", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("row_counts", "token_counts", "message_rows"):
+            values = getattr(self, name)
+            if len(set(values)) < 2 or any(v < 0 for v in values):
+                raise ValueError(f"{name} needs at least two distinct values >= 0, got {values!r}")
+        if min(self.row_counts) < 1 or min(self.token_counts) < 1:
+            raise ValueError("row_counts and token_counts must be >= 1")
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Message bytes per dispatched row: float32 activations plus the int64 expert id."""
+        return 4 * self.hidden + ROW_ID_BYTES
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Costs measured on this machine, with what they were measured on."""
+
+    costs: SimCosts
+    shape: CalibrationShape
+    machine: str
+    load_average: tuple[float, float, float]
+    """1/5/15-minute load average when the measurement started (other work on the machine)."""
+    effective_cores: int = 0
+    """Processors this machine gave our processes together when measured: the rounded best
+    aggregate speed-up of k concurrent CPU-bound processes over one (0: not measured). The
+    simulator's ``cores`` for a run on this machine."""
+    samples: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Raw medians: ``expert`` [rows, active, s], ``attention`` [tokens, s], ``message`` [bytes, s one way]."""
+
+    def to_dict(self) -> dict[str, Any]:
+        costs = asdict(self.costs)
+        costs["measured"] = list(self.costs.measured)
+        shape = asdict(self.shape)
+        return {
+            "format": CALIBRATION_FORMAT,
+            "machine": self.machine,
+            "load_average": list(self.load_average),
+            "effective_cores": self.effective_cores,
+            "shape": shape,
+            "costs": costs,
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> Calibration:
+        if document.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"not a {CALIBRATION_FORMAT} document (format {document.get('format')!r})")
+        known = {item.name for item in fields(SimCosts)}
+        raw = dict(document["costs"])
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"costs has unknown field(s) {', '.join(unknown)}")
+        raw["measured"] = tuple(raw.get("measured", ()))
+        shape: dict[str, Any] = {
+            key: tuple(value) if isinstance(value, list) else value for key, value in document["shape"].items()
+        }
+        return cls(
+            costs=SimCosts(**raw),
+            shape=CalibrationShape(**shape),
+            machine=str(document.get("machine", "")),
+            load_average=tuple(document.get("load_average", (0.0, 0.0, 0.0))),  # type: ignore[arg-type]
+            effective_cores=int(document.get("effective_cores", 0)),
+            samples=document.get("samples", {}),
+        )
+
+
+def save_calibration(calibration: Calibration, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(calibration.to_dict(), indent=1) + "\n")
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a ``moeserve-sim-costs/1`` file; ``ValueError`` if it is not one."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error})") from error
+    return Calibration.from_dict(document)
+
+
+def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: bool = True) -> Calibration:
+    """Measure :class:`SimCosts` for ``shape`` on this machine (see the module docstring).
+
+    Steps: 0. the thread hand-off; 1. gloo messages between two processes (first, before this process's torch thread
+    pool is busy, and only if ``measure_messages``; otherwise the GPU-class defaults stay and
+    are not named in ``measured``); 2. expert invocations; 3. attention-side layer calls; 4. fit;
+    5. the aggregate speed-up of concurrent processes (``effective_cores``).
+    Takes about 5-15 s on a loaded 2-core machine.
+    """
+    import torch
+
+    from moeserve.bench.machine import machine_description
+
+    shape = shape or CalibrationShape()
+    load = os.getloadavg()
+    samples: dict[str, list[list[float]]] = {}
+    defaults = SimCosts()
+    latency, bandwidth = defaults.message_latency_s, defaults.bandwidth_bytes_per_s
+    measured = [
+        "expert_call_overhead_s",
+        "expert_overhead_s",
+        "expert_per_token_s",
+        "attention_overhead_s",
+        "attention_per_token_s",
+    ]
+    switch = measure_thread_switch(shape.repeats * 4)
+    samples["switch"] = [[switch]]
+    measured.append("attention_switch_s")
+    if measure_messages:
+        sizes = [MESSAGE_HEADER_BYTES + rows * shape.bytes_per_row for rows in shape.message_rows]
+        one_way = measure_gloo_one_way(sizes, shape.repeats)
+        samples["message"] = [[float(size), seconds] for size, seconds in zip(sizes, one_way, strict=True)]
+        latency, bandwidth = _fit_message(np.array(sizes, dtype=np.float64), np.array(one_way))
+        measured += ["message_latency_s", "bandwidth_bytes_per_s"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples["expert"] = _time_experts(shape)
+        samples["attention"] = _time_attention(shape)
+    finally:
+        torch.set_num_threads(threads)
+    expert = np.array(samples["expert"])  # [points, 3]: rows, active, seconds
+    design = np.stack([np.ones(len(expert)), expert[:, 1], expert[:, 0]], axis=1)  # [points, 3]
+    call, per_expert, per_row = _nonnegative_least_squares(design, expert[:, 2])
+    attention = np.array(samples["attention"])  # [points, 2]: tokens, seconds
+    fixed, per_token = _nonnegative_least_squares(
+        np.stack([np.ones(len(attention)), attention[:, 0]], axis=1), attention[:, 1]
+    )
+    costs = SimCosts(
+        expert_call_overhead_s=call,
+        expert_overhead_s=per_expert,
+        expert_per_token_s=max(per_row, 1e-12),
+        attention_overhead_s=fixed,
+        attention_per_token_s=max(per_token, 1e-12),
+        attention_switch_s=switch,
+        message_latency_s=latency,
+        bandwidth_bytes_per_s=bandwidth,
+        bytes_per_token=shape.bytes_per_row,
+        measured=tuple(measured),
+    )
+    speedups = measure_parallel_speedup()
+    samples["parallel_speedup"] = [[float(k), speedup] for k, speedup in enumerate(speedups, start=1)]
+    effective_cores = max(1, min(round(max(speedups)), os.cpu_count() or 1))
+    return Calibration(costs, shape, machine_description(), load, effective_cores, samples)
+
+
+# --------------------------------------------------------------------------------------------
+# compute
+
+
+def _median_times(functions: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each function, timed round-robin (one call of each per round) after a
+    warm-up round, so a burst of other work on the machine hits every point alike."""
+    for function in functions:
+        function()
+    times = np.zeros((repeats, len(functions)))  # [repeats, points]
+    for round_index in range(repeats):
+        for index, function in enumerate(functions):
+            start = time.perf_counter()
+            function()
+            times[round_index, index] = time.perf_counter() - start
+    return [float(value) for value in np.median(times, axis=0)]
+
+
+def _time_experts(shape: CalibrationShape) -> list[list[float]]:
+    """[rows, active experts, median s] of one expert-worker invocation per grid point."""
+    import torch
+
+    from moeserve.moe.backends import BACKENDS, resolve_backend
+    from moeserve.moe.types import ExpertGroups
+
+    generator = torch.Generator().manual_seed(0)
+    held, hidden, intermediate = shape.experts_per_worker, shape.hidden, shape.intermediate
+    gate_up = torch.randn(held, 2 * intermediate, hidden, generator=generator) * hidden**-0.5  # [E, 2I, D]
+    down = torch.randn(held, hidden, intermediate, generator=generator) * intermediate**-0.5  # [E, D, I]
+
+    class _Held:
+        dtype, device, num_experts = torch.float32, torch.device("cpu"), held
+
+        def gate_up(self, expert: int) -> torch.Tensor:
+            return gate_up[expert]
+
+        def down(self, expert: int) -> torch.Tensor:
+            return down[expert]
+
+        def stacked(self) -> None:
+            return None
+
+    backend = BACKENDS.get(resolve_backend("auto", torch.device("cpu"), torch.float32, stacked=False))()
+    provider = _Held()
+    act = torch.nn.functional.silu
+    points: list[list[float]] = []
+    calls: list[Callable[[], Any]] = []
+    for rows in shape.row_counts:
+        for active in sorted({min(rows, held), max(1, min(rows, held) // 4)}):
+            x = torch.randn(rows, hidden, generator=generator)  # [n, D]
+            expert_ids = torch.randint(0, active, (rows,), generator=generator)  # [n]
+
+            def invoke(x: torch.Tensor = x, expert_ids: torch.Tensor = expert_ids) -> torch.Tensor:
+                # What an expert worker does per invocation: group by expert, run, restore order.
+                order = torch.argsort(expert_ids, stable=True)  # [n]
+                counts = torch.bincount(expert_ids, minlength=held)  # [E]
+                groups = ExpertGroups(
+                    rows=x.index_select(0, order),
+                    row2token=torch.zeros(0, dtype=torch.int64),
+                    row_weights=torch.zeros(0),
+                    expert_counts=counts,
+                    capacity=None,
+                    dropped=torch.zeros((), dtype=torch.int64),
+                    assignments=x.shape[0],
+                )
+                grouped = backend(groups, provider, act)  # [n, D]
+                out = torch.empty_like(grouped)
+                out[order] = grouped
+                return out
+
+            active_count = int((torch.bincount(expert_ids, minlength=held) > 0).sum())
+            points.append([float(rows), float(active_count)])
+            calls.append(invoke)
+    with torch.inference_mode():
+        medians = _median_times(calls, shape.repeats)
+    return [[*point, seconds] for point, seconds in zip(points, medians, strict=True)]
+
+
+def _time_attention(shape: CalibrationShape) -> list[list[float]]:
+    """[tokens, median s] of one attention-side layer call (mixer, dispatch gather, combine)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    hidden, top_k = shape.hidden, shape.top_k
+    mixer = torch.randn(hidden, hidden, generator=generator) * hidden**-0.5  # [D, D]
+    calls: list[Callable[[], Any]] = []
+    for tokens in shape.token_counts:
+        h = torch.randn(tokens, hidden, generator=generator)  # [T, D]
+        ids = torch.randint(0, shape.experts_per_worker, (tokens, top_k), generator=generator)  # [T, k]
+        weights = torch.full((tokens, top_k), 1.0 / top_k)  # [T, k]
+
+        def call(h: torch.Tensor = h, ids: torch.Tensor = ids, weights: torch.Tensor = weights) -> torch.Tensor:
+            def rms(x: torch.Tensor) -> torch.Tensor:
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+            mixed = h + torch.nn.functional.linear(rms(h), mixer)  # [T, D]
+            x = rms(mixed)
+            row2assignment = torch.argsort(ids.reshape(-1), stable=True)  # [N]
+            rows = x.index_select(0, row2assignment // top_k)  # [N, D]
+            assignment2row = torch.empty_like(row2assignment)
+            assignment2row[row2assignment] = torch.arange(row2assignment.numel())
+            per_slot = rows.index_select(0, assignment2row).view(h.shape[0], top_k, -1)  # [T, k, D]
+            return mixed + (per_slot * weights[:, :, None]).sum(dim=1)  # [T, D]
+
+        calls.append(call)
+    with torch.inference_mode():
+        medians = _median_times(calls, shape.repeats)
+    return [[float(tokens), seconds] for tokens, seconds in zip(shape.token_counts, medians, strict=True)]
+
+
+def _nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> list[float]:
+    """Coefficients >= 0 of ``design @ x ~ target``: least squares, dropping negative columns until none."""
+    columns = list(range(design.shape[1]))
+    coefficients = np.zeros(design.shape[1])
+    while columns:
+        solution, *_ = np.linalg.lstsq(design[:, columns], target, rcond=None)
+        if (solution >= 0).all():
+            coefficients[columns] = solution
+            break
+        columns.pop(int(np.argmin(solution)))
+    return [float(value) for value in coefficients]
+
+
+# --------------------------------------------------------------------------------------------
+# processors, hand-offs and messages
+
+
+def _spin(iterations: int, results: Any) -> None:
+    start = time.perf_counter()
+    total = 0
+    for index in range(iterations):
+        total += index * index
+    results.put(time.perf_counter() - start)
+
+
+def measure_parallel_speedup(max_processes: int | None = None, iterations: int = 1_500_000) -> list[float]:
+    """[k] aggregate speed-up of k = 1..max_processes concurrent CPU-bound processes over one.
+
+    Each process runs the same pure-Python loop (no thread pools, so forking is safe);
+    speed-up_k = k * time_1 / mean time_k. On an idle machine it follows min(k, cores); on a
+    shared one it says how many processors other work leaves to ours. Default max_processes:
+    ``os.cpu_count() + 1``.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    count = max_processes or (os.cpu_count() or 1) + 1
+    means = []
+    for processes in range(1, count + 1):
+        results = context.Queue()
+        workers = [context.Process(target=_spin, args=(iterations, results), daemon=True) for _ in range(processes)]
+        for worker in workers:
+            worker.start()
+        times = [results.get(timeout=120) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=10)
+        means.append(float(np.mean(times)))
+    return [processes * means[0] / mean for processes, mean in enumerate(means, start=1)]
+
+
+def measure_thread_switch(repeats: int = 60) -> float:
+    """Median seconds of one hand-off to another thread and back (two ``threading.Event`` wake-ups).
+
+    What the async attention worker pays per micro-batch layer call to give its compute slot to
+    the micro-batch's thread and get it back; on a loaded machine it is scheduler wake-up latency.
+    """
+    import threading
+
+    go, back = threading.Event(), threading.Event()
+    stop = False
+
+    def partner() -> None:
+        while True:
+            go.wait()
+            go.clear()
+            back.set()
+            if stop:
+                return
+
+    thread = threading.Thread(target=partner, daemon=True)
+    thread.start()
+    times = []
+    for index in range(repeats + 1):
+        start = time.perf_counter()
+        go.set()
+        back.wait()
+        back.clear()
+        if index:
+            times.append(time.perf_counter() - start)
+    stop = True
+    go.set()
+    thread.join(timeout=5)
+    return float(np.median(times))
+
+
+
+def _fit_message(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
+    """(latency s, bandwidth B/s) of ``seconds ~ latency + sizes / bandwidth``."""
+    latency, per_byte = _nonnegative_least_squares(np.stack([np.ones(sizes.size), sizes], axis=1), seconds)
+    return max(latency, 1e-9), 1.0 / max(per_byte, 1e-15)
+
+
+def _echo(port: int, sizes: list[int], rounds: int) -> None:
+    """Rank 1: receive each message and send it straight back."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
+    try:
+        for size in sizes:
+            buffer = torch.empty(size, dtype=torch.uint8)
+            for _ in range(rounds):
+                dist.recv(buffer, src=0)
+                dist.send(buffer, dst=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_gloo_one_way(sizes: list[int], repeats: int = 15) -> list[float]:
+    """Median one-way seconds of a ``size``-byte gloo send, per size: round trips to an echoing process, halved.
+
+    Starts a second process (fork) and a two-rank gloo group on loopback; this process must not
+    already be in a default process group (``RuntimeError`` otherwise). One warm-up round trip per size.
+    """
+    import multiprocessing
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise RuntimeError("measure_gloo_one_way needs a process outside any torch.distributed group")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    rounds = repeats + 1
+    process = multiprocessing.get_context("fork").Process(target=_echo, args=(port, sizes, rounds), daemon=True)
+    process.start()
+    medians = []
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+        try:
+            for size in sizes:
+                payload = torch.zeros(size, dtype=torch.uint8)
+                times = []
+                for round_index in range(rounds):
+                    start = time.perf_counter()
+                    dist.send(payload, dst=1)
+                    dist.recv(payload, src=1)
+                    if round_index:
+                        times.append((time.perf_counter() - start) / 2)
+                medians.append(float(np.median(times)))
+        finally:
+            dist.destroy_process_group()
+    finally:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=5)
+    return medians
