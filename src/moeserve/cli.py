@@ -222,6 +222,7 @@ def serve(
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory (lru, lfu, fifo, lifo, lrfu).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: load the next layer's predicted experts in the background.")] = False,
     committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy).")] = None,
+    expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (this process is the attention worker; sync all-to-all per layer over gloo).")] = None,
     threads: ThreadsOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (critical, error, warning, info, debug).")] = "info",
 ) -> None:
@@ -237,8 +238,9 @@ def serve(
     from moeserve.env import apply_thread_count
     from moeserve.server.serve import build_server, run_server
 
+    service = None
     try:
-        apply_thread_count(threads)
+        thread_count = apply_thread_count(threads)
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee
         )
@@ -246,10 +248,22 @@ def serve(
             scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens),
             max_context=max_model_len,
         )
+        if expert_parallel is not None:
+            if cache is not None or gate is not None:
+                raise MoeserveError("--expert-parallel does not combine with --expert-memory or --committee yet")
+            from moeserve.ep.serving import start_expert_parallel
+            from moeserve.models.reference import reference_split_tokens
+
+            if moe_model.tokenizer is None:
+                raise MoeserveError(f"{moe_model.path} has no tokenizer; cannot measure expert loads for placement")
+            calibration = reference_split_tokens(moe_model.tokenizer, held_out=False, max_tokens=2048)
+            service = start_expert_parallel(moe_model, expert_parallel, calibration, threads=thread_count)
         server = build_server(moe_model, engine_config, served_model_name, cache=cache, committee=gate,
-                              default_max_tokens_chat=default_max_tokens)
+                              default_max_tokens_chat=default_max_tokens, expert_parallel=service)
         warm_up(moe_model)
     except (MoeserveError, ValueError, KeyError) as error:
+        if service is not None:
+            service.stop()
         _fail(error)
         return
     console.print(f"[dim]serving {server.config.model_name} ({moe_model.family.model_type}, {moe_model.num_experts} experts, "
@@ -584,6 +598,7 @@ def serverless_plan(
     calibration: Annotated[Path, typer.Option("--calibration", help="Calibration cache (JSON keyed by device and shape); shared with `serverless run`.")] = Path("runs/serverless/calibration.json"),
     recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Time the handler again and replace the cached calibration.")] = False,
     seed: Annotated[int, typer.Option(help="Optimiser seed.")] = 0,
+    wire_dtype: Annotated[str, typer.Option("--wire-dtype", help="Dtype token rows travel in: float32 (exact, default), or float16 / bfloat16 (half the bytes, lossy: activations are rounded). Baselines stay float32.")] = "float32",
     as_json: JsonOpt = False,
 ) -> None:
     """Cheapest Lambda plan for the expert layers, next to a CPU cluster and a LambdaML-style design (modelled)."""
@@ -599,9 +614,13 @@ def serverless_plan(
         cost_model = (
             CostModel(calibration=cached_calibration(expert_shape, calibration, recalibrate)) if calibrate_here else CostModel()
         )
+        plan_model = cost_model
+        if wire_dtype != "float32" and calibrate_here:
+            plan_model = CostModel(calibration=cached_calibration(expert_shape, calibration, recalibrate, wire_dtype))
         report = plan_deployment(
-            load_trace(trace), expert_shape, throughput, batch_tokens=batch_tokens, model=cost_model, trials=trials,
-            seed=seed, max_throughput_loss_vs_lambdaml=max_throughput_loss,
+            load_trace(trace), expert_shape, throughput, batch_tokens=batch_tokens, model=plan_model, trials=trials,
+            seed=seed, max_throughput_loss_vs_lambdaml=max_throughput_loss, wire_dtype=wire_dtype,
+            baseline_model=cost_model,
         )
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)

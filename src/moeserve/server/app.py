@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -84,8 +84,20 @@ def _usage(output: RequestOutput) -> dict[str, int]:
     }
 
 
-def create_app(engine_loop: EngineLoop, tokenizer: Any, config: ServerConfig, metrics: ServerMetrics) -> FastAPI:
-    """The FastAPI application; the engine loop starts with the app and drains on shutdown."""
+def create_app(
+    engine_loop: EngineLoop,
+    tokenizer: Any,
+    config: ServerConfig,
+    metrics: ServerMetrics,
+    health_checks: list[Callable[[], bool]] | None = None,
+    on_shutdown: list[Callable[[], None]] | None = None,
+) -> FastAPI:
+    """The FastAPI application; the engine loop starts with the app and drains on shutdown.
+
+    ``health_checks`` must all hold for ``/health`` to be green (e.g. expert workers alive);
+    ``on_shutdown`` runs after the engine has drained and stopped (e.g. stop expert workers).
+    """
+    checks = list(health_checks or [])
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -94,6 +106,8 @@ def create_app(engine_loop: EngineLoop, tokenizer: Any, config: ServerConfig, me
         yield
         await asyncio.to_thread(engine_loop.drain, config.drain_timeout_s)
         engine_loop.stop()
+        for action in on_shutdown or []:
+            await asyncio.to_thread(action)
 
     app = FastAPI(title="moeserve", lifespan=lifespan)
 
@@ -112,7 +126,7 @@ def create_app(engine_loop: EngineLoop, tokenizer: Any, config: ServerConfig, me
 
     @app.get("/health")
     async def health() -> Response:
-        if engine_loop.alive and engine_loop.accepting:
+        if engine_loop.alive and engine_loop.accepting and all(check() for check in checks):
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 

@@ -51,10 +51,13 @@ class ExpertLoadCounter:
 class MoECollector:
     """Scrape-time MoE metrics from the load counter, expert cache and committee, where present."""
 
-    def __init__(self, loads: ExpertLoadCounter | None, cache: Any = None, committee: Any = None) -> None:
+    def __init__(self, loads: ExpertLoadCounter | None, cache: Any = None, committee: Any = None,
+                 expert_parallel: Any = None) -> None:
         self.loads = loads
         self.cache = cache
         self.committee = committee
+        self.expert_parallel = expert_parallel
+        """``moeserve.ep.metrics.AttentionStats`` of a sync expert-parallel deployment."""
 
     def collect(self) -> Iterator[Metric]:
         if self.loads is not None:
@@ -91,6 +94,23 @@ class MoECollector:
                 served.add_metric([str(layer)], values["served_exactly"])
             served.add_metric(["all"], telemetry["served_exactly"])
             yield served
+        if self.expert_parallel is not None:
+            stats = self.expert_parallel
+            rows = CounterMetricFamily("moeserve:ep_worker_rows", "Token rows sent to each expert worker",
+                                       labels=["layer", "worker"])
+            balance = GaugeMetricFamily(
+                "moeserve:ep_balancedness", "Mean over max rows per expert worker of each MoE layer since start",
+                labels=["layer"],
+            )
+            for layer, per_worker in enumerate(stats.worker_rows):
+                for worker, count in enumerate(per_worker):
+                    rows.add_metric([str(layer), str(worker)], count)
+                busiest = max(per_worker)
+                balance.add_metric([str(layer)], (sum(per_worker) / len(per_worker)) / busiest if busiest else 1.0)
+            yield rows
+            yield balance
+            yield CounterMetricFamily("moeserve:ep_expert_wait_seconds", "Time the attention worker waited on expert "
+                                      "workers (barrier all-to-all, sync mode)", value=stats.expert_wait_s)
 
 
 class ServerMetrics:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -12,6 +13,9 @@ from moeserve.models.loader import MoEModel
 from moeserve.server.app import ServerConfig, create_app
 from moeserve.server.loop import EngineLoop
 from moeserve.server.metrics import ExpertLoadCounter, MoECollector, ServerMetrics
+
+if TYPE_CHECKING:
+    from moeserve.ep.serving import ExpertParallelService
 
 
 @dataclass
@@ -32,14 +36,19 @@ def build_server(
     committee: Any = None,
     default_max_tokens_chat: int = 256,
     drain_timeout_s: float = 30.0,
+    expert_parallel: ExpertParallelService | None = None,
 ) -> Server:
-    """A server for ``model`` (with its expert cache / committee, if applied, for their metrics)."""
+    """A server for ``model`` (with its expert cache / committee / expert parallelism, if applied, for their metrics).
+
+    With ``expert_parallel`` the routed experts run in worker processes: per-expert loads are not
+    counted here (the MoE layers are bypassed); rows per worker and the wait on experts are.
+    """
     engine = build_engine(model, engine_config)
-    loads = ExpertLoadCounter(model)
+    loads = ExpertLoadCounter(model) if expert_parallel is None else None
     metrics = ServerMetrics(
         running=lambda: engine.num_running,
         waiting=lambda: engine.num_waiting,
-        moe=MoECollector(loads, cache, committee),
+        moe=MoECollector(loads, cache, committee, expert_parallel.stats if expert_parallel is not None else None),
     )
     loop = EngineLoop(engine, metrics)
     config = ServerConfig(
@@ -49,7 +58,10 @@ def build_server(
         default_max_tokens_chat=default_max_tokens_chat,
         drain_timeout_s=drain_timeout_s,
     )
-    return Server(create_app(loop, model.tokenizer, config, metrics), loop, metrics, config)
+    health = [expert_parallel.alive] if expert_parallel is not None else []
+    shutdown: list[Callable[[], None]] = [expert_parallel.stop] if expert_parallel is not None else []
+    app = create_app(loop, model.tokenizer, config, metrics, health_checks=health, on_shutdown=shutdown)
+    return Server(app, loop, metrics, config)
 
 
 def run_server(server: Server, host: str, port: int, log_level: str = "info") -> None:
