@@ -51,6 +51,7 @@ def test_sync_barrier_waits_for_the_slowest_expert_worker() -> None:
         attention_overhead_s=0.0,
         attention_per_token_s=0.0,
         message_latency_s=0.0,
+        collective_latency_s=0.0,
         bytes_per_token=0,
     )
     result = _two_worker_sync(costs, passes=3)
@@ -68,7 +69,8 @@ def test_sync_layer_time_is_attention_dispatch_slowest_combine() -> None:
         expert_per_token_s=1.0,
         attention_overhead_s=2.0,
         attention_per_token_s=0.5,
-        message_latency_s=1.0,
+        message_latency_s=100.0,  # async only: sync uses collective_latency_s
+        collective_latency_s=1.0,
         bandwidth_bytes_per_s=10.0,
         bytes_per_token=10,
     )
@@ -191,7 +193,7 @@ def test_calibration_measures_positive_costs_and_round_trips_through_json(tmp_pa
     )
     calibration = calibrate_costs(shape)
     costs = calibration.costs
-    assert {"expert_per_token_s", "attention_per_token_s", "message_latency_s", "attention_switch_s"} <= set(
+    assert {"expert_per_token_s", "message_latency_s", "collective_latency_s", "attention_switch_s"} <= set(
         costs.measured
     )
     assert "bytes_per_token" not in costs.measured
@@ -225,6 +227,7 @@ def test_sync_equals_async_on_balanced_routing_with_linear_costs() -> None:
         attention_overhead_s=0.0,
         attention_per_token_s=2e-6,
         message_latency_s=0.0,
+        collective_latency_s=0.0,
         bandwidth_bytes_per_s=1e9,
         bytes_per_token=1000,
     )
@@ -284,6 +287,7 @@ def test_shared_cores_serialise_expert_workers_in_sync() -> None:
         attention_overhead_s=0.0,
         attention_per_token_s=0.0,
         message_latency_s=0.0,
+        collective_latency_s=0.0,
         bytes_per_token=0,
     )
     routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)

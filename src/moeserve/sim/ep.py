@@ -84,7 +84,10 @@ class SimCosts:
     micro-batch layer call (the real runtime's thread hand-offs); 0 by default: a GPU worker
     switches micro-batches by launching on another stream."""
     message_latency_s: float = 10e-6
-    """Fixed time of one message between an attention and an expert worker."""
+    """Fixed time of one point-to-point message between an attention and an expert worker (async)."""
+    collective_latency_s: float = 10e-6
+    """Fixed time of one all-to-all over all workers (sync: the split sizes, the dispatch and the
+    combine are one each); by default the same as a message."""
     bandwidth_bytes_per_s: float = 50e9
     """Outgoing link bandwidth of one worker, shared by its messages."""
     bytes_per_token: int = 4096
@@ -126,6 +129,10 @@ class SimCosts:
     def transfer_time(self, assignments: int) -> float:
         """Seconds of one message carrying ``assignments`` token activations."""
         return self.message_latency_s + assignments * self.bytes_per_token / self.bandwidth_bytes_per_s
+
+    def collective_time(self, assignments: int) -> float:
+        """Seconds of one all-to-all in which the busiest link carries ``assignments`` token activations."""
+        return self.collective_latency_s + assignments * self.bytes_per_token / self.bandwidth_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -235,11 +242,11 @@ class SimResult:
     scheduler: str | None
     """async: the layer scheduler; sync: None."""
     tokens: int
-    """Token forward passes completed."""
+    """Tokens produced: decode-only, token forward passes completed; with a workload, generated tokens."""
     makespan_s: float
     throughput_tokens_per_s: float
     latency_p50_s: float
-    """Per-token latency of one forward pass through all L layers."""
+    """Per-token latency of one forward pass (decode step) through all L layers; a prefill is not counted."""
     latency_p90_s: float
     latency_p99_s: float
     expert_utilisation: tuple[float, ...]
@@ -453,7 +460,7 @@ def _simulate_sync(
     """Barrier all-to-all per layer: layer time = attention + split-size exchange + dispatch + slowest worker + combine.
 
     The split sizes (rows per worker) are exchanged before the variable-size all-to-all: one
-    message latency per layer (the real sync mode's control collective; DeepEP's notify step).
+    collective latency per layer (the real sync mode's control collective; DeepEP's notify step).
     """
     _, num_layers, _ = routing.shape
     workers, attention = config.expert_workers, config.attention_workers
@@ -476,8 +483,8 @@ def _simulate_sync(
             pair = (sender * workers + ranks)[known]  # [N]
             messages = np.bincount(pair, minlength=attention * workers).reshape(attention, workers)  # [A, W]
             # Each sender's messages share its link: the last one lands after all its bytes.
-            dispatch = max((costs.transfer_time(int(n)) for n in messages.sum(axis=1) if n > 0), default=0.0)
-            combine = max((costs.transfer_time(int(n)) for n in messages.sum(axis=0) if n > 0), default=0.0)
+            dispatch = costs.collective_time(int(messages.sum(axis=1).max()))
+            combine = costs.collective_time(int(messages.sum(axis=0).max()))
             tokens_per_expert = np.bincount(ids[known], minlength=num_experts)  # [E]
             worker_times = np.array(
                 [costs.expert_time(tokens_per_expert[expert2rank[layer] == w]) for w in range(workers)]
@@ -491,7 +498,7 @@ def _simulate_sync(
             attention_busy += sum(attention_times)
             step_time += (
                 _parallel_time(attention_times, config.cores)
-                + costs.message_latency_s
+                + costs.collective_latency_s
                 + dispatch
                 + slowest
                 + combine
