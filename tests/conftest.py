@@ -59,7 +59,7 @@ def live_server(model, engine_config, drain_timeout_s: float = 30.0, **server_op
     """
     import uvicorn
 
-    from moeserve.bench.serve import free_port
+    from moeserve.ports import free_port
     from moeserve.server.serve import build_server
 
     server = build_server(model, engine_config, drain_timeout_s=drain_timeout_s, **server_options)

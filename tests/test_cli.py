@@ -101,7 +101,7 @@ def test_serve_then_bench_serve_against_it_then_sigterm_drains():
 
     import httpx
 
-    from moeserve.bench.serve import free_port
+    from moeserve.ports import free_port
 
     port = free_port()
     server = subprocess.Popen([*MOESERVE, "serve", "--port", str(port), "--threads", "1", "--log-level", "warning"],

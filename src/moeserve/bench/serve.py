@@ -24,7 +24,6 @@ import math
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -38,6 +37,7 @@ from typing import Any
 import httpx
 
 from moeserve.errors import MoeserveError
+from moeserve.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -337,12 +337,6 @@ def summarise(records: list[RequestRecord], wall_s: float, malformed: list[tuple
 
 
 # -- servers this benchmark can start itself -----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 SERVER_KINDS = ("moeserve", "transformers")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from moeserve.ep.metrics import EPMetricsSnapshot, metrics_snapshot
 from moeserve.ep.requests import RequestRecord
 from moeserve.ep.worker import AttentionResult, ExpertResult
 from moeserve.errors import MoeserveError
+from moeserve.ports import free_port
 
 PRELOAD = [
     "moeserve.ep.worker",
@@ -86,12 +86,6 @@ class EPRunResult:
         return first
 
     """Launch to results, minus the modes' timed parts (process start, loading, placement, warm-ups)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _context() -> Any:

@@ -33,6 +33,7 @@ from moeserve.ep.sync import SyncExchange, serve_sync
 from moeserve.ep.worker import _broadcast_placement, place_experts
 from moeserve.errors import MoeserveError
 from moeserve.models.loader import MoEModel
+from moeserve.ports import free_port
 
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 """How long expert workers may wait in a collective for the next layer call (an idle server)."""
@@ -113,8 +114,6 @@ def start_expert_parallel(
     ``calibration_ids`` [T] is text whose routing sizes the placement. Raises MoeserveError for
     fewer than 2 processes, more expert workers than experts, or a process group already in use.
     """
-    from moeserve.bench.serve import free_port
-
     workers = processes - 1
     num_experts = model.num_experts
     if workers < 1:
