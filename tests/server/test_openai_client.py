@@ -110,6 +110,12 @@ def test_malformed_bodies_are_400_and_the_server_stays_healthy(server_url, conte
     assert httpx.get(f"{server_url}/health").json() == {"status": "ok"}
 
 
+def test_an_oversized_body_is_refused_before_parsing(server_url):
+    response = httpx.post(f"{server_url}/v1/completions", content=b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "at most" in response.json()["error"]["message"]
+
+
 def test_metrics_have_request_and_moe_series(client, server_url):
     client.completions.create(model=MODEL, prompt="class A:", max_tokens=4, temperature=0)
     text = httpx.get(f"{server_url}/metrics").text

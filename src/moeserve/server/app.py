@@ -46,6 +46,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     """On shutdown, how long running requests may take before they are aborted."""
     retry_after_s: int = 1
+    max_body_bytes: int = 4 * 2**20
+    """Larger request bodies are refused (413) before they are parsed or tokenized."""
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -144,6 +146,8 @@ def create_app(
 
     async def _read_json(request: Request) -> Any:
         raw = await request.body()
+        if len(raw) > config.max_body_bytes:
+            raise APIError(413, f"the request body has {len(raw)} bytes; at most {config.max_body_bytes} are accepted")
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
