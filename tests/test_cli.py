@@ -27,6 +27,15 @@ def test_generate_json():
     assert len(payload["routing"]["layers"]) == 4 and payload["routing"]["num_experts"] == 16
 
 
+def test_generate_with_expert_workers_gives_the_same_tokens():
+    args = ("generate", "--prompt", "class Parser:", "--max-new-tokens", "8", "--threads", "1", "--json")
+    plain = json.loads(run(*args).stdout)
+    parallel = json.loads(run(*args, "--expert-parallel", "2").stdout)
+    assert parallel["token_ids"] == plain["token_ids"]
+    rows = parallel["expert_parallel"]["worker_rows"]
+    assert len(rows) == 4 and all(sum(layer) > 0 for layer in rows)
+
+
 def test_trace_record_then_stats(tmp_path: Path):
     text = tmp_path / "input.py"
     text.write_text("def add(a, b):\n    return a + b\n\n" * 40)

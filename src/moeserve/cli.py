@@ -96,6 +96,19 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
     return moe_model, cache, gate
 
 
+def _start_expert_parallel(moe_model, processes: int, thread_count: int, cache, gate):
+    """Move the model's routed experts to worker processes (sync); shared by generate and serve."""
+    if cache is not None or gate is not None:
+        raise MoeserveError("--expert-parallel does not combine with --expert-memory or --committee yet")
+    from moeserve.ep.serving import start_expert_parallel
+    from moeserve.models.reference import reference_split_tokens
+
+    if moe_model.tokenizer is None:
+        raise MoeserveError(f"{moe_model.path} has no tokenizer; cannot measure expert loads for placement")
+    calibration = reference_split_tokens(moe_model.tokenizer, held_out=False, max_tokens=2048)
+    return start_expert_parallel(moe_model, processes, calibration, threads=thread_count)
+
+
 @app.command()
 def generate(
     model: ModelArg = None,
@@ -112,6 +125,7 @@ def generate(
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory: lru, lfu, fifo, lifo, lrfu (exact: outputs unchanged).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: predict the next layer's experts with its router and load them in the background.")] = False,
     committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members).")] = None,
+    expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (sync all-to-all per layer over gloo); no --routing.")] = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -123,17 +137,22 @@ def generate(
     from moeserve.traces.record import RoutingRecorder
     from moeserve.traces.stats import trace_stats
 
+    service = None
     try:
-        apply_thread_count(threads)
+        if expert_parallel is not None and routing:
+            raise MoeserveError("--routing is not available with --expert-parallel (the experts run in other processes)")
+        thread_count = apply_thread_count(threads)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
             check=lambda m: prompt_token_ids(m, prompt, sampling),  # context errors before anything is printed
         )
+        if expert_parallel is not None:
+            service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
         warm_up(moe_model)
         if cache is not None:
             cache.reset_stats()
-        recorder = RoutingRecorder(moe_model) if routing or as_json else None
+        recorder = RoutingRecorder(moe_model) if (routing or as_json) and service is None else None
         if not as_json:
             console.print(f"[dim]{moe_model.name} ({moe_model.family.model_type}, {len(moe_model.layers)} MoE layers, "
                           f"{moe_model.num_experts} experts, top-{moe_model.top_k})[/]")
@@ -149,6 +168,9 @@ def generate(
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)
         return
+    finally:
+        if service is not None:
+            service.stop()
     stats = trace_stats(recorder.trace()) if recorder is not None else None
     if as_json:
         payload = result.to_dict()
@@ -159,6 +181,9 @@ def generate(
             payload["expert_cache"] = cache.stats().to_dict()
         if gate is not None:
             payload["committee"] = gate.telemetry()
+        if service is not None:
+            payload["expert_parallel"] = {"processes": expert_parallel, "worker_rows": service.stats.worker_rows,
+                                          "expert_wait_s": service.stats.expert_wait_s}
         print(json.dumps(payload))
         return
     sys.stdout.write("\n")
@@ -249,15 +274,7 @@ def serve(
             max_context=max_model_len,
         )
         if expert_parallel is not None:
-            if cache is not None or gate is not None:
-                raise MoeserveError("--expert-parallel does not combine with --expert-memory or --committee yet")
-            from moeserve.ep.serving import start_expert_parallel
-            from moeserve.models.reference import reference_split_tokens
-
-            if moe_model.tokenizer is None:
-                raise MoeserveError(f"{moe_model.path} has no tokenizer; cannot measure expert loads for placement")
-            calibration = reference_split_tokens(moe_model.tokenizer, held_out=False, max_tokens=2048)
-            service = start_expert_parallel(moe_model, expert_parallel, calibration, threads=thread_count)
+            service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
         server = build_server(moe_model, engine_config, served_model_name, cache=cache, committee=gate,
                               default_max_tokens_chat=default_max_tokens, expert_parallel=service)
         warm_up(moe_model)
