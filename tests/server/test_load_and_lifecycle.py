@@ -96,3 +96,21 @@ def test_shutdown_drains_running_requests(server_model, start_server):
         thread.join()
     assert [r.status_code for r in results] == [200, 200]
     assert all(r.json()["usage"]["completion_tokens"] == 300 for r in results)
+
+
+def test_an_engine_bug_answers_500_and_the_server_goes_on(server_model, start_server):
+    config = EngineConfig(SchedulerConfig(max_running=2, max_waiting=4), max_context=256)
+    with start_server(server_model, config) as (url, server):
+        engine = server.loop.engine  # type: ignore[attr-defined]
+        original = engine._postprocess
+
+        def broken(*args, **kwargs):
+            engine._postprocess = original  # fail once
+            raise RuntimeError("injected postprocess bug")
+
+        engine._postprocess = broken
+        failed = httpx.post(f"{url}/v1/completions", json={**LONG, "max_tokens": 5}, timeout=60)
+        assert failed.status_code == 500 and "injected postprocess bug" in failed.json()["error"]["message"]
+        reply = httpx.post(f"{url}/v1/completions", json={**LONG, "max_tokens": 5}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
+        assert httpx.get(f"{url}/health").status_code == 200

@@ -9,12 +9,15 @@ finish, abort (client gone, shutdown) or a failed model step — so no handler w
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
 from moeserve.engine.engine import Engine, RequestOutput
 from moeserve.engine.request import SamplingParams, new_request_id
 from moeserve.server.metrics import ServerMetrics
+
+log = logging.getLogger("moeserve.server")
 
 
 class EngineLoop:
@@ -84,11 +87,30 @@ class EngineLoop:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            outputs = self.engine.step()
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # a bug outside the model forward: no handler may wait forever
+                log.exception("engine step failed")
+                self._fail_all(f"engine step failed: {type(error).__name__}: {error}")
+                time.sleep(0.1)  # a persistent failure must not spin
+                continue
             if self.metrics is not None:
                 for output in outputs:
                     self.metrics.observe(output)
             self._deliver(outputs)
+
+    def _fail_all(self, message: str) -> None:
+        """End every open stream with an error output and abort its request in the engine."""
+        with self._streams_lock:
+            request_ids = list(self._streams)
+        now = time.monotonic()
+        failed = []
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+            failed.append(RequestOutput(request_id=request_id, text="", token_ids=[], finished=True, finish_reason="error",
+                                        prompt_tokens=0, completion_tokens=0, arrival_time=now, first_token_time=None,
+                                        now=now, error=message))
+        self._deliver(failed)
 
     def drain(self, timeout_s: float) -> int:
         """Stop accepting, let running and waiting requests finish; abort what is left after ``timeout_s``.
