@@ -74,18 +74,23 @@ def test_emulated_layers_equal_the_in_process_layers_and_the_ledger_adds_up(repl
         torch.from_numpy(run.outputs), torch.from_numpy(replay.reference), rtol=1e-4, atol=1e-5
     )
 
-    # Every non-empty micro-batch of every replica is one invocation; empty ones are not sent.
+    # A function gets each token once, whatever number of its experts the token chose; its
+    # tokens are split over replicas, then micro-batches; every non-empty micro-batch is one
+    # invocation (empty ones are not sent).
     invokes = [e for e in entries if e.kind == "invoke"]
-    expected = 0
+    expected = rows = 0
     for layer in range(2):
         for batch in range(2):
-            ids = replay.topk_ids[layer, batch * 32 : (batch + 1) * 32].reshape(-1)
+            ids = replay.topk_ids[layer, batch * 32 : (batch + 1) * 32]  # [32, 2]
             for function in split_plan().layers[layer].functions:
-                assigned = np.flatnonzero(np.isin(ids, function.experts))
-                for share in np.array_split(assigned, function.replicas):
+                tokens = np.flatnonzero(np.isin(ids, function.experts).any(axis=1))
+                rows += tokens.size
+                for share in np.array_split(tokens, function.replicas):
                     expected += sum(1 for chunk in np.array_split(share, 2) if chunk.size)
     assert len(invokes) == expected
     assert sum(e.tokens for e in invokes) == 2 * 2 * 32 * 2  # layers x batches x tokens x top-2
+    assert sum(e.rows for e in invokes) == rows < 2 * 2 * 32 * 2  # rows sent once per function
+    assert all(e.json_bytes == e.request_bytes for e in invokes if e.layer == 0)  # direct: raw response
     assert all(e.outcome == "ok" for e in entries)
 
     # Cold starts: one per instance (3 per layer), billed as duration without a request.
@@ -241,10 +246,30 @@ def test_the_handler_fit_recovers_known_compute_constants():
         rest = 1e-4 + payload * 8e-9
         ledger.bill("invoke", 512, 1.0, layer=0, function=0, replica=0, batch=0, micro_batch=0,
                     tokens=tokens, experts_touched=touched, experts_cpu_s=experts, cpu_s=experts + rest,
-                    request_bytes=payload // 2, response_bytes=payload - payload // 2)  # fmt: skip
+                    request_bytes=payload, response_bytes=payload // 2, json_bytes=payload)  # fmt: skip
     fitted = fit_handler_calibration(ledger.entries, shape)
     assert fitted is not None and fitted.covers(shape)
     assert fitted.flops_per_second == pytest.approx(5e10, rel=1e-6)
     assert fitted.call_overhead_s == pytest.approx(2e-4, rel=1e-6)
     assert fitted.invocation_overhead_s == pytest.approx(1e-4, rel=1e-6)
     assert fitted.payload_seconds_per_byte == pytest.approx(8e-9, rel=1e-6)
+
+
+def test_a_bfloat16_wire_halves_the_rows_and_rounds_the_outputs_within_bfloat16_precision(replay, checkpoint):
+    config = EmulatorConfig(network="none")
+    plans = {}
+    for dtype in ("float32", "bfloat16"):
+        layer = LayerPlan((FunctionPlan(tuple(range(16)), 1024),), 1, "direct", dtype)
+        with Emulator(
+            DeploymentPlan((layer, layer)), reference_shape(), checkpoint, 2, MODEL, config
+        ) as emulator:
+            run = emulator.run(replay, batch_tokens=32)
+            plans[dtype] = (run, [e for e in emulator.ledger.entries if e.kind == "invoke"])
+    exact, exact_lines = plans["float32"]
+    rounded, rounded_lines = plans["bfloat16"]
+    scale = float(np.abs(replay.reference).max())
+    assert exact.max_abs_error() < 1e-4 * scale
+    # bfloat16 keeps 8 significant bits of the rows and the outputs: errors of a few 2^-8.
+    assert 1e-4 * scale < rounded.max_abs_error() < 0.05 * scale
+    assert sum(e.response_bytes for e in rounded_lines) * 2 == sum(e.response_bytes for e in exact_lines)
+    assert sum(e.request_bytes for e in rounded_lines) < 0.6 * sum(e.request_bytes for e in exact_lines)

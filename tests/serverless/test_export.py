@@ -174,19 +174,28 @@ def test_exported_handler_matches_a_numpy_reference(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((6, TINY.hidden_size)).astype(np.float32)
+    x = rng.standard_normal((4, TINY.hidden_size)).astype(np.float32)
+    rows = np.array([0, 0, 1, 2, 3, 3], dtype=np.int32)  # rows 0 and 3 go to both held experts
     experts = np.array([2, 3, 3, 2, 2, 3], dtype=np.int32)
-    rows = np.arange(10, 16, dtype=np.int32)
-    response = handler.lambda_handler(json.loads(json.dumps(handler.encode_request(x, experts, rows))))
-    y = handler.decode_array(response["y"], "<f4", (6, TINY.hidden_size))
-    expected = np.stack(
-        [reference_expert(weights[0], int(e), x[t : t + 1])[0] for t, e in enumerate(experts)]
-    )
+    gate = rng.random(6).astype(np.float32)
+    event = json.loads(json.dumps(handler.encode_request(x, rows, experts, gate)))
+    response = handler.lambda_handler(event)
+    assert isinstance(response, bytes)  # returned raw: the runtime passes bytes through unencoded
+    y = handler.rows_from_wire(response, "float32", (4, TINY.hidden_size))
+    expected = np.zeros_like(x)
+    for row, expert, weight in zip(rows, experts, gate, strict=True):
+        expected[row] += weight * reference_expert(weights[0], int(expert), x[row : row + 1])[0]
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
-    assert np.array_equal(handler.decode_array(response["rows"], "<i4", (6,)), rows)
 
     with pytest.raises(ValueError, match=r"experts \[0\] are not held"):
-        handler.lambda_handler(handler.encode_request(x[:1], np.array([0])))
+        handler.lambda_handler(
+            handler.encode_request(x[:1], np.array([0]), np.array([0]), np.ones(1, dtype=np.float32))
+        )
+
+
+def one_per_row(tokens: int, expert: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Assignments sending each of ``tokens`` rows to ``expert`` with weight 1."""
+    return np.arange(tokens), np.full(tokens, expert), np.ones(tokens, dtype=np.float32)
 
 
 def test_payloads_over_the_synchronous_limit_are_refused_clearly():
@@ -194,7 +203,7 @@ def test_payloads_over_the_synchronous_limit_are_refused_clearly():
     tokens = ht.SYNC_PAYLOAD_LIMIT_BYTES // (hidden * 4) + 1  # raw floats alone exceed 6 MB
     x = np.zeros((tokens, hidden), dtype=np.float32)
     with pytest.raises(ht.PayloadTooLargeError, match="synchronous payload limit.*object_store"):
-        ht.encode_request(x, np.zeros(tokens, dtype=np.int32))
+        ht.encode_request(x, *one_per_row(tokens))
     # Small limits exercise the response check without building 6 MB arrays.
     rng = np.random.default_rng(1)
     weights = ht.ExpertWeights(
@@ -203,10 +212,10 @@ def test_payloads_over_the_synchronous_limit_are_refused_clearly():
         rng.standard_normal((1, 3, 4)).astype(np.float32),
         rng.standard_normal((1, 4, 3)).astype(np.float32),
     )
-    event = ht.encode_request(np.ones((50, 4), dtype=np.float32), np.zeros(50, dtype=np.int32))
+    event = ht.encode_request(np.ones((50, 4), dtype=np.float32), *one_per_row(50))
     with pytest.raises(ht.PayloadTooLargeError, match="response of 50 tokens"):
-        ht.handle(event, weights, limit=500)
-    assert ht.handle(event, weights)["tokens"] == 50
+        ht.handle(event, weights, limit=50 * 4 * 4 - 1)
+    assert len(ht.handle(event, weights, limit=50 * 4 * 4)) == 50 * 4 * 4  # raw float32 bytes
 
 
 def test_grouped_experts_equal_a_row_by_row_reference_and_the_object_store_path_matches_direct():
@@ -219,30 +228,63 @@ def test_grouped_experts_equal_a_row_by_row_reference_and_the_object_store_path_
         rng.standard_normal((n, hidden, intermediate)).astype(np.float32),
     )
     x = rng.standard_normal((40, hidden)).astype(np.float32)
-    experts = rng.choice(weights.experts, 40)
-    y = ht.run_experts(weights, x, experts)
-    for row, expert in enumerate(experts):
-        slot = weights.slot(int(expert))
-        h = x[row] @ weights.gate[slot].T
-        expected = (h / (1 + np.exp(-h)) * (x[row] @ weights.up[slot].T)) @ weights.down[slot].T
+    # Each row to two distinct experts, as top-2 routing inside one function.
+    pairs = np.stack([rng.choice(weights.experts, 2, replace=False) for _ in range(40)])  # [40, 2]
+    rows, experts = np.repeat(np.arange(40), 2), pairs.reshape(-1)
+    gate = rng.random(80).astype(np.float32)
+    y = ht.run_experts(weights, x, rows, experts, gate)
+    for row in range(40):
+        expected = np.zeros(hidden, dtype=np.float32)
+        for a in (2 * row, 2 * row + 1):
+            slot = weights.slot(int(experts[a]))
+            h = x[row] @ weights.gate[slot].T
+            expected += gate[a] * (
+                (h / (1 + np.exp(-h)) * (x[row] @ weights.up[slot].T)) @ weights.down[slot].T
+            )
         np.testing.assert_allclose(y[row], expected, rtol=1e-4, atol=1e-5)
 
-    store = {"in": np.ascontiguousarray(x, dtype="<f4").tobytes()}
-    event = {
-        "tokens": 40,
-        "hidden_size": hidden,
-        "experts": ht.encode_array(experts, "<i4"),
-        "input_key": "in",
-    }
-    response = ht.handle_object_store(event, weights, store.__getitem__, store.__setitem__)
-    assert response["output_key"] == "in.out" and "y" not in response
-    direct = ht.handle(ht.encode_request(x, experts), weights)
-    np.testing.assert_array_equal(
-        np.frombuffer(store["in.out"], dtype="<f4").reshape(40, hidden),
-        ht.decode_array(direct["y"], "<f4", (40, hidden)),
-    )
-    # The response size the handler checks is the size of the JSON it returns.
-    assert len(json.dumps(direct)) <= 3 * 4 * 40 * hidden
-    with pytest.raises(ht.PayloadTooLargeError):
-        ht.handle(ht.encode_request(x, experts), weights, limit=len(json.dumps(direct)) - 1)
-    assert ht.handle(ht.encode_request(x, experts), weights, limit=len(json.dumps(direct)))["tokens"] == 40
+    direct = ht.handle(ht.encode_request(x, rows, experts, gate), weights)
+    for dtype in ht.WIRE_DTYPES:
+        store = {"in": ht.rows_to_wire(x, dtype)}
+        event = {**ht.encode_assignments(x.shape, rows, experts, gate, dtype), "input_key": "in"}
+        response = ht.handle_object_store(event, weights, store.__getitem__, store.__setitem__)
+        assert response["output_key"] == "in.out"
+        stored = ht.rows_from_wire(store["in.out"], dtype, (40, hidden))
+        if dtype == "float32":
+            np.testing.assert_array_equal(stored, ht.rows_from_wire(direct, dtype, (40, hidden)))
+        else:  # half the bytes, rounded rows and outputs (8 or 11 significant bits)
+            assert len(store["in.out"]) == len(direct) // 2
+            np.testing.assert_allclose(stored, y, rtol=0.05, atol=0.05 * float(np.abs(y).max()))
+
+
+def test_wire_dtypes_round_as_documented():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((64, 8)) * 10.0 ** rng.integers(-3, 4, (64, 8))).astype(np.float32)
+    exact = ht.rows_from_wire(ht.rows_to_wire(x, "float32"), "float32", x.shape)
+    np.testing.assert_array_equal(exact, x)
+    brain = ht.rows_from_wire(ht.rows_to_wire(x, "bfloat16"), "bfloat16", x.shape)
+    np.testing.assert_allclose(brain, x, rtol=2.0**-8)  # 8 significant bits, round to nearest
+    half = ht.rows_from_wire(ht.rows_to_wire(x, "float16"), "float16", x.shape)
+    np.testing.assert_allclose(half, x.astype(np.float16).astype(np.float32))
+    with pytest.raises(ValueError, match="wire dtype"):
+        ht.rows_to_wire(x, "int8")
+    with pytest.raises(ValueError, match="expected"):
+        ht.rows_from_wire(b"\0" * 6, "bfloat16", (2, 2))
+
+
+def test_plan_files_keep_the_wire_dtype_and_the_template_sets_it():
+    layers = two_layer_plan("direct").layers
+    plan = DeploymentPlan((layers[0], LayerPlan(layers[1].functions, 4, "direct", "bfloat16")), "test")
+    assert [layer.wire_dtype for layer in plan_from_saved(plan)] == ["float32", "bfloat16"]
+    template = build_template(plan)
+    variables = template["Resources"]["Layer1Function0"]["Properties"]["Environment"]["Variables"]
+    assert variables["MOESERVE_WIRE_DTYPE"] == "bfloat16"
+    assert variables["MALLOC_TRIM_THRESHOLD_"] == ht.MALLOC_ENVIRONMENT["MALLOC_TRIM_THRESHOLD_"]
+
+
+def plan_from_saved(plan: DeploymentPlan) -> tuple[LayerPlan, ...]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_plan_json(plan, Path(folder) / "plan.json")
+        return load_plan_json(path).plan.layers

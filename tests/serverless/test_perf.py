@@ -19,7 +19,7 @@ from moeserve.serverless.perf import (
     compute_seconds,
     device_name,
     handler_overhead_seconds,
-    handler_payload_bytes,
+    handler_payload,
     load_calibration,
     save_calibration,
     shape_key,
@@ -138,10 +138,13 @@ def test_calibrate_times_the_deployed_handler_and_fits_positive_constants():
     assert [(n, t) for n, t, *_ in calibration.points] == [(1, 1), (1, 16), (4, 4), (4, 64)]
     assert calibration.probe == (128, 160)
     assert not calibration.covers(DEEPSEEK_V2_LITE)
-    # The recorded payload bytes are the handler's real ones, which the model's estimate follows.
-    for _, tokens, _, _, measured_bytes in calibration.points:
-        request, response = handler_payload_bytes(shape, tokens, "direct")
-        assert float(request + response) == pytest.approx(measured_bytes, rel=0.02, abs=80)
+    # The recorded JSON bytes are the handler's real ones, which the model's estimate follows
+    # (the grid sends each row to two of the experts when it touches more than one).
+    for experts, assignments, _, _, measured_bytes in calibration.points:
+        rows = -(-assignments // 2) if experts > 1 else assignments
+        payload = handler_payload(shape, assignments, rows, "direct")
+        assert float(payload.json_bytes) == pytest.approx(measured_bytes, rel=0.02, abs=100)
+        assert float(payload.raw_out) == rows * 4 * shape.hidden_size  # the response: raw bytes, not JSON
     with pytest.raises(ValueError, match="two expert counts"):
         calibrate(shape, experts_touched=(8,))
 
@@ -164,10 +167,18 @@ def test_handler_overhead_is_per_invocation_and_per_byte_and_not_sped_up_by_more
     assert float(handler_overhead_seconds(1e6, 1.0, calibration)) == pytest.approx(1e-4 + 1e-2)
     assert float(handler_overhead_seconds(1e6, 0.5, calibration)) == pytest.approx(2 * (1e-4 + 1e-2))
     assert float(handler_overhead_seconds(1e6, 4.0, calibration)) == pytest.approx(1e-4 + 1e-2)
-    request, response = handler_payload_bytes(reference_shape(), 0, "object_store")
-    assert float(request) > 0 and float(response) > 0  # small JSON only: the rows travel raw
+    store = handler_payload(reference_shape(), 8, 4, "object_store")
+    direct = handler_payload(reference_shape(), 8, 4, "direct")
+    rows_bytes = 4 * 4 * reference_shape().hidden_size
+    assert float(store.raw_in) == float(store.raw_out) == rows_bytes  # the rows travel raw
+    assert float(direct.json_bytes - store.request_json) == pytest.approx(rows_bytes * 4 / 3)  # base64 rows
+    assert float(direct.invoke_response) == rows_bytes and float(direct.response_json) == 0
+    half = handler_payload(reference_shape(), 8, 4, "direct", "bfloat16")
+    assert float(half.raw_out) == rows_bytes / 2
     with pytest.raises(ValueError, match="known"):
-        handler_payload_bytes(reference_shape(), 1, "pigeon")
+        handler_payload(reference_shape(), 1, 1, "pigeon")
+    with pytest.raises(ValueError, match="wire dtype"):
+        handler_payload(reference_shape(), 1, 1, "direct", "int8")
 
 
 def test_calibrations_are_cached_as_data_keyed_by_device_and_shape(tmp_path, monkeypatch):
@@ -191,7 +202,8 @@ def test_calibrations_are_cached_as_data_keyed_by_device_and_shape(tmp_path, mon
     monkeypatch.setattr("moeserve.serverless.perf.calibrate", no_timing)
     assert cached_calibration(shape, path) == stored
     monkeypatch.setattr(
-        "moeserve.serverless.perf.calibrate", lambda shape: dataclasses.replace(stored, spread=0.5)
+        "moeserve.serverless.perf.calibrate",
+        lambda shape, wire_dtype: dataclasses.replace(stored, spread=0.5),
     )
     assert cached_calibration(shape, path, recalibrate=True).spread == 0.5
     assert load_calibration(path, shape).spread == 0.5

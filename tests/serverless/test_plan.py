@@ -15,6 +15,7 @@ from moeserve.serverless.plan import (
     FunctionPlan,
     LayerPlan,
     Workload,
+    assignments_per_row,
     evaluate_plan,
     function_figures,
     render_table,
@@ -161,3 +162,49 @@ def test_workload_from_the_bayesian_predictor_matches_the_trace_shape():
     np.testing.assert_allclose(workload.expected.sum(axis=1), 128 * shape.top_k, rtol=0.05)
     assert (workload.peak(0.99) >= workload.peak(0.5)).all()
     assert workload.latency_budget_s == pytest.approx(12.8)
+
+
+def test_assignments_per_row_is_exact_at_the_ends_and_for_uniform_loads():
+    shape = ExpertShape("uniform", 8, 8, 8, 2, 1)  # E = 8, top-2
+    batch = 64
+    per_expert = batch * 2 / 8
+    # One expert: a token picks it at most once, so every assignment is its own row.
+    assert float(assignments_per_row(shape, np.array(per_expert), batch)) == pytest.approx(1.0)
+    # All experts: every token comes, with both of its choices.
+    assert float(assignments_per_row(shape, np.array(8 * per_expert), batch)) == pytest.approx(2.0)
+    # Four of eight, uniform: P(miss) = C(4, 2) / C(8, 2) = 6 / 28.
+    hit = 1 - 6 / 28
+    assert float(assignments_per_row(shape, np.array(4 * per_expert), batch)) == pytest.approx(1.0 / hit)
+    assert float(assignments_per_row(shape, np.array(0.0), batch)) == 1.0
+
+
+def test_rows_sent_once_per_function_and_a_half_width_wire_cut_the_modelled_bill():
+    shape = reference_shape()
+    workload = synthetic_workload(shape, batch_tokens=256, throughput=100.0)
+    model = CostModel()
+
+    def cost(dtype: str) -> float:
+        layer = LayerPlan((FunctionPlan(tuple(range(shape.num_experts)), 1024),), 1, "direct", dtype)
+        return evaluate_plan(DeploymentPlan((layer,) * shape.num_layers), workload, model).cost_per_token
+
+    figures = [
+        function_figures(
+            model,
+            shape,
+            np.array([16]),
+            np.array([512.0]),
+            np.array([600.0]),
+            np.array([1]),
+            1,
+            "direct",
+            np.array([1024]),
+            batch_tokens,
+        )  # fmt: skip
+        for batch_tokens in (None, 256)
+    ]
+    # All experts in one function: each token's row travels once instead of twice.
+    assert figures[1].payload_bytes[0] < 0.6 * figures[0].payload_bytes[0]
+    assert figures[1].duration_s[0, 0] < figures[0].duration_s[0, 0]
+    assert cost("bfloat16") < cost("float16") + 1e-15 and cost("float16") < cost("float32")
+    with pytest.raises(ValueError, match="wire_dtype"):
+        LayerPlan((FunctionPlan((0,), 512),), 1, "direct", "int4")

@@ -121,8 +121,9 @@ def lambdaml_plan(
     needed = 0
     for layer in range(shape.num_layers):
         figures = function_figures(
-            model, shape, ones, workload.expected[layer], peak[layer], ones, 1, "object_store", grid
-        )
+            model, shape, ones, workload.expected[layer], peak[layer], ones, 1, "object_store", grid,
+            workload.batch_tokens,
+        )  # fmt: skip
         cost += figures.cost_per_batch.sum(axis=0)
         seconds = np.maximum(seconds, figures.seconds_per_batch.max(axis=0))
         needed = max(needed, int(figures.needed_mb.max()))

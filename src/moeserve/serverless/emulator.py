@@ -89,12 +89,11 @@ from moeserve.serverless.perf import (
     device_name,
     fit_nonnegative,
     handler_overhead_seconds,
-    handler_payload_bytes,
+    handler_payload,
     speedup,
     transfer_seconds,
 )
 from moeserve.serverless.plan import (
-    INDEX_BYTES_PER_TOKEN,
     CostModel,
     DeploymentPlan,
     FunctionPlan,
@@ -711,8 +710,14 @@ class Emulator:
         experts: np.ndarray,
         batch: int = 0,
         micro_batch: int = 0,
+        rows: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Invoke one instance on rows ``x`` float32 [n, D] for ``experts`` int [n]; its outputs float32 [n, D].
+        """Invoke one instance on token rows ``x`` float32 [T, D] and assignments ``experts`` int [A]; outputs float32 [T, D].
+
+        Assignment ``a`` sends row ``rows[a]`` (default: ``a``, one assignment per row) to
+        ``experts[a]`` with routing weight ``weights[a]`` (default 1); output row ``t`` is the
+        weighted sum of its experts' outputs, in the layer's wire dtype.
 
         Cold-starts the instance first if it is not running. Raises :class:`PayloadLimitError`
         before sending a direct-channel request over the synchronous limit, and
@@ -720,28 +725,45 @@ class Emulator:
         handler error.
         """
         return self._deliver(
-            layer, function, replica, self._encode(layer, function, x, experts), batch, micro_batch
+            layer,
+            function,
+            replica,
+            self._encode(
+                layer,
+                function,
+                x,
+                np.arange(len(experts)) if rows is None else rows,
+                experts,
+                np.ones(len(experts), dtype=np.float32) if weights is None else weights,
+            ),
+            batch,
+            micro_batch,
         )
 
-    def _encode(self, layer: int, function: int, x: np.ndarray, experts: np.ndarray) -> _Request:
+    def _encode(
+        self,
+        layer: int,
+        function: int,
+        x: np.ndarray,
+        rows: np.ndarray,
+        experts: np.ndarray,
+        weights: np.ndarray,
+    ) -> _Request:
         spec = self._spec(layer, function)
-        tokens = int(x.shape[0])
+        dtype = self.plan.layers[layer].wire_dtype
+        tokens, touched = int(x.shape[0]), int(np.unique(experts).size)
         if spec.channel == "direct":
             try:
                 event = handler_template.encode_request(
-                    x, experts, limit=self.limits.payload_limit_bytes("synchronous")
+                    x, rows, experts, weights, dtype, limit=self.limits.payload_limit_bytes("synchronous")
                 )
             except handler_template.PayloadTooLargeError as error:
                 raise PayloadLimitError(f"{spec.name}: {error}") from None
             body = json.dumps(event).encode()
-            return _Request(spec, tokens, np.unique(experts).size, body, None)
-        data = np.ascontiguousarray(x, dtype="<f4").tobytes()
-        event = {
-            "tokens": tokens,
-            "hidden_size": int(x.shape[1]),
-            "experts": handler_template.encode_array(experts, "<i4"),
-        }
-        return _Request(spec, tokens, np.unique(experts).size, json.dumps(event).encode(), data)
+            return _Request(spec, tokens, len(experts), touched, dtype, body, None)
+        data = handler_template.rows_to_wire(x, dtype)
+        event = handler_template.encode_assignments(x.shape, rows, experts, weights, dtype)
+        return _Request(spec, tokens, len(experts), touched, dtype, json.dumps(event).encode(), data)
 
     def _spec(self, layer: int, function: int) -> _FunctionSpec:
         return self.instances[(layer, function)][0].spec
@@ -777,11 +799,7 @@ class Emulator:
                 / f"exchange-l{spec.layer}-f{spec.index}-r{instance.replica}-b{batch}-m{micro_batch}"
             )
             Path(f"{stem}.in").write_bytes(request.data)
-            _, get_s = transfer_seconds(
-                len(request.data) + request.tokens * INDEX_BYTES_PER_TOKEN,
-                "object_store",
-                self.model.constants,
-            )
+            _, get_s = transfer_seconds(len(request.data), "object_store", self.model.constants)
             put_s, _ = transfer_seconds(len(request.data), "object_store", self.model.constants)
             header.update(
                 input_path=f"{stem}.in", output_path=f"{stem}.out", get_s=float(get_s), put_s=float(put_s)
@@ -822,10 +840,12 @@ class Emulator:
             replica=instance.replica,
             batch=batch,
             micro_batch=micro_batch,
-            tokens=request.tokens,
+            tokens=request.assignments,
             experts_touched=request.experts_touched,
+            rows=request.tokens,
             request_bytes=len(request.body) + (len(request.data) if request.data is not None else 0),
             response_bytes=len(body),
+            json_bytes=len(request.body) + (len(body) if request.data is not None else 0),
             wall_s=wall,
             cpu_s=float(reply.get("cpu_s", 0.0)),
             experts_cpu_s=float(reply.get("experts_cpu_s", 0.0)),
@@ -850,16 +870,14 @@ class Emulator:
         if outcome == "error":
             detail = f"{reply['error']}: {reply['message']}" if "error" in reply else instance.stderr_tail()
             raise FunctionFailedError(f"{where}: the handler failed: {detail}", outcome, entry)
-        response = json.loads(body)
+        shape = (request.tokens, self.shape.hidden_size)
         if request.data is not None:
-            out_path = Path(response["output_key"])
-            y = np.frombuffer(out_path.read_bytes(), dtype="<f4").reshape(request.tokens, -1)
+            out_path = Path(json.loads(body)["output_key"])
+            y = handler_template.rows_from_wire(out_path.read_bytes(), request.dtype, shape)
             out_path.unlink()
             Path(header["input_path"]).unlink()
             return y
-        return handler_template.decode_array(
-            response["y"], "<f4", (request.tokens, int(response["hidden_size"]))
-        )
+        return handler_template.rows_from_wire(body, request.dtype, shape)
 
     # -- the gate --
 
@@ -945,14 +963,17 @@ class Emulator:
         rows = slice(batch * batch_tokens, (batch + 1) * batch_tokens)
         hidden = inputs.hidden[layer, rows]  # [B, D]
         ids = inputs.topk_ids[layer, rows]  # [B, K]
-        top_k = ids.shape[1]
-        flat_ids = ids.reshape(-1)  # [B*K], assignment a = token * K + slot
-        slot_outputs = np.zeros((batch_tokens * top_k, self.shape.hidden_size), dtype=np.float32)  # [B*K, D]
+        weights = inputs.topk_weights[layer, rows]  # [B, K]
+        combined = np.zeros((batch_tokens, self.shape.hidden_size), dtype=np.float32)  # [B, D]
+        lock = threading.Lock()
         plan_layer = self.plan.layers[layer]
         lanes: list[Future[None]] = []
         for g, function in enumerate(plan_layer.functions):
-            assignments = np.flatnonzero(np.isin(flat_ids, function.experts))  # in token order
-            for replica, share in enumerate(np.array_split(assignments, function.replicas)):
+            token2hit = np.isin(
+                ids, function.experts
+            )  # [B, K]: which of a token's choices this function holds
+            tokens = np.flatnonzero(token2hit.any(axis=1))  # distinct tokens, each sent once to the function
+            for replica, share in enumerate(np.array_split(tokens, function.replicas)):
                 micro = [chunk for chunk in np.array_split(share, plan_layer.micro_batches)]
                 lanes.append(
                     helpers.submit(
@@ -963,17 +984,12 @@ class Emulator:
                         replica,
                         batch,
                         micro,
-                        hidden,
-                        flat_ids,
-                        top_k,
-                        slot_outputs,
+                        _LayerBatch(hidden, ids, weights, token2hit, combined, lock),
                     )
                 )
         for lane in lanes:
             lane.result()
-        weights = inputs.topk_weights[layer, rows]  # [B, K]
-        per_slot = slot_outputs.reshape(batch_tokens, top_k, -1)  # [B, K, D]
-        state.outputs[layer, rows] = (per_slot * weights[:, :, None]).sum(axis=1)
+        state.outputs[layer, rows] = combined
 
     def _lane(
         self,
@@ -983,10 +999,7 @@ class Emulator:
         replica: int,
         batch: int,
         micro: list[np.ndarray],
-        hidden: np.ndarray,
-        flat_ids: np.ndarray,
-        top_k: int,
-        slot_outputs: np.ndarray,
+        data: _LayerBatch,
     ) -> None:
         """One replica's share of a batch: micro-batches in order, the next encoded (and sent) while one computes."""
         spec = self._spec(layer, function)
@@ -995,7 +1008,15 @@ class Emulator:
         ]  # an empty micro-batch is not sent
 
         def send(chunk: np.ndarray) -> _Request:
-            request = self._encode(layer, function, hidden[chunk // top_k], flat_ids[chunk])
+            row2token, slot = np.nonzero(data.token2hit[chunk])  # [A], [A]: assignments in token order
+            request = self._encode(
+                layer,
+                function,
+                data.hidden[chunk],
+                row2token,
+                data.ids[chunk[row2token], slot],
+                data.weights[chunk[row2token], slot],
+            )
             if self.config.network == "modelled":
                 sent, _ = transfer_seconds(
                     len(request.body) + len(request.data or b""), spec.channel, self.model.constants
@@ -1003,15 +1024,16 @@ class Emulator:
                 time.sleep(float(sent))
             return request
 
-        def gather(chunk: np.ndarray, y: np.ndarray) -> None:
+        def gather(chunk: np.ndarray, y: np.ndarray, wire: int) -> None:
             if self.config.network == "modelled":
                 if spec.channel == "object_store":
-                    received = float(transfer_seconds(y.nbytes, spec.channel, self.model.constants)[1])
+                    received = float(transfer_seconds(wire, spec.channel, self.model.constants)[1])
                 else:
                     # As the cost model's gather: bytes at the invoke bandwidth, its latency already paid.
-                    received = y.nbytes / self.model.constants.direct_bandwidth_bytes_per_s
+                    received = wire / self.model.constants.direct_bandwidth_bytes_per_s
                 time.sleep(received)
-            slot_outputs[chunk] = y
+            with data.lock:  # functions' partial sums for the same tokens add up here
+                data.combined[chunk] += y
 
         if not chunks:
             return
@@ -1022,20 +1044,38 @@ class Emulator:
             if position + 1 < len(chunks):
                 pending = helpers.submit(send, chunks[position + 1][1])
             y = self._deliver(layer, function, replica, request, batch, j)
-            gathers.append(helpers.submit(gather, chunk, y))
+            wire = y.shape[0] * y.shape[1] * handler_template.wire_bytes(request.dtype)
+            gathers.append(helpers.submit(gather, chunk, y, wire))
         for future in gathers:
             future.result()
+
+
+@dataclass(frozen=True)
+class _LayerBatch:
+    """One layer's batch as the gate scatters it: rows [B, D], routing ids and weights [B, K], and
+    ``token2hit`` [B, K] (which choices one function holds); ``combined`` [B, D] gathers outputs."""
+
+    hidden: np.ndarray
+    ids: np.ndarray
+    weights: np.ndarray
+    token2hit: np.ndarray
+    combined: np.ndarray
+    lock: threading.Lock
 
 
 @dataclass(frozen=True)
 class _Request:
     spec: _FunctionSpec
     tokens: int
+    """Distinct token rows sent."""
+    assignments: int
     experts_touched: int
+    dtype: str
+    """The wire dtype of the rows and outputs."""
     body: bytes
     """The event's JSON bytes (what the payload limit applies to)."""
     data: bytes | None
-    """Raw float32 rows for the object-store channel; None for direct."""
+    """Raw rows (wire dtype) for the object-store channel; None for direct."""
 
 
 def _proc_meminfo_bytes(key: str) -> int:
@@ -1077,18 +1117,15 @@ def replayed_workload(
     )
 
 
-def fit_handler_calibration(
-    entries: Sequence[LedgerEntry], shape: ExpertShape, channels: Sequence[str] | None = None
-) -> Calibration | None:
+def fit_handler_calibration(entries: Sequence[LedgerEntry], shape: ExpertShape) -> Calibration | None:
     """The cost model's handler constants fitted to this run's measured CPU times (ok invocations).
 
     Two fits of the forms ``perf.calibrate`` fits (relative least squares, coefficients >= 0):
     ``experts_cpu_s = experts_touched * call_overhead + tokens * flops_per_token / flops_per_second``
-    and ``cpu_s - experts_cpu_s = invocation_overhead + json_bytes * payload_seconds_per_byte``,
-    where ``json_bytes`` is the request and response bytes less, on the object-store channel
-    (``channels[layer]``; default direct), the raw rows that travel outside the JSON. When noise
-    leaves no per-token cost, all expert time is counted per token. None with fewer than two
-    invocations or no positive rate.
+    (tokens: token-assignments) and ``cpu_s - experts_cpu_s = invocation_overhead + json_bytes *
+    payload_seconds_per_byte`` (the JSON the handler parsed or wrote, as the ledger records it).
+    When noise leaves no per-token cost, all expert time is counted per token. None with fewer
+    than two invocations or no positive rate.
     """
     ok = [e for e in entries if e.kind == "invoke" and e.outcome == "ok"]
     if len(ok) < 2:
@@ -1103,14 +1140,9 @@ def fit_handler_calibration(
     if per_flop <= 0:
         return None
 
-    def json_bytes(entry: LedgerEntry) -> float:
-        channel = channels[entry.layer] if channels is not None else "direct"
-        raw = entry.tokens * 4 * shape.hidden_size if channel == "object_store" else 0
-        return float(entry.request_bytes + entry.response_bytes - raw)
-
     rest = np.array([max(e.cpu_s - e.experts_cpu_s, 0.0) for e in ok])
     per_invocation, per_byte = fit_nonnegative(
-        np.array([[1.0, json_bytes(e)] for e in ok], dtype=np.float64), rest
+        np.array([[1.0, float(e.json_bytes)] for e in ok], dtype=np.float64), rest
     )
     return Calibration(
         flops_per_second=1.0 / per_flop,
@@ -1191,9 +1223,7 @@ class EmulatorReport:
         (:func:`fit_handler_calibration`), and those constants: what gap is left is not calibration
         but the model's form (expected experts touched, loads, rounding)."""
         emulator = self.run.emulator
-        fitted = fit_handler_calibration(
-            emulator.ledger.entries, emulator.shape, [layer.channel for layer in emulator.plan.layers]
-        )
+        fitted = fit_handler_calibration(emulator.ledger.entries, emulator.shape)
         if fitted is None:
             return None
         model = dataclasses.replace(emulator.model, calibration=fitted)
@@ -1232,9 +1262,9 @@ class EmulatorReport:
         """Where the handler's time goes, against the cost model's (ok invocations, CPU seconds at one vCPU).
 
         ``experts_cpu_s`` is the expert matmuls, ``serialisation_cpu_s`` the rest of the handler's
-        CPU time (parsing the event, encoding the response); ``modelled_compute_s`` and
+        CPU time (parsing the event, writing the response); ``modelled_compute_s`` and
         ``modelled_serialisation_s`` are the calibration's figures for the same invocations
-        (tokens, experts touched and payload bytes as measured). Per payload byte the measured
+        (tokens, rows, experts touched and JSON bytes as measured). Per JSON byte the measured
         rest is ``serialisation_ns_per_byte``.
         """
         emulator = self.run.emulator
@@ -1251,13 +1281,14 @@ class EmulatorReport:
         )
         modelled_rest = 0.0
         for entry in entries:
-            request, response = handler_payload_bytes(
-                emulator.shape, entry.tokens, emulator.plan.layers[entry.layer].channel
+            layer = emulator.plan.layers[entry.layer]
+            payload_bytes = handler_payload(
+                emulator.shape, entry.tokens, entry.rows, layer.channel, layer.wire_dtype
             )
-            modelled_rest += float(handler_overhead_seconds(request + response, 1.0, calibration))
+            modelled_rest += float(handler_overhead_seconds(payload_bytes.json_bytes, 1.0, calibration))
         cpu = sum(e.cpu_s for e in entries)
         experts = sum(e.experts_cpu_s for e in entries)
-        payload = sum(e.request_bytes + e.response_bytes for e in entries)
+        payload = sum(e.json_bytes for e in entries)
         modelled_total = float(modelled.sum()) + modelled_rest
         return {
             "invocations_measured": float(len(entries)),
@@ -1369,8 +1400,9 @@ class EmulatorReport:
             "billed durations are the handler's measured CPU time at the function's CPU share (below 1 vCPU "
             "the worker also sleeps its idle share, a duty cycle); wall time above that is contention on this "
             "2-core shared host, reported as host contention and not billed; it lowers the measured throughput",
-            "payload (de)serialisation: the deployed handler decodes base64 JSON events and encodes its response; "
-            "the cost model counts it per invocation and per payload byte from its calibration (the bill is also "
+            "payload (de)serialisation: the deployed handler decodes base64 JSON events (each token row once per "
+            "function) and returns raw bytes; the cost model counts it per invocation and per JSON byte from its "
+            "calibration (the bill is also "
             "re-priced without it, to show its share)",
             "prediction: evaluate_plan on the same plan layers with the loads this run replayed (cold starts "
             "excluded from both bills)",
@@ -1546,7 +1578,12 @@ def emulate_plan(
             "(the experts get random weights of the planned shapes) or --model"
         )
     if calibrate_here:
-        calibration = cached_calibration(shape, calibration_path, recalibrate)
+        wire_dtypes = {layer.wire_dtype for layer in plan_file.plan.layers[:count]}
+        if len(wire_dtypes) > 1:
+            raise EmulatorError(
+                f"the layers run use several wire dtypes {sorted(wire_dtypes)}; one calibration fits one"
+            )
+        calibration = cached_calibration(shape, calibration_path, recalibrate, wire_dtypes.pop())
     elif isinstance(document.get("calibration"), dict):
         calibration = Calibration.from_dict(document["calibration"])
     else:

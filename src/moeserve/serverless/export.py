@@ -141,6 +141,7 @@ def plan_from_dict(data: dict[str, Any]) -> DeploymentPlan:
                 ),
                 micro_batches=int(layer["micro_batches"]),
                 channel=str(layer["channel"]),
+                wire_dtype=str(layer.get("wire_dtype", "float32")),
             )
             for layer in data["layers"]
         )
@@ -323,6 +324,8 @@ def build_template(
                 "MOESERVE_FUNCTION": str(g),
                 "MOESERVE_EXPERTS": ",".join(str(e) for e in function.experts),
                 "MOESERVE_CHANNEL": layer.channel,
+                "MOESERVE_WIRE_DTYPE": layer.wire_dtype,
+                **handler_template.MALLOC_ENVIRONMENT,
                 "MOESERVE_MICRO_BATCHES": str(layer.micro_batches),
                 "MOESERVE_REPLICAS": str(function.replicas),
             }
@@ -417,8 +420,9 @@ def _readme(
     lines += [
         "## Invoke",
         "",
-        "The request and response formats (base64 little-endian float32/int32 arrays) are documented at",
-        "the top of `package/handler.py`. Synchronous payloads are limited to 6 MB each way;",
+        "The request format (base64 little-endian arrays in a JSON event; rows in the layer's wire dtype) and",
+        "the raw-bytes response are documented at the top of `package/handler.py`. Synchronous payloads are",
+        "limited to 6 MB each way;",
         "the handler raises `PayloadTooLargeError` rather than exceed it.",
     ]
     if object_store:
@@ -479,6 +483,7 @@ def export_plan(
                 "layer": i,
                 "micro_batches": layer.micro_batches,
                 "channel": layer.channel,
+                "wire_dtype": layer.wire_dtype,
                 "functions": [
                     {
                         "logical_id": function_id(i, g),

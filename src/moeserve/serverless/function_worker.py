@@ -20,9 +20,10 @@ lengths, a JSON header of the first length, a body of the second):
    writes the raw output to ``output_path`` (the PUT), and sleeps ``get_s`` and ``put_s``
    beside them -- S3 latency and bandwidth are modelled, a local file is not S3.
 3. The reply header is ``{"wall_s", "cpu_s", "experts_cpu_s", "io_s", "throttle_s"}`` (and
-   ``"error"``, ``"message"`` when the handler raised), the body the handler's JSON response.
+   ``"error"``, ``"message"`` when the handler raised), the body the handler's response as the
+   Lambda runtime returns it (:func:`marshal_response`: raw bytes as they are, else JSON).
    ``experts_cpu_s`` is the CPU time inside ``handler_template.run_experts`` (the expert
-   matmuls); the rest of ``cpu_s`` is decoding the event and encoding the response.
+   matmuls); the rest of ``cpu_s`` is decoding the event and writing the response.
 
 Requests also carry ``"limit"``, the payload limit in bytes the handler enforces on a
 direct-channel response.
@@ -46,6 +47,8 @@ import struct
 import sys
 import time
 from typing import Any, BinaryIO
+
+from moeserve.serverless.handler_template import MALLOC_ENVIRONMENT
 
 _FRAME = struct.Struct(">II")
 
@@ -82,6 +85,19 @@ class ExpertsTimer:
             self.cpu_s += time.thread_time() - start
 
 
+def json_response_bytes(response: bytes) -> int:
+    """Bytes of ``response`` that were JSON-encoded: all of a JSON object's, none of raw bytes."""
+    return len(response) if response[:1] == b"{" else 0
+
+
+def marshal_response(result: Any) -> bytes:
+    """The bytes the Lambda Python runtime returns for a handler's result: ``bytes`` as they are,
+    anything else as JSON (awslambdaric's ``LambdaMarshaller.marshal_response``)."""
+    if isinstance(result, bytes):
+        return result
+    return json.dumps(result).encode()
+
+
 def serve_request(
     request: dict[str, Any], body: bytes, weights: Any, handler: Any, timer: ExpertsTimer
 ) -> tuple[dict[str, Any], bytes]:
@@ -116,9 +132,9 @@ def serve_request(
                 io_seconds += request["put_s"]
 
             event = dict(event, input_key=request["input_path"], output_key=request["output_path"])
-            response = json.dumps(handler.handle_object_store(event, weights, read, write)).encode()
+            response = marshal_response(handler.handle_object_store(event, weights, read, write))
         else:
-            response = json.dumps(handler.handle(event, weights, limit=request["limit"])).encode()
+            response = marshal_response(handler.handle(event, weights, limit=request["limit"]))
     except Exception as error:  # noqa: BLE001 - any handler failure is the invocation's error, as Lambda reports it
         reply = {"error": type(error).__name__, "message": str(error)}
         response = b""
@@ -146,7 +162,9 @@ def measure_handler(spec: dict[str, Any]) -> list[list[float]]:
     rotation so each invocation reads cold weights), ``flush_bytes`` (a buffer written before
     each invocation to evict the caches), ``pairs`` ([experts, tokens per expert]),
     ``repeats`` (after one warm-up round), ``seed``. Pairs run round-robin. Returns one row per
-    timed invocation: [experts, tokens, experts CPU s, rest CPU s, request + response bytes].
+    timed invocation: [experts, assignments, experts CPU s, rest CPU s, JSON bytes (request, and
+    the response when it is JSON; a raw-bytes response is not encoded)]. ``dtype``: the wire dtype
+    (default float32).
     """
     import math
 
@@ -170,15 +188,23 @@ def measure_handler(spec: dict[str, Any]) -> list[list[float]]:
     handler_template.run_experts = timer  # type: ignore[assignment]
     request = {"vcpus": 1.0, "limit": 2**62}
     scratch = np.empty(int(spec["flush_bytes"]), dtype=np.uint8)
-    rows: list[list[float]] = []
+    timings: list[list[float]] = []
+    dtype = str(spec.get("dtype", "float32"))
     cursor = 0
     for round_index in range(int(spec["repeats"]) + 1):
         for n, t in spec["pairs"]:
             ids = (cursor + np.arange(n)) % pool  # [n], the next experts of the rotation
             cursor = (cursor + n) % pool
-            experts = rng.permutation(np.repeat(ids, t))  # [n*t]
-            x = rng.standard_normal((n * t, hidden), dtype=np.float32)  # [n*t, D]
-            body = json.dumps(handler_template.encode_request(x, experts, limit=2**62)).encode()
+            # n*t assignments; with two or more experts each token row goes to two of them (top-2
+            # inside the function), so rows per assignment vary across the grid as in real plans.
+            tokens = math.ceil(n * t / 2) if n > 1 else t  # T >= t: a row at most once per expert
+            rows = np.arange(n * t) % tokens  # [n*t]
+            order = np.argsort(rows, kind="stable")  # the gate sends assignments in token order
+            rows, experts = rows[order], np.repeat(ids, t)[order]  # [n*t], [n*t]
+            x = rng.standard_normal((tokens, hidden), dtype=np.float32)  # [T, D]
+            gate = rng.random(n * t, dtype=np.float32)  # [n*t]
+            event = handler_template.encode_request(x, rows, experts, gate, dtype, limit=2**62)
+            body = json.dumps(event).encode()
             # Between invocations an instance sleeps its duty cycle while other processes run:
             # it starts each one with cold caches, so the timing does too.
             scratch.fill(round_index & 0xFF)
@@ -187,14 +213,26 @@ def measure_handler(spec: dict[str, Any]) -> list[list[float]]:
                 raise RuntimeError(f"the handler failed while calibrating: {reply['message']}")
             if round_index:
                 experts_s = float(reply["experts_cpu_s"])
-                rows.append(
-                    [n, n * t, experts_s, float(reply["cpu_s"]) - experts_s, len(body) + len(response)]
+                timings.append(
+                    [
+                        n,
+                        n * t,
+                        experts_s,
+                        float(reply["cpu_s"]) - experts_s,
+                        len(body) + json_response_bytes(response),
+                    ]
                 )
-    return rows
+    return timings
 
 
-ONE_THREAD_ENVIRONMENT = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-"""Set for every worker process: one BLAS thread, as ``perf.speedup`` models more vCPUs separately."""
+ONE_THREAD_ENVIRONMENT = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    **MALLOC_ENVIRONMENT,
+}
+"""Set for every worker process: one BLAS thread, as ``perf.speedup`` models more vCPUs separately,
+and the malloc settings the exported template gives every function (``handler_template.MALLOC_ENVIRONMENT``)."""
 
 
 def main() -> None:

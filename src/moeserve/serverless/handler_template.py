@@ -20,22 +20,30 @@ Environment (set by the exported template):
   ``MOESERVE_EXPERTS`` (it may hold more);
 * ``MOESERVE_EXCHANGE_BUCKET``: the bucket of the object-store channel (absent for direct).
 
-Request (the event; all arrays little-endian, base64 of the raw bytes, row-major):
+Request (the event; all arrays little-endian, base64 of the raw bytes, row-major). Each token
+row travels once per function however many of its experts the function holds, and the function
+combines its experts' outputs for a row with the gate's routing weights:
 
-* ``tokens``: T >= 0, ``hidden_size``: D;
-* ``experts``: int32 [T], the expert id each row goes to (must be held by this function);
-* ``rows``: int32 [T], the caller's row index per token (echoed back untouched; optional);
-* direct channel: ``x``: float32 [T, D];
+* ``tokens``: T >= 0 distinct token rows, ``assignments``: A >= 0 token-assignments,
+  ``hidden_size``: D, ``dtype``: the wire dtype of the rows, one of :data:`WIRE_DTYPES`
+  (``float32``, the default and exact; ``float16`` or ``bfloat16`` halve the bytes and round the
+  rows and outputs; the experts always compute in float32);
+* ``rows``: int32 [A], the row (0..T-1) of each assignment; ``experts``: int32 [A], its expert
+  (held by this function; a row appears at most once per expert); ``weights``: float32 [A],
+  its routing weight;
+* direct channel: ``x``: rows [T, D] in the wire dtype;
 * object-store channel instead of ``x``: ``input_key``, an S3 key in the exchange bucket whose
-  object is the raw float32 [T, D] bytes; the output is written to ``output_key`` (given by
-  the caller, or ``input_key + ".out"``).
+  object is the raw rows [T, D] in the wire dtype; the output is written to ``output_key``
+  (given by the caller, or ``input_key + ".out"``).
 
-Response: ``{"tokens": T, "hidden_size": D, "rows": ..., "y": base64 float32 [T, D]}`` for
-the direct channel, or ``{"tokens", "hidden_size", "rows", "output_key"}`` for the object store.
-A synchronous Lambda payload is limited to 6 MB each way (:data:`SYNC_PAYLOAD_LIMIT_BYTES`);
-base64 makes the arrays 4/3 larger, so a direct request carries at most about
-``6e6 * 3 / 4 / (4 * D + 8)`` tokens. :func:`encode_request` and the handler raise
-:class:`PayloadTooLargeError` rather than send or return more.
+Response: direct channel, the raw little-endian bytes of ``y`` [T, D] in the wire dtype, where
+``y[t] = sum over assignments a of row t: weights[a] * expert_a(x[t])`` -- returned as
+``bytes``, which the Lambda Python runtime (awslambdaric's ``LambdaMarshaller.marshal_response``)
+passes through unencoded, so no base64 or JSON is spent on it; object store, ``{"tokens",
+"hidden_size", "output_key"}`` with ``y`` in the output object. A synchronous Lambda payload is
+limited to 6 MB each way (:data:`SYNC_PAYLOAD_LIMIT_BYTES`); base64 makes the request's arrays
+4/3 larger. :func:`encode_request` and the handler raise :class:`PayloadTooLargeError` rather
+than send or return more.
 """
 
 from __future__ import annotations
@@ -48,6 +56,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+MALLOC_ENVIRONMENT = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    "MALLOC_TOP_PAD_": str(64 << 20),
+}
+"""Environment the exported template sets for every function (glibc reads it at process start):
+payload-sized buffers (up to 32 MB) come from the heap and freed ones stay there, so a warm
+instance stops paying page faults for each invocation's event, rows and response."""
 
 SYNC_PAYLOAD_LIMIT_BYTES = 6 * 1024 * 1024
 """Lambda's synchronous invocation payload limit, each way (6 MB)."""
@@ -66,6 +83,40 @@ def _check_payload(kind: str, size: int, tokens: int, limit: int) -> None:
         )
 
 
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+"""Dtypes token rows may travel in; float32 is exact, the others round (see the module docstring)."""
+
+
+def wire_bytes(dtype: str) -> int:
+    """Bytes per value of a wire dtype; ``ValueError`` for an unknown one."""
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire dtype {dtype!r}; known: {', '.join(WIRE_DTYPES)}")
+    return 4 if dtype == "float32" else 2
+
+
+def rows_to_wire(x: np.ndarray, dtype: str) -> bytes:
+    """Raw little-endian bytes of float rows ``x`` in wire ``dtype`` (bfloat16: round to nearest even)."""
+    wire_bytes(dtype)
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(x, dtype="<f4").view("<u4")
+        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+        return rounded.astype("<u2").tobytes()
+    return np.ascontiguousarray(x, dtype="<f4" if dtype == "float32" else "<f2").tobytes()
+
+
+def rows_from_wire(raw: bytes, dtype: str, shape: tuple[int, int]) -> np.ndarray:
+    """float32 rows of ``shape`` from :func:`rows_to_wire`'s bytes; ``ValueError`` if the size does not fit."""
+    size = wire_bytes(dtype)
+    if len(raw) != shape[0] * shape[1] * size:
+        raise ValueError(f"rows are {len(raw)} bytes, expected {shape[0]} x {shape[1]} {dtype} values")
+    if dtype == "float32":
+        return np.frombuffer(raw, dtype="<f4").reshape(shape)
+    if dtype == "float16":
+        return np.frombuffer(raw, dtype="<f2").reshape(shape).astype(np.float32)
+    widened = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << np.uint32(16)
+    return widened.view(np.float32).reshape(shape)
+
+
 def encode_array(array: np.ndarray, dtype: str) -> str:
     """Base64 of ``array`` as little-endian ``dtype`` ("<f4" or "<i4"), row-major."""
     return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
@@ -82,27 +133,47 @@ def decode_array(text: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def encode_request(
     x: np.ndarray,
+    rows: np.ndarray,
     experts: np.ndarray,
-    rows: np.ndarray | None = None,
+    weights: np.ndarray,
+    dtype: str = "float32",
     limit: int = SYNC_PAYLOAD_LIMIT_BYTES,
 ) -> dict[str, Any]:
-    """The direct-channel event for ``x`` float [T, D] routed to ``experts`` int [T].
+    """The direct-channel event for token rows ``x`` float [T, D] and assignments ``rows``, ``experts``, ``weights`` [A].
 
     Raises :class:`PayloadTooLargeError` if its JSON exceeds ``limit`` bytes.
     """
-    x = np.asarray(x)
-    if x.ndim != 2 or np.shape(experts) != (x.shape[0],):
-        raise ValueError(f"x must be [T, D] and experts [T], got {x.shape} and {np.shape(experts)}")
-    event: dict[str, Any] = {
-        "tokens": int(x.shape[0]),
-        "hidden_size": int(x.shape[1]),
-        "experts": encode_array(experts, "<i4"),
-        "x": encode_array(x, "<f4"),
-    }
-    if rows is not None:
-        event["rows"] = encode_array(rows, "<i4")
+    event = encode_assignments(x.shape, rows, experts, weights, dtype)
+    event["x"] = base64.b64encode(rows_to_wire(x, dtype)).decode("ascii")
     _check_payload("request", len(json.dumps(event)), event["tokens"], limit)
     return event
+
+
+def encode_assignments(
+    shape: tuple[int, ...], rows: np.ndarray, experts: np.ndarray, weights: np.ndarray, dtype: str = "float32"
+) -> dict[str, Any]:
+    """The event without its rows (the object-store channel's; :func:`encode_request` adds ``x``).
+
+    ``ValueError`` unless ``shape`` is [T, D] and ``rows``, ``experts``, ``weights`` are [A] with rows in 0..T-1.
+    """
+    wire_bytes(dtype)
+    count = np.shape(rows)[0] if np.ndim(rows) == 1 else -1
+    if len(shape) != 2 or count < 0 or np.shape(experts) != (count,) or np.shape(weights) != (count,):
+        raise ValueError(
+            f"x must be [T, D] and rows, experts, weights [A], got {tuple(shape)}, {np.shape(rows)}, "
+            f"{np.shape(experts)}, {np.shape(weights)}"
+        )
+    if count and (np.min(rows) < 0 or np.max(rows) >= shape[0]):
+        raise ValueError(f"rows must be in 0..{shape[0] - 1}")
+    return {
+        "tokens": int(shape[0]),
+        "assignments": int(count),
+        "hidden_size": int(shape[1]),
+        "dtype": dtype,
+        "rows": encode_array(rows, "<i4"),
+        "experts": encode_array(experts, "<i4"),
+        "weights": encode_array(weights, "<f4"),
+    }
 
 
 @dataclass(frozen=True)
@@ -152,24 +223,30 @@ def silu(z: np.ndarray) -> np.ndarray:
     return z * (0.5 * (1.0 + np.tanh(0.5 * z)))
 
 
-def run_experts(weights: ExpertWeights, x: np.ndarray, experts: np.ndarray) -> np.ndarray:
-    """float32 [T, D]: row t is expert ``experts[t]`` applied to ``x[t]``; ``KeyError`` for an expert not held.
+def run_experts(
+    weights: ExpertWeights, x: np.ndarray, rows: np.ndarray, experts: np.ndarray, gate_weights: np.ndarray
+) -> np.ndarray:
+    """float32 [T, D]: row t is the sum over assignments a with ``rows[a] == t`` of ``gate_weights[a] * expert_a(x[t])``.
 
-    Rows are grouped by expert once (a stable argsort), so the work per expert is its own rows,
-    not a mask over all T rows.
+    ``x`` [T, D], ``rows``, ``experts``, ``gate_weights`` [A]; a row appears at most once per
+    expert. ``KeyError`` for an expert not held. Assignments are grouped by expert once (a
+    stable argsort), so the work per expert is its own rows, not a mask over all of them.
     """
     x = np.asarray(x, dtype=np.float32)  # [T, D]
-    experts = np.asarray(experts)  # [T]
-    y = np.empty_like(x)  # [T, D]
-    order = np.argsort(experts, kind="stable")  # [T], rows grouped by expert
+    experts = np.asarray(experts)  # [A]
+    y = np.zeros_like(x)  # [T, D]
+    order = np.argsort(experts, kind="stable")  # [A], assignments grouped by expert
     ids, starts = np.unique(experts[order], return_index=True)  # [n], [n]
     ends = np.append(starts[1:], order.size)  # [n]
     for expert, start, end in zip(ids.tolist(), starts.tolist(), ends.tolist(), strict=True):
         slot = weights.slot(expert)
-        rows = order[start:end]  # [t] rows of this expert
-        h = x[rows]  # [t, D]
-        hidden = silu(h @ weights.gate[slot].T) * (h @ weights.up[slot].T)  # [t, I]
-        y[rows] = hidden @ weights.down[slot].T  # [t, D]
+        group = order[start:end]  # [a] assignments of this expert
+        targets = rows[group]  # [a] distinct rows
+        h = x[targets]  # [a, D]
+        hidden = silu(h @ weights.gate[slot].T) * (h @ weights.up[slot].T)  # [a, I]
+        out = hidden @ weights.down[slot].T  # [a, D]
+        out *= gate_weights[group, None]
+        y[targets] += out  # distinct targets within one expert, so no lost updates
     return y
 
 
@@ -205,45 +282,51 @@ def current_weights() -> ExpertWeights:
     return _CACHE[path]
 
 
-def serve(weights: ExpertWeights, x: np.ndarray, experts: np.ndarray) -> np.ndarray:
-    """The function's outputs float32 [T, D] for rows ``x`` [T, D] routed to ``experts`` int [T].
+def serve(weights: ExpertWeights, x: np.ndarray, event: dict[str, Any]) -> np.ndarray:
+    """The function's combined outputs float32 [T, D] for rows ``x`` [T, D] and the event's assignments.
 
-    ``ValueError`` for an expert this function does not hold (``MOESERVE_EXPERTS``, or the
-    weights file when that is unset).
+    ``ValueError`` for a malformed event or an expert this function does not hold
+    (``MOESERVE_EXPERTS``, or the weights file when that is unset).
     """
+    tokens, count = int(event["tokens"]), int(event["assignments"])
+    rows = decode_array(event["rows"], "<i4", (count,))
+    experts = decode_array(event["experts"], "<i4", (count,))
+    gate_weights = decode_array(event["weights"], "<f4", (count,))
+    if count and (rows.min() < 0 or rows.max() >= tokens):
+        raise ValueError(f"rows must be in 0..{tokens - 1}")
     held = held_experts()
-    stray = sorted(set(np.unique(experts).tolist()) - held) if held else []
+    # A set, not np.unique: its first call imports numpy.ma (~10 ms of CPU in a fresh environment).
+    stray = sorted(set(experts.tolist()) - held) if held else []
     if stray:
         raise ValueError(f"experts {stray} are not held by this function (holds {sorted(held)})")
     try:
-        return run_experts(weights, x, experts)
+        return run_experts(weights, x, rows, experts, gate_weights)
     except KeyError as error:
         raise ValueError(str(error)) from error
 
 
-def handle(
-    event: dict[str, Any], weights: ExpertWeights, limit: int = SYNC_PAYLOAD_LIMIT_BYTES
-) -> dict[str, Any]:
-    """Serve one direct-channel event with ``weights`` (the request/response contract is in the module docstring).
+def _check_event(event: dict[str, Any], weights: ExpertWeights) -> tuple[int, int, str]:
+    tokens, hidden, dtype = (
+        int(event["tokens"]),
+        int(event["hidden_size"]),
+        str(event.get("dtype", "float32")),
+    )
+    if hidden != weights.hidden_size:
+        raise ValueError(f"hidden_size {hidden} does not match the weights' {weights.hidden_size}")
+    wire_bytes(dtype)
+    return tokens, hidden, dtype
+
+
+def handle(event: dict[str, Any], weights: ExpertWeights, limit: int = SYNC_PAYLOAD_LIMIT_BYTES) -> bytes:
+    """Serve one direct-channel event with ``weights``: the raw bytes of ``y`` (module docstring).
 
     ``ValueError`` for a malformed event or an expert this function does not hold;
     :class:`PayloadTooLargeError` if the response would exceed ``limit`` bytes.
     """
-    tokens, hidden = int(event["tokens"]), int(event["hidden_size"])
-    if hidden != weights.hidden_size:
-        raise ValueError(f"hidden_size {hidden} does not match the weights' {weights.hidden_size}")
-    experts = decode_array(event["experts"], "<i4", (tokens,))
-    x = decode_array(event["x"], "<f4", (tokens, hidden))
-    y = serve(weights, x, experts)
-    response: dict[str, Any] = {"tokens": tokens, "hidden_size": hidden, "y": ""}
-    if "rows" in event:
-        response["rows"] = event["rows"]
-    # Base64 needs no JSON escaping, so the response's size is known without serialising it
-    # (the runtime serialises it once, on return).
-    encoded = encode_array(y, "<f4")
-    _check_payload("response", len(json.dumps(response)) + len(encoded), tokens, limit)
-    response["y"] = encoded
-    return response
+    tokens, hidden, dtype = _check_event(event, weights)
+    _check_payload("response", tokens * hidden * wire_bytes(dtype), tokens, limit)
+    x = rows_from_wire(base64.b64decode(event["x"], validate=True), dtype, (tokens, hidden))
+    return rows_to_wire(serve(weights, x, event), dtype)
 
 
 def handle_object_store(
@@ -254,24 +337,15 @@ def handle_object_store(
 ) -> dict[str, Any]:
     """Serve one object-store event: rows from ``read(input_key)``, outputs to ``write(output_key, bytes)``.
 
-    The rows travel as raw little-endian float32 bytes both ways (no base64). ``read`` and
-    ``write`` are the store: S3 in :func:`lambda_handler`, local files in the emulator.
+    The rows travel as raw little-endian bytes of the wire dtype both ways (no base64). ``read``
+    and ``write`` are the store: S3 in :func:`lambda_handler`, local files in the emulator.
     """
-    tokens, hidden = int(event["tokens"]), int(event["hidden_size"])
-    if hidden != weights.hidden_size:
-        raise ValueError(f"hidden_size {hidden} does not match the weights' {weights.hidden_size}")
-    experts = decode_array(event["experts"], "<i4", (tokens,))
-    raw = read(event["input_key"])
-    x = np.frombuffer(raw, dtype="<f4")
-    if x.size != tokens * hidden:
-        raise ValueError(f"input object has {x.size} float32 values, expected {tokens} x {hidden}")
-    y = serve(weights, x.reshape(tokens, hidden), experts)
+    tokens, hidden, dtype = _check_event(event, weights)
+    x = rows_from_wire(read(event["input_key"]), dtype, (tokens, hidden))
+    y = serve(weights, x, event)
     output_key = event.get("output_key") or event["input_key"] + ".out"
-    write(output_key, np.ascontiguousarray(y, dtype="<f4").tobytes())
-    response: dict[str, Any] = {"tokens": tokens, "hidden_size": hidden, "output_key": output_key}
-    if "rows" in event:
-        response["rows"] = event["rows"]
-    return response
+    write(output_key, rows_to_wire(y, dtype))
+    return {"tokens": tokens, "hidden_size": hidden, "output_key": output_key}
 
 
 def _s3_store() -> tuple[Callable[[str], bytes], Callable[[str, bytes], None]]:
@@ -290,8 +364,8 @@ def _s3_store() -> tuple[Callable[[str], bytes], Callable[[str, bytes], None]]:
     return read, write
 
 
-def lambda_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
-    """The Lambda entry point (``handler.lambda_handler``): direct or object-store event."""
+def lambda_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any] | bytes:
+    """The Lambda entry point (``handler.lambda_handler``): direct (returns bytes) or object-store event."""
     weights = current_weights()
     if "input_key" in event:
         return handle_object_store(event, weights, *_s3_store())

@@ -54,8 +54,13 @@ class LedgerEntry:
     """Token-assignments in the invocation."""
     experts_touched: int = 0
     """Distinct experts the invocation's tokens went to."""
+    rows: int = 0
+    """Distinct token rows sent (a row goes once to a function, whatever number of its experts it chose)."""
     request_bytes: int = 0
     response_bytes: int = 0
+    json_bytes: int = 0
+    """Of the request and response bytes, those the handler parsed or wrote as JSON (the event;
+    a raw-bytes response and the object-store channel's raw rows are not JSON)."""
     wall_s: float = 0.0
     """Measured wall seconds of the handler (including the CPU-share duty cycle, modelled I/O sleeps and
     this host's contention)."""

@@ -41,6 +41,7 @@ import numpy as np
 
 from moeserve.predict.popularity import PREDICTORS, PopularityPredictor
 from moeserve.serverless.baselines import ClusterBaseline, cpu_cluster_baseline, lambdaml_baseline
+from moeserve.serverless.handler_template import WIRE_DTYPES
 from moeserve.serverless.perf import CHANNELS
 from moeserve.serverless.plan import (
     CostModel,
@@ -76,6 +77,9 @@ class SearchSpace:
     levels: tuple[float, ...]
     memory_step_mb: int = 64
     """Grid of the exact memory search (plus each function's exact need)."""
+    wire_dtype: str = "float32"
+    """Dtype token rows travel in, for every point (not searched: below float32 it is lossy, so
+    only the caller may choose it; ``handler_template.WIRE_DTYPES``)."""
 
     def __post_init__(self) -> None:
         for name in DIMENSIONS:
@@ -89,6 +93,8 @@ class SearchSpace:
             raise ValueError(f"unknown groupings {sorted(unknown)}; known: {GROUPINGS}")
         if any(cap <= 0 for cap in self.replica_caps) or self.memory_step_mb < 1:
             raise ValueError("replica caps and memory_step_mb must be > 0")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
 
     def values(self, dimension: str) -> tuple[Any, ...]:
         names = {
@@ -110,12 +116,15 @@ class SearchSpace:
         return math.prod(self.shape)
 
     def point(self, indices: tuple[int, ...]) -> dict[str, Any]:
-        return {name: self.values(name)[i] for name, i in zip(DIMENSIONS, indices, strict=True)}
+        point = {name: self.values(name)[i] for name, i in zip(DIMENSIONS, indices, strict=True)}
+        if self.wire_dtype != "float32":
+            point["wire_dtype"] = self.wire_dtype
+        return point
 
 
-def default_space(workload: Workload) -> SearchSpace:
+def default_space(workload: Workload, wire_dtype: str = "float32") -> SearchSpace:
     """Powers of two up to E for group sizes; 1..16 micro-batches; both channels; eight caps
-    from a quarter of the mean per-expert load to the whole batch; the workload's levels."""
+    from a quarter of the mean per-expert load to the whole batch; the workload's levels; rows in ``wire_dtype``."""
     shape = workload.shape
     sizes = tuple(
         sorted({min(2**i, shape.num_experts) for i in range(0, 12) if 2 ** (i - 1) < shape.num_experts})
@@ -124,7 +133,9 @@ def default_space(workload: Workload) -> SearchSpace:
     caps = tuple(
         float(c) for c in np.geomspace(max(mean_load / 4, 1.0), workload.batch_tokens * shape.top_k, 8)
     )
-    return SearchSpace(sizes, GROUPINGS, (1, 2, 3, 4, 6, 8, 12, 16), CHANNELS, caps, workload.levels)
+    return SearchSpace(
+        sizes, GROUPINGS, (1, 2, 3, 4, 6, 8, 12, 16), CHANNELS, caps, workload.levels, wire_dtype=wire_dtype
+    )
 
 
 def _groups(order: np.ndarray, size: int, grouping: str) -> list[list[int]]:
@@ -151,6 +162,7 @@ def build_plan(
     sizing_peak = workload.peak(point["level"])
     timing_peak = workload.peak(max(workload.levels))
     budget = workload.latency_budget_s
+    wire_dtype = str(point.get("wire_dtype", "float32"))
     grid = np.arange(limits.memory_min_mb, limits.memory_max_mb + 1, memory_step_mb, dtype=np.int64)
     if grid[-1] != limits.memory_max_mb:
         grid = np.append(grid, limits.memory_max_mb)
@@ -164,15 +176,17 @@ def build_plan(
         sizes = np.array([len(g) for g in groups])
         expected = np.array([workload.expected[layer, g].sum() for g in groups])
         first = function_figures(
-            model, shape, sizes, expected, peaks, replicas, point["micro_batches"], point["channel"], grid[:1]
-        )
+            model, shape, sizes, expected, peaks, replicas, point["micro_batches"], point["channel"], grid[:1],
+            workload.batch_tokens, wire_dtype,
+        )  # fmt: skip
         needed = np.clip(first.needed_mb, limits.memory_min_mb, limits.memory_max_mb)  # [G]
         memory = np.concatenate(
             [needed[:, None], np.broadcast_to(grid, (len(groups), grid.size))], axis=1
         )  # [G, M]
         figures = function_figures(
-            model, shape, sizes, expected, peaks, replicas, point["micro_batches"], point["channel"], memory
-        )
+            model, shape, sizes, expected, peaks, replicas, point["micro_batches"], point["channel"], memory,
+            workload.batch_tokens, wire_dtype,
+        )  # fmt: skip
         allowed = (memory >= needed[:, None]) & (figures.busy_peak_s <= limits.timeout_s)
         meets = allowed & (figures.seconds_per_batch <= budget)
         cost = np.where(meets, figures.cost_per_batch, np.inf)  # [G, M]
@@ -185,7 +199,7 @@ def build_plan(
             FunctionPlan(tuple(int(e) for e in sorted(g)), int(memory[i, choice[i]]), int(replicas[i]))
             for i, g in enumerate(groups)
         )
-        layers.append(LayerPlan(functions, point["micro_batches"], point["channel"]))
+        layers.append(LayerPlan(functions, point["micro_batches"], point["channel"], wire_dtype))
     return DeploymentPlan(tuple(layers), found_by or f"point {point}")
 
 
@@ -401,6 +415,8 @@ def plan_deployment(
     seed: int = 0,
     space: SearchSpace | None = None,
     max_throughput_loss_vs_lambdaml: float | None = None,
+    wire_dtype: str = "float32",
+    baseline_model: CostModel | None = None,
 ) -> DeploymentReport:
     """Plan ``shape``'s MoE layers on Lambda for ``throughput_tokens_per_s``, loads predicted from ``trace``.
 
@@ -412,6 +428,11 @@ def plan_deployment(
     With ``max_throughput_loss_vs_lambdaml`` (a fraction in [0, 1)), the search's target is
     raised to at least ``(1 - that) * LambdaML's throughput`` (the report's workload keeps the
     raised target; the baselines are evaluated at the original one).
+
+    ``wire_dtype``: the dtype the plan's token rows travel in (default float32, exact; float16 or
+    bfloat16 round activations, so they are used only when asked). The baselines keep float32,
+    evaluated with ``baseline_model`` (default ``model``; give the float32 calibration's model
+    when ``model`` was calibrated at another wire dtype).
     """
     if predictor is None:
         predictor = PREDICTORS.get("bayesian")()
@@ -419,8 +440,9 @@ def plan_deployment(
     source = f"{predictor.name} predictor fitted on {trace.meta.model} trace ({trace.num_tokens} tokens)"
     workload = workload_from_predictor(predictor, shape, batch_tokens, throughput_tokens_per_s, source=source)
     model = model or CostModel()
-    baseline_plan, baseline = lambdaml_baseline(workload, model)
-    cluster = cpu_cluster_baseline(workload, model)
+    baseline_model = baseline_model or model
+    baseline_plan, baseline = lambdaml_baseline(workload, baseline_model)
+    cluster = cpu_cluster_baseline(workload, baseline_model)
     if max_throughput_loss_vs_lambdaml is not None:
         if not 0.0 <= max_throughput_loss_vs_lambdaml < 1.0:
             raise ValueError(
@@ -429,5 +451,6 @@ def plan_deployment(
         floor = (1.0 - max_throughput_loss_vs_lambdaml) * baseline.throughput_tokens_per_s
         if floor > throughput_tokens_per_s:
             workload = dataclasses.replace(workload, throughput_tokens_per_s=floor)
+    space = space or default_space(workload, wire_dtype)
     search = epsilon_greedy_search(workload, model, space, trials=trials, seed=seed)
     return DeploymentReport(workload, model, search, cluster, baseline, baseline_plan)

@@ -9,8 +9,9 @@ Which figures are measured and which are modelled:
   experts larger than the last-level cache). Two least-squares fits give four constants:
   ``experts_cpu = experts * call_overhead + tokens * flops_per_token / flops_per_second``
   (``call_overhead`` includes streaming one expert's weights, at this shape) and
-  ``rest = invocation_overhead + payload_bytes * payload_seconds_per_byte`` (JSON parsing,
-  base64 decoding of the event, encoding the response). Medians of repeats; the spread of the
+  ``rest = invocation_overhead + json_bytes * payload_seconds_per_byte`` (JSON parsing and
+  base64 decoding of the event, converting rows from and to the wire dtype; the direct response
+  is raw bytes, not encoded). A calibration is per shape and wire dtype. Medians of repeats; the spread of the
   repeats is recorded. :func:`cached_calibration` keeps calibrations as JSON data keyed by
   device and shape, so ``serverless plan`` and ``serverless run`` use the same one.
 * **Modelled**: a calibration measured at another shape (or the built-in default) scales to the
@@ -66,13 +67,14 @@ class Calibration:
     measured: bool
     """True when fitted from timings on this machine; False for the built-in default."""
     points: tuple[tuple[float, ...], ...] = ()
-    """Per timed invocation: (experts, tokens, experts CPU s, rest CPU s, payload bytes), medians."""
+    """Per timed invocation: (experts, token-assignments, experts CPU s, rest CPU s, JSON bytes), medians."""
     probe: tuple[int, int] = (0, 0)
     """(D, I) of the expert that was timed."""
     invocation_overhead_s: float = 0.0
     """Fixed handler time per invocation outside the experts (event parsing, validation)."""
     payload_seconds_per_byte: float = 0.0
-    """Handler time per byte of request plus response JSON (base64 decode and encode, JSON)."""
+    """Handler time per byte of JSON it parses or writes (the event's base64 arrays; a raw-bytes
+    response is not JSON), including turning rows from and to the wire dtype."""
     weights_streamed: bool = False
     """True when ``call_overhead_s`` was measured with cold weights at ``probe``: for that shape
     weight streaming is already in it, and no modelled streaming floor is added."""
@@ -80,6 +82,8 @@ class Calibration:
     """The CPU the calibration was measured on."""
     spread: float = 0.0
     """Median over timed points of (max - min) / median of the repeats: how noisy the timings were."""
+    wire_dtype: str = "float32"
+    """The dtype token rows travelled in while timing (the per-byte cost includes converting them)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.flops_per_second) and self.flops_per_second > 0):
@@ -105,6 +109,7 @@ class Calibration:
             "spread": self.spread,
             "points": [list(point) for point in self.points],
             "probe_hidden_intermediate": list(self.probe),
+            "wire_dtype": self.wire_dtype,
         }
 
     @classmethod
@@ -123,6 +128,7 @@ class Calibration:
                 weights_streamed=bool(data.get("weights_streamed", False)),
                 device=str(data.get("device", "")),
                 spread=float(data.get("spread", 0.0)),
+                wire_dtype=str(data.get("wire_dtype", "float32")),
             )
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"malformed calibration: {error!r}") from error
@@ -221,30 +227,69 @@ def compute_seconds(
     return np.where(tokens > 0, busy / rate, 0.0)
 
 
-_EVENT_JSON_BYTES = 64
-"""JSON around the arrays of an event or response (keys, counts), bytes; approximate."""
+_EVENT_JSON_BYTES = 160
+"""JSON around the arrays of an event (keys, counts, dtype), bytes; approximate."""
+_ASSIGNMENT_BYTES = 12
+"""Per token-assignment in an event: row index, expert id, routing weight (int32, int32, float32)."""
 
 
-def handler_payload_bytes(
-    shape: ExpertShape, tokens: np.ndarray | float, channel: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(request, response) JSON bytes the handler parses and writes for ``tokens`` token-assignments.
+@dataclass(frozen=True)
+class HandlerPayload:
+    """Bytes of one invocation (arrays broadcast like the token counts), by how the handler treats them."""
 
-    The handler's format (:mod:`handler_template`): base64 (4/3 larger) of int32 expert ids and,
-    on the direct channel, float32 rows [T, D] in, float32 rows out; on the object store the rows
-    travel as raw bytes outside the JSON. Unknown channels raise ``ValueError``.
+    request_json: np.ndarray
+    """The event: JSON the handler parses (base64 arrays, 4/3 of their raw size)."""
+    response_json: np.ndarray
+    """The response's JSON bytes (object store; a direct response is raw bytes, not JSON)."""
+    raw_in: np.ndarray
+    """Raw rows read outside the event (the object-store input object)."""
+    raw_out: np.ndarray
+    """Raw output rows: the direct response, or the object-store output object."""
+
+    @property
+    def json_bytes(self) -> np.ndarray:
+        """What the calibration's per-byte cost applies to."""
+        return self.request_json + self.response_json
+
+    @property
+    def invoke_request(self) -> np.ndarray:
+        """Bytes of the Invoke request (what the synchronous limit applies to)."""
+        return self.request_json
+
+    @property
+    def invoke_response(self) -> np.ndarray:
+        return np.where(self.response_json > 0, self.response_json, self.raw_out)
+
+
+def handler_payload(
+    shape: ExpertShape,
+    assignments: np.ndarray | float,
+    rows: np.ndarray | float,
+    channel: str,
+    wire_dtype: str = "float32",
+) -> HandlerPayload:
+    """Bytes of one invocation with ``assignments`` token-assignments over ``rows`` distinct token rows.
+
+    The handler's format (:mod:`handler_template`): per assignment a row index, expert id and
+    routing weight, base64 in the event; rows [T, D] in ``wire_dtype``, base64 in the event on the
+    direct channel, raw in the input object on the object store; outputs [T, D] in ``wire_dtype``
+    as raw bytes (the direct response is ``bytes``, which the runtime does not encode). Unknown
+    channels or dtypes raise ``ValueError``.
     """
-    tokens = np.asarray(tokens, dtype=np.float64)
-    row_bytes = 4 * shape.hidden_size  # the handler always exchanges float32 rows
+    from moeserve.serverless.handler_template import wire_bytes
+
+    assignments = np.asarray(assignments, dtype=np.float64)
+    rows = np.asarray(rows, dtype=np.float64)
+    row_bytes = rows * shape.hidden_size * wire_bytes(wire_dtype)
+    index_json = assignments * _ASSIGNMENT_BYTES * 4 / 3 + _EVENT_JSON_BYTES
+    zero = np.zeros(np.broadcast(assignments, rows).shape)
     if channel == "direct":
-        request = tokens * (row_bytes + 4) * 4 / 3 + _EVENT_JSON_BYTES
-        response = tokens * row_bytes * 4 / 3 + _EVENT_JSON_BYTES
-    elif channel == "object_store":
-        request = tokens * 4 * 4 / 3 + 2 * _EVENT_JSON_BYTES
-        response = np.full_like(tokens, 2 * _EVENT_JSON_BYTES)
-    else:
-        raise ValueError(f"unknown channel {channel!r}; known: {', '.join(CHANNELS)}")
-    return request, response
+        return HandlerPayload(index_json + row_bytes * 4 / 3 + zero, zero, zero, row_bytes + zero)
+    if channel == "object_store":
+        return HandlerPayload(
+            index_json + zero, zero + _EVENT_JSON_BYTES / 2, row_bytes + zero, row_bytes + zero
+        )
+    raise ValueError(f"unknown channel {channel!r}; known: {', '.join(CHANNELS)}")
 
 
 def handler_overhead_seconds(
@@ -252,7 +297,7 @@ def handler_overhead_seconds(
     vcpus: np.ndarray | float,
     calibration: Calibration = DEFAULT_CALIBRATION,
 ) -> np.ndarray:
-    """Handler seconds outside the experts for one invocation with ``payload_bytes`` of JSON in and out.
+    """Handler seconds outside the experts for one invocation with ``payload_bytes`` of JSON (:attr:`HandlerPayload.json_bytes`).
 
     ``invocation_overhead + bytes * payload_seconds_per_byte``, at the CPU share when below one
     vCPU; JSON and base64 run on one thread, so more vCPUs do not speed them up.
@@ -351,6 +396,7 @@ def calibrate(
     repeats: int = 7,
     max_pool_bytes: int = 1 << 30,
     seed: int = 0,
+    wire_dtype: str = "float32",
 ) -> Calibration:
     """Time the deployed handler at ``shape`` on one thread and fit the :class:`Calibration` constants.
 
@@ -389,6 +435,7 @@ def calibrate(
         "pairs": pairs,
         "repeats": repeats,
         "seed": seed,
+        "dtype": wire_dtype,
     }  # fmt: skip
     completed = subprocess.run(
         [sys.executable, "-m", "moeserve.serverless.function_worker", "--calibrate"],
@@ -429,6 +476,7 @@ def calibrate(
         weights_streamed=True,
         device=device_name(),
         spread=float(np.median(spreads)),
+        wire_dtype=wire_dtype,
     )
 
 
@@ -438,13 +486,21 @@ DEFAULT_CALIBRATION_PATH = Path("runs") / "serverless" / "calibration.json"
 working directory; ``runs/`` is scratch)."""
 
 
-def shape_key(shape: ExpertShape) -> str:
-    """The key of a shape in a calibration file: the handler's cost depends on D and I only."""
-    return f"D{shape.hidden_size}-I{shape.intermediate_size}"
+HANDLER_FORMAT = 2
+"""Version of the handler's request format a calibration was timed on (2: rows sent once per
+function, outputs combined in the function and returned as raw bytes); part of the key, so a
+calibration of another format is never used for this one."""
 
 
-def load_calibration(path: str | Path, shape: ExpertShape, device: str | None = None) -> Calibration | None:
-    """The calibration for ``shape`` on ``device`` (default: this one) in the file at ``path``; None if absent.
+def shape_key(shape: ExpertShape, wire_dtype: str = "float32") -> str:
+    """The key of a calibration in a file: the handler's cost depends on D, I, the wire dtype and its format."""
+    return f"D{shape.hidden_size}-I{shape.intermediate_size}-{wire_dtype}-handler{HANDLER_FORMAT}"
+
+
+def load_calibration(
+    path: str | Path, shape: ExpertShape, device: str | None = None, wire_dtype: str = "float32"
+) -> Calibration | None:
+    """The calibration for ``shape`` and ``wire_dtype`` on ``device`` (default: this one) in the file at ``path``; None if absent.
 
     ``ValueError`` for a file that is not a calibration file.
     """
@@ -454,12 +510,12 @@ def load_calibration(path: str | Path, shape: ExpertShape, device: str | None = 
     document = json.loads(path.read_text())
     if not isinstance(document, dict) or document.get("format") != CALIBRATION_FORMAT:
         raise ValueError(f"{path} is not a {CALIBRATION_FORMAT} file")
-    entry = document.get("devices", {}).get(device or device_name(), {}).get(shape_key(shape))
+    entry = document.get("devices", {}).get(device or device_name(), {}).get(shape_key(shape, wire_dtype))
     return None if entry is None else Calibration.from_dict(entry)
 
 
 def save_calibration(path: str | Path, shape: ExpertShape, calibration: Calibration) -> Path:
-    """Add (or replace) ``calibration`` for ``shape`` under its device in the file at ``path``; returns it.
+    """Add (or replace) ``calibration`` for ``shape`` (and its wire dtype) under its device in the file at ``path``; returns it.
 
     The file: ``{"format", "devices": {device: {shape_key: Calibration.to_dict()}}}``.
     """
@@ -470,23 +526,27 @@ def save_calibration(path: str | Path, shape: ExpertShape, calibration: Calibrat
         if isinstance(existing, dict) and existing.get("format") == CALIBRATION_FORMAT:
             document = existing
     device = calibration.device or device_name()
-    document.setdefault("devices", {}).setdefault(device, {})[shape_key(shape)] = calibration.to_dict()
+    key = shape_key(shape, calibration.wire_dtype)
+    document.setdefault("devices", {}).setdefault(device, {})[key] = calibration.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
 
 
 def cached_calibration(
-    shape: ExpertShape, path: str | Path = DEFAULT_CALIBRATION_PATH, recalibrate: bool = False
+    shape: ExpertShape,
+    path: str | Path = DEFAULT_CALIBRATION_PATH,
+    recalibrate: bool = False,
+    wire_dtype: str = "float32",
 ) -> Calibration:
-    """The calibration for ``shape`` on this device from ``path``; measured (:func:`calibrate`) and saved if absent.
+    """The calibration for ``shape`` and ``wire_dtype`` on this device from ``path``; measured (:func:`calibrate`) and saved if absent.
 
     ``recalibrate`` measures again and replaces the stored one.
     """
     if not recalibrate:
-        stored = load_calibration(path, shape)
+        stored = load_calibration(path, shape, wire_dtype=wire_dtype)
         if stored is not None:
             return stored
-    calibration = calibrate(shape)
+    calibration = calibrate(shape, wire_dtype=wire_dtype)
     save_calibration(path, shape, calibration)
     return calibration

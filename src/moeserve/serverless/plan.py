@@ -17,8 +17,8 @@ experts, possibly replicated) and gathers the results. Per layer it fixes:
 4. the channel (invocation payload, or an object store).
 
 Cost model (modelled, never measured on AWS): each invocation bills its handler duration
-(expert compute, plus parsing the event and encoding the response -- per invocation and per
-payload byte, both from the calibration -- plus the object-store GET of its inputs and PUT of
+(expert compute, plus parsing the event -- per invocation and per JSON byte, both from the
+calibration; a token row travels once per function and the response is raw bytes -- plus the object-store GET of its inputs and PUT of
 its outputs when that channel is used) rounded up to 1 ms, times memory in GB, at the Lambda GB-second price, plus the
 per-request price (``prices.LambdaPrices``). Expected loads drive cost; quantile loads drive
 time. Throughput is ``B / (slowest layer's seconds per batch)``: layers work on different
@@ -41,6 +41,7 @@ import numpy as np
 from rich.table import Table
 
 from moeserve.predict.popularity import PopularityPredictor
+from moeserve.serverless.handler_template import WIRE_DTYPES
 from moeserve.serverless.perf import (
     CHANNELS,
     DEFAULT_CALIBRATION,
@@ -49,14 +50,33 @@ from moeserve.serverless.perf import (
     cold_start_seconds,
     compute_seconds,
     handler_overhead_seconds,
-    handler_payload_bytes,
+    handler_payload,
     transfer_seconds,
 )
 from moeserve.serverless.prices import ARCHITECTURES, BYTES_PER_MB, Prices, default_prices
 from moeserve.serverless.shapes import ExpertShape
 
-INDEX_BYTES_PER_TOKEN = 8
-"""Bytes sent beside each token vector: its row and expert slot (two int32)."""
+INDEX_BYTES_PER_ASSIGNMENT = 12
+"""Bytes sent per token-assignment beside the rows: its row, expert and routing weight (int32, int32, float32)."""
+
+
+def assignments_per_row(shape: ExpertShape, expected: np.ndarray, batch_tokens: int) -> np.ndarray:
+    """Expected token-assignments per distinct token row a function receives (float64, shape of ``expected``), in [1, K].
+
+    A token's row travels once to a function however many of its experts it chose. With the
+    function's experts taking a share ``q = expected / (B K)`` of a batch's assignments, a
+    token's K choices (without replacement) all miss it with probability about
+    ``prod_{j<K} max(0, 1 - q E / (E - j))`` -- exact when loads are uniform -- so the function
+    sees ``B (1 - that)`` distinct rows for ``q B K`` assignments.
+    """
+    top_k, experts = shape.top_k, shape.num_experts
+    share = np.clip(np.asarray(expected, dtype=np.float64) / (batch_tokens * top_k), 0.0, 1.0)
+    miss = np.ones_like(share)
+    for j in range(top_k):
+        miss = miss * np.maximum(0.0, 1.0 - share * experts / (experts - j))
+    hit = 1.0 - miss
+    ratio = np.divide(share * top_k, hit, out=np.ones_like(share), where=hit > 1e-12)
+    return np.clip(ratio, 1.0, float(top_k))
 
 
 @dataclass(frozen=True)
@@ -184,12 +204,17 @@ class LayerPlan:
     functions: tuple[FunctionPlan, ...]
     micro_batches: int
     channel: str
+    wire_dtype: str = "float32"
+    """Dtype token rows and outputs travel in (``handler_template.WIRE_DTYPES``): float32 is exact;
+    float16 and bfloat16 halve the bytes and round the activations (lossy, chosen only when asked)."""
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.channel not in CHANNELS:
             raise ValueError(f"channel must be one of {CHANNELS}, got {self.channel!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
         held = [expert for function in self.functions for expert in function.experts]
         if len(held) != len(set(held)):
             raise ValueError("an expert is held by more than one function of a layer")
@@ -209,6 +234,7 @@ class DeploymentPlan:
                 {
                     "micro_batches": layer.micro_batches,
                     "channel": layer.channel,
+                    "wire_dtype": layer.wire_dtype,
                     "functions": [
                         {"experts": list(f.experts), "memory_mb": f.memory_mb, "replicas": f.replicas}
                         for f in layer.functions
@@ -229,8 +255,8 @@ class FunctionFigures:
     needed_mb: np.ndarray
     """int64 [G]: memory the function needs (runtime + weights + activations)."""
     payload_bytes: np.ndarray
-    """float64 [G]: bytes per invocation at the quantile load: the larger JSON payload of request and
-    response on the direct channel, the object's bytes on the object store."""
+    """float64 [G]: bytes per invocation at the quantile load: the larger Invoke payload of request
+    (JSON) and response (raw bytes) on the direct channel, the input object's bytes on the object store."""
     duration_s: np.ndarray
     """Handler seconds of one invocation at the expected load (what is billed)."""
     cost_per_batch: np.ndarray
@@ -251,12 +277,16 @@ def function_figures(
     micro_batches: int,
     channel: str,
     memory_mb: np.ndarray,
+    batch_tokens: int | None = None,
+    wire_dtype: str = "float32",
 ) -> FunctionFigures:
     """Cost and time of G functions (``group_sizes``, ``expected``, ``peak``, ``replicas``: [G]) at ``memory_mb`` ([M] or [G, M]).
 
     Loads are token-assignments per batch for the whole function; each replica takes 1/r of
     them in ``micro_batches`` invocations. The experts an invocation touches are the expected
-    number of distinct experts hit by its tokens, ``n (1 - (1 - 1/n)^t)``.
+    number of distinct experts hit by its tokens, ``n (1 - (1 - 1/n)^t)``. Its distinct token
+    rows are the assignments over :func:`assignments_per_row` (with ``batch_tokens``; without
+    it, one row per assignment), sent in ``wire_dtype``.
     """
     constants = model.constants
     group = np.asarray(group_sizes, dtype=np.float64)[:, None]  # [G, 1]
@@ -277,7 +307,11 @@ def function_figures(
     def touched(tokens: np.ndarray) -> np.ndarray:
         return group * (1.0 - (1.0 - 1.0 / group) ** tokens)
 
-    token_bytes = shape.token_bytes + INDEX_BYTES_PER_TOKEN
+    per_row = (
+        np.ones_like(group)
+        if batch_tokens is None
+        else assignments_per_row(shape, np.asarray(expected, dtype=np.float64)[:, None], batch_tokens)
+    )  # [G, 1]
     activation_bytes = 2 * (shape.hidden_size + 2 * shape.intermediate_size) * 4
     needed = np.ceil(
         constants.runtime_overhead_mb
@@ -286,12 +320,12 @@ def function_figures(
 
     def handler_seconds(tokens: np.ndarray) -> np.ndarray:
         busy = compute_seconds(shape, tokens, touched(tokens), vcpus, model.calibration, constants)
-        request, response = handler_payload_bytes(shape, tokens, channel)
-        parse = handler_overhead_seconds(request + response, vcpus, model.calibration)
+        payload = handler_payload(shape, tokens, tokens / per_row, channel, wire_dtype)
+        parse = handler_overhead_seconds(payload.json_bytes, vcpus, model.calibration)
         busy = busy + np.where(tokens > 0, parse, 0.0)
         if channel == "object_store":
-            _, get_in = transfer_seconds(tokens * token_bytes, channel, constants)
-            put_out, _ = transfer_seconds(tokens * shape.token_bytes, channel, constants)
+            _, get_in = transfer_seconds(payload.raw_in, channel, constants)
+            put_out, _ = transfer_seconds(payload.raw_out, channel, constants)
             busy = busy + get_in + put_out
         return busy
 
@@ -305,16 +339,17 @@ def function_figures(
     cost = per_invocation * invocations  # [G, M]
 
     busy_peak = handler_seconds(peak_tokens)  # [G, M]
+    peak_payload = handler_payload(shape, peak_tokens, np.ceil(peak_tokens / per_row), channel, wire_dtype)
     if channel == "object_store":
-        send_in, _ = transfer_seconds(peak_tokens * token_bytes, channel, constants)
-        _, gather = transfer_seconds(peak_tokens * shape.token_bytes, channel, constants)
-        payload = peak_tokens[:, 0] * token_bytes
+        # The gate PUTs the rows (its event travels beside them) and GETs the outputs.
+        send_in, _ = transfer_seconds(peak_payload.raw_in + peak_payload.request_json, channel, constants)
+        _, gather = transfer_seconds(peak_payload.raw_out, channel, constants)
+        payload = peak_payload.raw_in[:, 0]
     else:
-        # The invoke payload is the handler's JSON (base64), what the synchronous limit applies to.
-        request_json, response_json = handler_payload_bytes(shape, peak_tokens, channel)
-        send_in, _ = transfer_seconds(request_json, channel, constants)
-        gather = response_json / constants.direct_bandwidth_bytes_per_s
-        payload = np.maximum(request_json, response_json)[:, 0]
+        # The invoke payloads: the JSON event in, raw output bytes back; the synchronous limit applies to both.
+        send_in, _ = transfer_seconds(peak_payload.invoke_request, channel, constants)
+        gather = peak_payload.invoke_response / constants.direct_bandwidth_bytes_per_s
+        payload = np.maximum(peak_payload.invoke_request, peak_payload.invoke_response)[:, 0]
     stage = np.maximum(np.maximum(send_in, busy_peak), gather)
     seconds = send_in + busy_peak + gather + (micro_batches - 1) * stage  # [G, M]
     seconds = np.where(peak_tokens > 0, seconds, 0.0)
@@ -413,6 +448,8 @@ def evaluate_plan(
             layer.micro_batches,
             layer.channel,
             np.array([[f.memory_mb] for f in layer.functions]),
+            batch_tokens=workload.batch_tokens,
+            wire_dtype=layer.wire_dtype,
         )
         for g, function in enumerate(layer.functions):
             name = f"layer {index} function {g}"
