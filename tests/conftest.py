@@ -78,8 +78,7 @@ def live_server(model, engine_config, drain_timeout_s: float = 30.0, **server_op
     finally:
         uv.should_exit = True
         thread.join(timeout=60)
-        for layer in model.layers:  # detach the load counter so the model can be reused
-            layer.observers.clear()
+        server.close()  # detach the load counter so the model can be reused
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,12 @@ class Server:
     loop: EngineLoop
     metrics: ServerMetrics
     config: ServerConfig
+    loads: ExpertLoadCounter | None = None
+
+    def close(self) -> None:
+        """Detach the server's routing observer from the model (after the app has shut down)."""
+        if self.loads is not None:
+            self.loads.detach()
 
 
 def build_server(
@@ -61,7 +67,7 @@ def build_server(
     health = [expert_parallel.alive] if expert_parallel is not None else []
     shutdown: list[Callable[[], None]] = [expert_parallel.stop] if expert_parallel is not None else []
     app = create_app(loop, model.tokenizer, config, metrics, health_checks=health, on_shutdown=shutdown)
-    return Server(app, loop, metrics, config)
+    return Server(app, loop, metrics, config, loads)
 
 
 def run_server(server: Server, host: str, port: int, log_level: str = "info") -> None:
