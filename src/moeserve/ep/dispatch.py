@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.moe.gating import dropless_groups
 from moeserve.moe.layer import combine
 from moeserve.moe.types import ExpertGroups, RouterOutput
 
@@ -49,25 +50,11 @@ def plan_dispatch(
     One host sync (the per-worker row counts).
     """
     num_experts = expert2worker.numel()
-    top_k = routing.topk_ids.shape[1]
     flat_ids = routing.topk_ids.reshape(-1)  # [T*k]
     workers = expert2worker.index_select(0, flat_ids)  # [T*k]
     # A stable sort keeps rows of one expert in token order, as the one-process dispatch does.
     row2assignment = torch.argsort(workers * num_experts + flat_ids, stable=True)  # [N]
-    row2token = row2assignment // top_k  # [N]
-    assignment2row = torch.empty_like(row2assignment)
-    assignment2row[row2assignment] = torch.arange(row2assignment.numel())  # [T*k]
-    groups = ExpertGroups(
-        rows=hidden.index_select(0, row2token),  # [N, D]
-        row2token=row2token,
-        row_weights=routing.topk_weights.reshape(-1).index_select(0, row2assignment),  # [N]
-        expert_counts=torch.bincount(flat_ids, minlength=num_experts),  # [E]
-        capacity=None,
-        dropped=torch.zeros((), dtype=torch.int64),
-        assignments=flat_ids.numel(),
-        assignment2row=assignment2row,
-        topk_weights=routing.topk_weights,
-    )
+    groups = dropless_groups(hidden, routing, row2assignment, num_experts)
     worker_counts = torch.bincount(workers, minlength=num_workers).tolist()  # [W]
     return DispatchPlan(
         layer=layer,

@@ -23,10 +23,19 @@ def dispatch_dropless(
 ) -> ExpertGroups:
     """Every (token, expert) assignment gets a row: N = T*k, nothing padded, nothing dropped."""
     del capacity_factor  # dropless has no capacity
-    top_k = routing.topk_ids.shape[1]
     flat_ids = routing.topk_ids.reshape(-1)  # [T*k]
     # A stable sort keeps rows of one expert in token order, as a per-expert loop would visit them.
-    row2assignment = torch.argsort(flat_ids, stable=True)  # [N]
+    return dropless_groups(hidden, routing, torch.argsort(flat_ids, stable=True), num_experts)
+
+
+def dropless_groups(
+    hidden: torch.Tensor, routing: RouterOutput, row2assignment: torch.Tensor, num_experts: int
+) -> ExpertGroups:
+    """Dropless groups with rows in the order ``row2assignment`` [N = T*k] gives (a permutation of
+    the flat assignments that keeps each expert's rows together; expert-parallel dispatch orders
+    them by worker first)."""
+    top_k = routing.topk_ids.shape[1]
+    flat_ids = routing.topk_ids.reshape(-1)  # [T*k]
     row2token = row2assignment // top_k  # [N]
     assignment2row = torch.empty_like(row2assignment)
     assignment2row[row2assignment] = torch.arange(row2assignment.numel(), device=row2assignment.device)  # [T*k]

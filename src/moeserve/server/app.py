@@ -78,6 +78,10 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+def _include_usage(body: Any) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 def _usage(output: RequestOutput) -> dict[str, int]:
     return {
         "prompt_tokens": output.prompt_tokens,
@@ -239,6 +243,15 @@ def create_app(
             raise APIError(503, "the request was cancelled: the server is shutting down", code="unavailable",
                            error_type="server_error")
 
+    async def _respond(request: Request, request_id: str, queue: asyncio.Queue,
+                       body_of: Callable[[str, str | None], dict]) -> Response:
+        """The whole (non-streamed) answer: ``body_of(text, finish_reason)`` plus usage; 499 if the client left."""
+        try:
+            text, output = await _collect(request, request_id, queue)
+        except ClientGoneError:
+            return Response(status_code=499)
+        return JSONResponse({**body_of(text, output.finish_reason), "usage": _usage(output)})
+
     def _stream(request_id: str, queue: asyncio.Queue, chunk, include_usage: bool, first: dict | None) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
             finished = False
@@ -284,17 +297,9 @@ def create_app(
             def chunk(text: str, finish_reason: str | None) -> dict:
                 return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
 
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(request_id, queue, chunk, include_usage, None)
-        try:
-            text, output = await _collect(request, request_id, queue)
-        except ClientGoneError:
-            return Response(status_code=499)
-        return JSONResponse({
-            **base,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": output.finish_reason}],
-            "usage": _usage(output),
-        })
+            return _stream(request_id, queue, chunk, _include_usage(body), None)
+        return await _respond(request, request_id, queue, lambda text, reason: {
+            **base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -316,18 +321,10 @@ def create_app(
             first = {**base, "object": "chat.completion.chunk",
                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}]}
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(request_id, queue, chunk, include_usage, first)
-        try:
-            text, output = await _collect(request, request_id, queue)
-        except ClientGoneError:
-            return Response(status_code=499)
-        return JSONResponse({
-            **base,
-            "object": "chat.completion",
+            return _stream(request_id, queue, chunk, _include_usage(body), first)
+        return await _respond(request, request_id, queue, lambda text, reason: {
+            **base, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": output.finish_reason}],
-            "usage": _usage(output),
-        })
+                         "finish_reason": reason}]})
 
     return app
