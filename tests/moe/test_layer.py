@@ -176,7 +176,7 @@ def test_loop_backend_reads_experts_one_at_a_time():
 
 
 def test_unknown_names_list_known_ones():
-    with pytest.raises(KeyError, match="known: cpu, grouped_mm, loop"):
+    with pytest.raises(KeyError, match="known: cpu, grouped_mm, hybrid, loop"):
         MoELayer(_experts(), F.silu, MoEConfig(backend="nope"))
     with pytest.raises(ValueError, match="gating must be"):
         MoEConfig(gating="static")
@@ -188,7 +188,8 @@ def test_auto_backend_is_chosen_once_from_device_and_dtype():
     from moeserve.moe.backends import cpu_has_native_low_precision_matmul, resolve_backend
 
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu, torch.float32) == "loop"
+    assert resolve_backend("auto", cpu, torch.float32) == "hybrid"
+    assert resolve_backend("auto", cpu, torch.float32, stacked=False) == "loop"  # an expert cache
     expected_bf16 = "loop" if cpu_has_native_low_precision_matmul() else "cpu"
     assert resolve_backend("auto", cpu, torch.bfloat16) == expected_bf16
     assert resolve_backend("grouped_mm", cpu, torch.float32) == "grouped_mm"
@@ -219,3 +220,15 @@ def test_routing_transforms_run_before_observers_and_dispatch():
     out = layer(hidden, routing)
     assert seen == [forced]
     torch.testing.assert_close(out, _dense_expert(hidden, experts, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_backend_follows_weights_changed_in_place():
+    """``hybrid`` keeps a transposed copy of small experts; an in-place reload must refresh it."""
+    experts, hidden, routing = _experts(), _hidden(16), _routing(16)
+    layer = MoELayer(experts, F.silu, MoEConfig(backend="hybrid"))
+    layer(hidden, routing)
+    with torch.no_grad():
+        experts.gate_up_proj.mul_(0.5)
+        experts.down_proj.copy_(_experts(seed=3).down_proj)
+    reference = MoELayer(experts, F.silu, MoEConfig(backend="loop"))(hidden, routing)
+    torch.testing.assert_close(layer(hidden, routing), reference, rtol=1e-5, atol=1e-5)

@@ -75,26 +75,46 @@ class RequestOutput:
 
 
 class Detokenizer:
-    """Incremental text of one request, holding back what could still become a stop string."""
+    """Incremental text of one request, holding back what could still become a stop string.
+
+    Each step decodes only a short window: the tokens since the last emitted text plus the
+    token before them as context (``prefix_offset..read_offset``), the way vLLM's incremental
+    detokenizer does, instead of the whole output, whose decode grows with every token.
+    :func:`decode_full` is the plain reference (the whole output at once); a test checks the
+    two give the same text.
+    """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        """Text of ``token_ids[:read_offset]``."""
+        self.prefix_offset = 0
+        self.read_offset = 0
         self.sent = 0
         self.stopped = False
 
+    def _advance(self, token_ids: list[int], final: bool) -> None:
+        decode = self.tokenizer.decode
+        prefix = decode(token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        window = decode(token_ids[self.prefix_offset :], skip_special_tokens=True)
+        if window.endswith("\ufffd") and not final:
+            return  # a multi-byte character is still incomplete
+        if len(window) > len(prefix):
+            self.text += window[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+
     def push(self, token_ids: list[int], final: bool) -> str:
         """New final text after the tokens so far; sets ``stopped`` when a stop string appeared."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        self._advance(token_ids, final)
+        text = self.text
         cut = min((i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             end = cut
         elif final:
             end = len(text)
-        elif text.endswith("\ufffd"):
-            return ""  # a multi-byte character is still incomplete
         else:
             end = len(text) - self.hold
         if end <= self.sent:
@@ -102,6 +122,11 @@ class Detokenizer:
         piece = text[self.sent : end]
         self.sent = end
         return piece
+
+
+def decode_full(tokenizer, token_ids: list[int]) -> str:
+    """Reference for :class:`Detokenizer`: the whole output decoded at once."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
 class Engine:
