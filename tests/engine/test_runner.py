@@ -111,3 +111,54 @@ def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, famil
         for output in engine.step():
             got[output.request_id] += output.token_ids
     assert [got[i] for i in ids] == reference
+
+
+def _logits_per_step(model, lean: bool, prompts: list[list[int]], tokens: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+    from moeserve.engine.engine import Engine
+    from moeserve.engine.runner import ModelRunner
+
+    runner = ModelRunner(model, 2, 64, lean=lean)
+    assert (runner.lean is not None) == lean
+    steps: list[torch.Tensor] = []
+    head = runner.lm_head
+    runner.lm_head = lambda hidden: steps.append(head(hidden)) or steps[-1]
+    engine = Engine(runner, _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2), max_context=64), None)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=tokens)).request_id for p in prompts]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for output in engine.step():
+            got[output.request_id] += output.token_ids
+    return steps, [got[i] for i in ids]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_lean_decoder_matches_transformers_decoder(tiny_checkpoints, family):
+    """The lean forward (fused q/k/v, one-op RMSNorm, folded decode attention) against
+    transformers' decoder on the same batches: prefill of different lengths, admission mid-run,
+    decode steps over rows at different positions."""
+    from moeserve.models.loader import load_model
+
+    model = load_model(tiny_checkpoints[family], load_tokenizer=False)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    reference_logits, reference_tokens = _logits_per_step(model, False, prompts, 6)
+    lean_logits, lean_tokens = _logits_per_step(model, True, prompts, 6)
+    assert lean_tokens == reference_tokens
+    assert len(lean_logits) == len(reference_logits)
+    for lean, reference in zip(lean_logits, reference_logits, strict=True):
+        torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "deepseek_v3"])
+def test_families_without_a_lean_forward_use_transformers_decoder(tiny_checkpoints, family):
+    from moeserve.engine.lean import lean_decoder, unsupported_reason
+    from moeserve.models.loader import load_model
+
+    model = load_model(tiny_checkpoints[family], load_tokenizer=False)
+    assert lean_decoder(model.hf_model) is None
+    assert unsupported_reason(model.hf_model)
+
+
+def test_reference_model_serves_through_the_lean_decoder(model):
+    from moeserve.engine.runner import ModelRunner
+
+    assert ModelRunner(model, 1, 16).lean is not None

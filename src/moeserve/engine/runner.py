@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from moeserve.engine.generate import sample_next
+from moeserve.engine.lean import lean_decoder
 from moeserve.engine.request import Request
 from moeserve.engine.scheduler import Batch, SlotMove
 from moeserve.models.loader import MoEModel
@@ -86,9 +87,12 @@ class SlotKVCache:
 class ModelRunner:
     """Runs a scheduler :class:`Batch` through the model and picks each request's next token."""
 
-    def __init__(self, model: MoEModel, num_slots: int, context: int) -> None:
+    def __init__(self, model: MoEModel, num_slots: int, context: int, lean: bool = True) -> None:
         self.model = model
         self.decoder = model.hf_model.get_decoder()
+        self.lean = lean_decoder(model.hf_model) if lean else None
+        """The lean forward where the family has one (``moeserve.engine.lean``), else None:
+        transformers' decoder, which is also the reference the tests compare it with."""
         self.lm_head = model.hf_model.get_output_embeddings()
         self.dtype = next(model.hf_model.parameters()).dtype
         self.cache = SlotKVCache(num_slots, context)
@@ -140,6 +144,8 @@ class ModelRunner:
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         # An additive mask [B, 1, S, L] works with every attention implementation (eager and sdpa).
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        if self.lean is not None:
+            return self.lean(input_ids, positions, mask[:, None], self.cache)
         out = self.decoder(
             input_ids=input_ids,
             attention_mask=mask[:, None],
