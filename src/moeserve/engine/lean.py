@@ -90,7 +90,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """Rotary embedding exactly as transformers applies it (rotate_half convention)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, rotated, sin)
 
 
 class LeanDecoder:
@@ -136,9 +136,11 @@ class LeanDecoder:
             normed = _rms_norm(layer.input_norm, hidden)
             qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias)  # [B, S, (H + 2 Hk) Dh]
             q_size, kv_size = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
-            query, key, value = qkv.split((q_size, kv_size, kv_size), dim=-1)
-            query = _rotate(query.view(rows, length, layer.heads, layer.head_dim).transpose(1, 2), cos, sin)
-            key = _rotate(key.view(rows, length, layer.kv_heads, layer.head_dim).transpose(1, 2), cos, sin)
+            # q and k are adjacent in the fused output: one rotary embedding over both heads' sets.
+            query_key, value = qkv.split((q_size + kv_size, kv_size), dim=-1)
+            query_key = query_key.view(rows, length, layer.heads + layer.kv_heads, layer.head_dim).transpose(1, 2)
+            query_key = _rotate(query_key, cos, sin)  # [B, H + Hk, S, Dh]
+            query, key = query_key[:, : layer.heads], query_key[:, layer.heads :]
             value = value.view(rows, length, layer.kv_heads, layer.head_dim).transpose(1, 2)
             keys, values = cache.update(key, value, index)  # [B, Hk, L, Dh] each
             groups = layer.heads // layer.kv_heads

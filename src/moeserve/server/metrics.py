@@ -23,30 +23,55 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
 
 
 class ExpertLoadCounter:
-    """Routing observer: tokens routed to each expert of each MoE layer, since the server started."""
+    """Routing observer: tokens routed to each expert of each MoE layer, since the server started.
+
+    The engine thread only keeps each step's expert ids (a list append); they are counted in one
+    ``bincount`` every ``FOLD_EVERY`` steps of a layer and when the counts are read, so
+    observing costs no tensor operations per step.
+    """
+
+    FOLD_EVERY = 256
 
     def __init__(self, model) -> None:
         import torch
 
         self.model = model
         self.counts = [torch.zeros(layer.experts.num_experts, dtype=torch.long) for layer in model.layers]
+        self._pending: list[list] = [[] for _ in model.layers]
+        self._lock = threading.Lock()
         for layer in model.layers:
             layer.observers.append(self.observe)
 
     def observe(self, layer_index: int, routing) -> None:
+        with self._lock:  # the scrape thread may be folding this layer's list
+            pending = self._pending[layer_index]
+            pending.append(routing.topk_ids)
+            full = len(pending) >= self.FOLD_EVERY
+        if full:
+            self._fold(layer_index)
+
+    def _fold(self, layer_index: int) -> None:
         import torch
 
-        ids = routing.topk_ids.reshape(-1).cpu()  # [T*k]
-        self.counts[layer_index] += torch.bincount(ids, minlength=self.counts[layer_index].numel())
+        with self._lock:
+            pending, self._pending[layer_index] = self._pending[layer_index], []
+        if not pending:
+            return
+        ids = torch.cat([ids.reshape(-1) for ids in pending]).cpu()  # [steps * T * k]
+        counted = torch.bincount(ids, minlength=self.counts[layer_index].numel())
+        with self._lock:
+            self.counts[layer_index] += counted
 
     def snapshot(self) -> list[list[int]]:
-        return [counts.tolist() for counts in self.counts]
+        for layer_index in range(len(self.counts)):
+            self._fold(layer_index)
+        with self._lock:
+            return [counts.tolist() for counts in self.counts]
 
     def detach(self) -> None:
         for layer in self.model.layers:
             if self.observe in layer.observers:
                 layer.observers.remove(self.observe)
-
 
 class MoECollector:
     """Scrape-time MoE metrics from the load counter, expert cache and committee, where present."""
