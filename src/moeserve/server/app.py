@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -258,8 +258,19 @@ def create_app(
             try:
                 if first is not None:
                     yield _sse(first)
+                carry: RequestOutput | None = None
                 while True:
-                    output: RequestOutput = await queue.get()
+                    output: RequestOutput = carry if carry is not None else await queue.get()
+                    carry = None
+                    # Deltas this client has not been sent yet go out as one event (a lagging
+                    # client or event loop catches up instead of falling further behind).
+                    while not output.finished and not queue.empty():
+                        following: RequestOutput = queue.get_nowait()
+                        if following.finish_reason in ("error", "abort"):
+                            carry = following  # sent after the text before it
+                            break
+                        output = replace(following, text=output.text + following.text,
+                                         token_ids=output.token_ids + following.token_ids)
                     finished = output.finished
                     if output.finish_reason in ("error", "abort"):
                         error = APIError(500 if output.finish_reason == "error" else 503,
