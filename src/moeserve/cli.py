@@ -258,7 +258,6 @@ def serve(
     cache and committee metrics). Ctrl-C drains running requests, then exits.
     """
     from moeserve.engine.engine import EngineConfig
-    from moeserve.engine.generate import warm_up
     from moeserve.engine.scheduler import SchedulerConfig
     from moeserve.env import apply_thread_count
     from moeserve.server.serve import build_server, run_server
@@ -276,8 +275,7 @@ def serve(
         if expert_parallel is not None:
             service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
         server = build_server(moe_model, engine_config, served_model_name, cache=cache, committee=gate,
-                              default_max_tokens_chat=default_max_tokens, expert_parallel=service)
-        warm_up(moe_model)
+                              default_max_tokens_chat=default_max_tokens, expert_parallel=service, warm_up=True)
     except (MoeserveError, ValueError, KeyError) as error:
         if service is not None:
             service.stop()

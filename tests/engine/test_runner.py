@@ -162,3 +162,14 @@ def test_reference_model_serves_through_the_lean_decoder(model):
     from moeserve.engine.runner import ModelRunner
 
     assert ModelRunner(model, 1, 16).lean is not None
+
+
+def test_warm_up_leaves_nothing_behind(model):
+    """After the start-up warm-up (largest prefills and a full-context decode on dummy tokens)
+    the engine is empty and generates exactly what a fresh engine does."""
+    config = EngineConfig(SchedulerConfig(max_running=3, max_prefill_tokens=96), max_context=128)
+    fresh = run(build_engine(model, config), PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))
+    warmed = build_engine(model, config)
+    warmed.warm_up()
+    assert not warmed.has_work() and warmed.num_running == 0
+    assert run(warmed, PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True)) == fresh

@@ -186,6 +186,37 @@ class Engine:
         return self.scheduler.num_running
 
     # -- engine thread ------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Run the largest steps the scheduler can produce once, on dummy tokens, before serving.
+
+        A server's memory should not climb under its first heavy load: the allocator keeps the
+        largest step's temporaries (padded prefill activations, attention masks, expert rows)
+        once they have been needed. Like vLLM's profiling run at start-up, this reaches that
+        high-water mark at once: a prefill of the longest prompt a request may have, a prefill
+        filling the token budget across every slot, and a decode of every slot over the whole
+        context. Nothing is queued or kept; the KV slots are free again afterwards (later
+        prefills overwrite them and masks hide the rest).
+        """
+        if self.has_work():
+            raise MoeserveError("warm_up runs before the engine takes requests")
+        slots = self.config.scheduler.max_running
+        longest = self.max_context - 1
+        per_slot = max(1, min(longest, self.config.scheduler.max_prefill_tokens // slots))
+        sampling = SamplingParams(max_tokens=1)
+        dummy = (self.eos_token_id or 0) + 1
+
+        def requests(rows: int, length: int) -> list[Request]:
+            return [Request(f"warm-up-{row}", [dummy] * length, sampling) for row in range(rows)]
+
+        self.runner.execute(Batch("prefill", requests(1, longest), 0))
+        self.runner.execute(Batch("prefill", requests(slots, per_slot), 0))
+        full = requests(slots, longest)
+        for request in full:
+            request.output_ids.append(dummy)  # decode at the last position of the context
+        self.runner.execute(Batch("decode", full, 0))
+        for request in full:
+            self.runner.release(request)
+
     def step(self) -> list[RequestOutput]:
         """One model step: schedule -> execute -> postprocess. Returns this step's outputs."""
         with self._lock:

@@ -43,13 +43,18 @@ def build_server(
     default_max_tokens_chat: int = 256,
     drain_timeout_s: float = 30.0,
     expert_parallel: ExpertParallelService | None = None,
+    warm_up: bool = False,
 ) -> Server:
     """A server for ``model`` (with its expert cache / committee / expert parallelism, if applied, for their metrics).
 
     With ``expert_parallel`` the routed experts run in worker processes: per-expert loads are not
     counted here (the MoE layers are bypassed); rows per worker and the wait on experts are.
+    ``warm_up`` runs :meth:`Engine.warm_up` (the largest steps, on dummy tokens) before the
+    routing counter is attached, so memory is at its high-water mark before the first request.
     """
     engine = build_engine(model, engine_config)
+    if warm_up:
+        engine.warm_up()
     loads = ExpertLoadCounter(model) if expert_parallel is None else None
     metrics = ServerMetrics(
         running=lambda: engine.num_running,
