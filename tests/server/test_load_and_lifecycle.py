@@ -114,3 +114,17 @@ def test_an_engine_bug_answers_500_and_the_server_goes_on(server_model, start_se
         reply = httpx.post(f"{url}/v1/completions", json={**LONG, "max_tokens": 5}, timeout=60)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_warmed_up_server_counts_only_served_tokens(server_model, start_server):
+    """``warm_up=True`` (what `moeserve serve` uses) runs the largest steps on the engine thread
+    before the first request; the expert-load counter starts after it."""
+    config = EngineConfig(SchedulerConfig(max_running=2, max_prefill_tokens=64), max_context=96)
+    with start_server(server_model, config, warm_up=True) as (url, server):
+        assert len(server.loop.engine.runner.cache.keys) == len(server_model.layers)  # the warm-up ran
+        body = {"model": "tiny-moe", "prompt": "def f(", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        usage = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["usage"]
+        routed = _gauge(url, "moeserve:expert_load_tokens_total") / len(server_model.layers)
+        # Every token the model ran (the prompt, then each generated token but the last) routed to top-2 experts.
+        assert routed == 2 * (usage["prompt_tokens"] + usage["completion_tokens"] - 1)
+        assert httpx.get(f"{url}/health").status_code == 200

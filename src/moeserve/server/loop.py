@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from moeserve.engine.engine import Engine, RequestOutput
 from moeserve.engine.request import SamplingParams, new_request_id
@@ -23,9 +24,17 @@ log = logging.getLogger("moeserve.server")
 class EngineLoop:
     """Owns the engine thread. ``submit`` / ``abort`` are called from the event loop."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None, warm_up: bool = False,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        """``warm_up``: run :meth:`Engine.warm_up` on the engine thread before serving (on that
+        thread, so its allocator arena is the one that keeps the temporaries); ``on_ready`` runs
+        after it, before the first request (e.g. attaching routing counters)."""
         self.engine = engine
         self.metrics = metrics
+        self._warm_up = warm_up
+        self._on_ready = on_ready
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
         self._wake = threading.Event()
@@ -34,7 +43,11 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="moeserve-engine", daemon=True)
 
     def start(self) -> None:
+        """Start the engine thread; returns once it is ready for requests (after the warm-up)."""
         self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            raise RuntimeError(f"engine warm-up failed: {self._start_error}") from self._start_error
 
     @property
     def alive(self) -> bool:
@@ -82,6 +95,17 @@ class EngineLoop:
                 pass  # the event loop is closed: nobody is waiting any more
 
     def _run(self) -> None:
+        try:
+            if self._warm_up:
+                self.engine.warm_up()
+            if self._on_ready is not None:
+                self._on_ready()
+        except BaseException as error:  # start() re-raises it on the starting thread
+            log.exception("engine warm-up failed")
+            self._start_error = error
+            self._ready.set()
+            return
+        self._ready.set()
         while not self._stopping:
             if not self.engine.has_work():
                 self._wake.wait(0.05)

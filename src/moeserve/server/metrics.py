@@ -32,15 +32,21 @@ class ExpertLoadCounter:
 
     FOLD_EVERY = 256
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, attach: bool = True) -> None:
         import torch
 
         self.model = model
         self.counts = [torch.zeros(layer.experts.num_experts, dtype=torch.long) for layer in model.layers]
         self._pending: list[list] = [[] for _ in model.layers]
         self._lock = threading.Lock()
-        for layer in model.layers:
-            layer.observers.append(self.observe)
+        if attach:
+            self.attach()
+
+    def attach(self) -> None:
+        """Start observing the model's MoE layers (once)."""
+        for layer in self.model.layers:
+            if self.observe not in layer.observers:
+                layer.observers.append(self.observe)
 
     def observe(self, layer_index: int, routing) -> None:
         with self._lock:  # the scrape thread may be folding this layer's list

@@ -49,19 +49,18 @@ def build_server(
 
     With ``expert_parallel`` the routed experts run in worker processes: per-expert loads are not
     counted here (the MoE layers are bypassed); rows per worker and the wait on experts are.
-    ``warm_up`` runs :meth:`Engine.warm_up` (the largest steps, on dummy tokens) before the
-    routing counter is attached, so memory is at its high-water mark before the first request.
+    ``warm_up`` runs :meth:`Engine.warm_up` (the largest steps, on dummy tokens) when the app
+    starts, on the engine thread and before the routing counter is attached, so memory is at its
+    high-water mark before the first request and the counts hold only served tokens.
     """
     engine = build_engine(model, engine_config)
-    if warm_up:
-        engine.warm_up()
-    loads = ExpertLoadCounter(model) if expert_parallel is None else None
+    loads = ExpertLoadCounter(model, attach=False) if expert_parallel is None else None
     metrics = ServerMetrics(
         running=lambda: engine.num_running,
         waiting=lambda: engine.num_waiting,
         moe=MoECollector(loads, cache, committee, expert_parallel.stats if expert_parallel is not None else None),
     )
-    loop = EngineLoop(engine, metrics)
+    loop = EngineLoop(engine, metrics, warm_up=warm_up, on_ready=loads.attach if loads is not None else None)
     config = ServerConfig(
         model_name=model_name or model.name,
         max_context=engine.max_context,
