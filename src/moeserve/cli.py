@@ -429,6 +429,7 @@ def bench_serve(
     ignore_eos: Annotated[bool, typer.Option(help="Send ignore_eos (vLLM's extension) so every request generates max_tokens; transformers serve refuses it.")] = False,
     malformed: Annotated[int, typer.Option(help="Malformed requests to mix in; each must get a 4xx.")] = 0,
     warmup: Annotated[int, typer.Option(help="Sequential warm-up requests before measuring.")] = 4,
+    warmup_wave: Annotated[bool, typer.Option(help="After them, one uncounted wave of --concurrency requests at once (steady state under load).")] = True,
     corpus: Annotated[Path | None, typer.Option(help="A text file to cut prompts from besides the Python standard library sources (e.g. ../shared/corpora/tinyshakespeare.txt).")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads of each launched server (MOESERVE_NUM_THREADS / OMP_NUM_THREADS).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of prompt choice, lengths and arrivals.")] = 0,
@@ -461,13 +462,13 @@ def bench_serve(
     try:
         config = LoadConfig(requests=requests, concurrency=concurrency, request_rate=request_rate,
                             prompt_chars_median=prompt_chars, max_tokens_median=max_tokens, ignore_eos=ignore_eos,
-                            malformed=malformed, warmup=warmup, seed=seed)
+                            malformed=malformed, warmup=warmup, warmup_wave=warmup_wave, seed=seed)
         kinds = [k.strip() for k in launch.split(",") if k.strip()] if launch else []
         if not url and not kinds:
             raise MoeserveError("give --url of a running server, or --launch moeserve[,transformers]")
         if rounds < 1:
             raise MoeserveError(f"--rounds must be >= 1, got {rounds}")
-        specs = make_prompts(default_text_files(corpus), config, config.warmup + config.requests)
+        specs = make_prompts(default_text_files(corpus), config, config.warmup_total + config.requests)
         runs: dict[str, list[dict]] = {}
         model_path = resolve_model_path(model)
         for _ in range(rounds):  # alternate the servers, so drifting machine load hits all of them alike

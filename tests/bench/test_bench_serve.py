@@ -19,11 +19,12 @@ def test_prompts_come_from_real_text_with_spread_lengths():
 def test_run_load_reports_throughput_latencies_and_checks_malformed_requests(server_url):
     config = LoadConfig(requests=12, concurrency=4, prompt_chars_median=200, max_tokens_median=8, max_max_tokens=16,
                         warmup=1, malformed=len(MALFORMED_BODIES), ignore_eos=True)
-    specs = make_prompts(default_text_files(), config, config.warmup + config.requests)
+    specs = make_prompts(default_text_files(), config, config.warmup_total + config.requests)
     result = asyncio.run(run_load(server_url, "tiny-moe", specs, config))
     assert result["completed"] == 12 and result["errors"] == 0 and result["server_errors_5xx"] == 0
     assert result["duplicate_response_ids"] == 0
-    assert result["output_tokens"] == sum(s.max_tokens for s in specs[1:])  # ignore_eos: exactly max_tokens each
+    assert result["output_tokens"] == sum(s.max_tokens for s in specs[config.warmup_total :])  # ignore_eos: exactly max_tokens
+    assert config.warmup_total == 1 + 4  # one sequential request, then one wave of `concurrency`
     assert result["output_throughput_tokens_per_s"] > 0
     for section in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         assert 0 < result[section]["p50"] <= result[section]["p99"]

@@ -58,6 +58,10 @@ class LoadConfig:
     ignore_eos: bool = False
     """Ask for exactly max_tokens (vLLM's ``ignore_eos``); some servers refuse it (transformers serve)."""
     warmup: int = 4
+    """Requests sent one at a time first (one-time costs), not counted."""
+    warmup_wave: bool = True
+    """Then one wave of ``concurrency`` requests at once, not counted: a server's memory and
+    connections reach their steady state under concurrent load before anything is measured."""
     malformed: int = 0
     """Malformed requests mixed into the load (each must be answered with a 4xx)."""
     seed: int = 0
@@ -72,6 +76,11 @@ class LoadConfig:
             raise ValueError("prompt_chars_median and max_tokens_median must be >= 1")
         if self.malformed < 0 or self.warmup < 0:
             raise ValueError("malformed and warmup must be >= 0")
+
+    @property
+    def warmup_total(self) -> int:
+        """Prompts the warm-up uses (make ``warmup_total + requests`` prompts)."""
+        return self.warmup + (self.concurrency if self.warmup_wave else 0)
 
 
 def default_text_files(corpus: Path | None = None) -> list[Path]:
@@ -251,10 +260,12 @@ async def run_load(url: str, model: str, specs: list[PromptSpec], config: LoadCo
     url = url.rstrip("/")
     limits = httpx.Limits(max_connections=config.concurrency + 8, max_keepalive_connections=config.concurrency + 8)
     async with httpx.AsyncClient(limits=limits) as client:
-        warm = specs[: config.warmup]
-        for spec in warm:  # sequential warm-up: one-time costs stay out of the figures
+        for spec in specs[: config.warmup]:  # sequential warm-up: one-time costs stay out of the figures
             await _one_request(client, url, model, spec, config)
-        measured = specs[config.warmup :]
+        # One concurrent wave: the steady state under load (memory, connections) before measuring.
+        await asyncio.gather(*(_one_request(client, url, model, spec, config)
+                               for spec in specs[config.warmup : config.warmup_total]))
+        measured = specs[config.warmup_total :]
         rss_start = await _server_rss(client, url)
         health: list[int] = []
         rss_samples: list[float] = []
