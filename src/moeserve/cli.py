@@ -119,7 +119,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     gating: Annotated[str, typer.Option(help="dropless or capacity.")] = "dropless",
     capacity_factor: Annotated[float, typer.Option(help="Slots per expert factor for --gating capacity.")] = 1.25,
-    backend: Annotated[str, typer.Option(help="Experts backend: auto (chosen from device and dtype) or a registered one (loop, cpu, grouped_mm).")] = "auto",
+    backend: Annotated[str, typer.Option(help="Experts backend: auto (chosen from device and dtype) or a registered one (loop, hybrid, grouped_mm, cpu).")] = "auto",
     routing: Annotated[bool, typer.Option("--routing", help="Also print per-layer routing facts of this run.")] = False,
     expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident: a fraction (25%, 0.5) or a size (2GiB); the rest is read from the checkpoint on demand.")] = None,
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory: lru, lfu, fifo, lifo, lrfu (exact: outputs unchanged).")] = "lru",
@@ -238,11 +238,12 @@ def serve(
     max_running: Annotated[int, typer.Option(help="Requests decoded together (KV-cache slots).")] = 32,
     max_waiting: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 429 with Retry-After.")] = 256,
     max_prefill_tokens: Annotated[int, typer.Option(help="Padded prompt tokens per prefill step.")] = 4096,
+    min_prefill_fill: Annotated[float, typer.Option(help="A prefill batch admits no request that would leave less than this share of its padded tokens real (0-1).")] = 0.75,
     max_model_len: Annotated[int | None, typer.Option(help="Prompt + completion tokens per request; every KV slot preallocates this many positions (default: the model's context, at most 4096).")] = None,
     default_max_tokens: Annotated[int, typer.Option(help="max_tokens for chat requests that set none (capped by the context).")] = 256,
     gating: Annotated[str, typer.Option(help="dropless or capacity.")] = "dropless",
     capacity_factor: Annotated[float, typer.Option(help="Slots per expert factor for --gating capacity.")] = 1.25,
-    backend: Annotated[str, typer.Option(help="Experts backend: auto or a registered one (loop, cpu, grouped_mm).")] = "auto",
+    backend: Annotated[str, typer.Option(help="Experts backend: auto or a registered one (loop, hybrid, grouped_mm, cpu).")] = "auto",
     expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident (25%, 0.5, 2GiB); the rest is read from the checkpoint on demand.")] = None,
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory (lru, lfu, fifo, lifo, lrfu).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: load the next layer's predicted experts in the background.")] = False,
@@ -269,7 +270,8 @@ def serve(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee
         )
         engine_config = EngineConfig(
-            scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens),
+            scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens,
+                                      min_prefill_fill=min_prefill_fill),
             max_context=max_model_len,
         )
         if expert_parallel is not None:
@@ -572,7 +574,9 @@ def bench_offload(
     committee: Annotated[bool, typer.Option("--committee", help="Also run a parameter committee sized to each budget (lossy), calibrated on the stdlib training split.")] = False,
     calibration_tokens: Annotated[int, typer.Option(help="Committee calibration tokens.")] = 8192,
     large: Annotated[Path | None, typer.Option("--large", help="Use (building it there first if missing) a random-weight Mixtral whose experts take 5.6 GB; overrides MODEL.")] = None,
-    new_tokens: Annotated[int, typer.Option(help="Greedy tokens per generation.")] = 64,
+    new_tokens: Annotated[int, typer.Option(help="Tokens per generation.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled with a fixed seed (every run draws the same numbers).")] = 0.0,
+    cold_reads: Annotated[bool, typer.Option("--cold-reads", help="Every expert load reads the disk, not the page cache (the checkpoint's pages are dropped before and after each read): the setting where a model does not fit RAM.")] = False,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -595,6 +599,8 @@ def bench_offload(
             new_tokens=new_tokens,
             committee=committee,
             calibration_tokens=calibration_tokens,
+            cold_reads=cold_reads,
+            temperature=temperature,
         )
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)

@@ -39,7 +39,8 @@ def run(engine, prompts, sampling) -> list[list[int]]:
 def test_batched_greedy_equals_one_request_at_a_time(model):
     reference = [generate(model, p, SamplingConfig(max_new_tokens=12, stop_at_eos=False)).token_ids for p in PROMPTS]
     # 3 slots for 5 requests: admission mid-run, different lengths in one step, slot moves on finish.
-    engine = build_engine(model, EngineConfig(SchedulerConfig(max_running=3), max_context=128))
+    # min_prefill_fill 0: prompts of different lengths share padded prefill steps.
+    engine = build_engine(model, EngineConfig(SchedulerConfig(max_running=3, min_prefill_fill=0.0), max_context=128))
     assert run(engine, PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True)) == reference
     assert engine.num_running == 0
 
@@ -55,7 +56,8 @@ def test_seeded_sampling_matches_the_reference_sampler(model):
 
 @torch.inference_mode()
 def test_decode_logits_match_a_full_forward(model):
-    engine = build_engine(model, EngineConfig(SchedulerConfig(max_running=2), max_context=64))
+    # min_prefill_fill 0: both prompts (of different lengths) prefill in one padded step.
+    engine = build_engine(model, EngineConfig(SchedulerConfig(max_running=2, min_prefill_fill=0.0), max_context=64))
     prompts = [engine.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
     for ids in prompts:
         engine.add_request(ids, SamplingParams(max_tokens=3, ignore_eos=True))
@@ -104,7 +106,7 @@ def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, famil
                 tokens.append(int(model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
                 ids = torch.tensor([tokens[-1:]])
             reference.append(tokens)
-    engine = Engine(ModelRunner(model, 2, 64), _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2), max_context=64), None)
+    engine = Engine(ModelRunner(model, 2, 64), _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2, min_prefill_fill=0.0), max_context=64), None)
     ids = [engine.add_request(p, SamplingParams(max_tokens=6)).request_id for p in prompts]
     got: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_work():
@@ -122,7 +124,7 @@ def _logits_per_step(model, lean: bool, prompts: list[list[int]], tokens: int) -
     steps: list[torch.Tensor] = []
     head = runner.lm_head
     runner.lm_head = lambda hidden: steps.append(head(hidden)) or steps[-1]
-    engine = Engine(runner, _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2), max_context=64), None)
+    engine = Engine(runner, _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2, min_prefill_fill=0.0), max_context=64), None)
     ids = [engine.add_request(p, SamplingParams(max_tokens=tokens)).request_id for p in prompts]
     got: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_work():

@@ -88,6 +88,19 @@ def test_prefill_token_budget_splits_admission_but_one_always_fits():
     assert [r.request_id for r in scheduler.schedule().requests] == ["r2"]  # type: ignore[union-attr]
 
 
+def test_min_prefill_fill_stops_admission_before_heavy_padding():
+    scheduler = Scheduler(SchedulerConfig(max_running=8, max_prefill_tokens=1000, min_prefill_fill=0.75))
+    for i, length in enumerate([100, 90, 20, 100, 80]):
+        scheduler.add(Request(f"r{i}", [1] * length, SamplingParams()))
+    # r0 + r1: 190 of 200 padded tokens real; + r2 would be 210 of 300 (0.70 < 0.75): stop, in order.
+    assert [r.request_id for r in scheduler.schedule().requests] == ["r0", "r1"]  # type: ignore[union-attr]
+    # r2 alone starts the next batch; r3 would make it 120 of 200 (0.6).
+    assert [r.request_id for r in scheduler.schedule().requests] == ["r2"]  # type: ignore[union-attr]
+    assert [r.request_id for r in scheduler.schedule().requests] == ["r3", "r4"]  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="min_prefill_fill"):
+        SchedulerConfig(min_prefill_fill=1.5)
+
+
 def test_waiting_queue_is_bounded():
     scheduler = Scheduler(SchedulerConfig(max_running=1, max_waiting=2))
     scheduler.add(Request("a", [1], SamplingParams()))

@@ -137,6 +137,17 @@ def test_read_expert_reads_only_that_expert(family_checkpoint):
                 assert a.path != b.path or a.end <= b.begin or b.end <= a.begin
 
 
+def test_cold_reads_read_the_same_bytes(family_checkpoint):
+    """``cold_reads`` drops the shards' pages from the page cache; the bytes read are unchanged."""
+    folder, _, layers, num_experts = family_checkpoint
+    warm, cold = ExpertStore(folder), ExpertStore(folder, cold_reads=True)
+    for layer in layers:
+        for expert in (0, num_experts - 1):
+            a, b = warm.read_expert(layer, expert), cold.read_expert(layer, expert)
+            assert torch.equal(a.gate_up, b.gate_up) and torch.equal(a.down, b.down)
+    assert cold.bytes_read == warm.bytes_read
+
+
 def test_shared_experts_are_not_routed_experts(family_checkpoint):
     folder, _, layers, num_experts = family_checkpoint
     store = ExpertStore(folder)

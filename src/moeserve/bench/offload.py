@@ -66,6 +66,8 @@ class OffloadBenchResult:
     threads: int
     expert_bytes: int
     rows: list[OffloadRow] = field(default_factory=list)
+    cold_reads: bool = False
+    temperature: float = 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -74,12 +76,15 @@ class OffloadBenchResult:
             "new_tokens": self.new_tokens,
             "threads": self.threads,
             "expert_bytes": self.expert_bytes,
+            "cold_reads": self.cold_reads,
+            "temperature": self.temperature,
             "results": [asdict(row) for row in self.rows],
         }
 
 
-def _timed_generation(model, prompt: str, new_tokens: int) -> tuple[list[int], float]:
-    sampling = SamplingConfig(max_new_tokens=new_tokens, stop_at_eos=False)
+def _timed_generation(model, prompt: str, new_tokens: int, temperature: float = 0.0) -> tuple[list[int], float]:
+    # Seeded: every run draws the same random numbers, so exact policies still give identical tokens.
+    sampling = SamplingConfig(max_new_tokens=new_tokens, stop_at_eos=False, temperature=temperature, seed=0)
     result = generate(model, prompt, sampling)
     return result.token_ids, result.tokens_per_s
 
@@ -93,21 +98,29 @@ def run_offload_bench(
     prompt: str = DEFAULT_PROMPT,
     committee: bool = False,
     calibration_tokens: int = 8192,
+    cold_reads: bool = False,
+    temperature: float = 0.0,
 ) -> OffloadBenchResult:
-    """Run the baseline and every (budget, policy) configuration; see the module docstring."""
+    """Run the baseline and every (budget, policy) configuration; see the module docstring.
+
+    ``cold_reads``: expert loads read the storage device, not the page cache (the checkpoint's
+    pages are dropped before and after each read), as on a machine whose RAM cannot also cache
+    the checkpoint. ``temperature`` > 0 samples (seeded) instead of greedy decoding.
+    """
     for policy in policies:
         if EVICTION_POLICIES.get(policy).needs_stream or not EVICTION_POLICIES.get(policy).online:
             raise ValueError(f"policy {policy!r} cannot run live (it needs the whole stream or the future)")
     model = load_model(model_path)
     warm_up(model)
-    baseline_ids, baseline_tps = _timed_generation(model, prompt, new_tokens)
+    baseline_ids, baseline_tps = _timed_generation(model, prompt, new_tokens, temperature)
     first = model.layers[0].experts
     expert_bytes = sum(
         (layer.experts.gate_up(0).numel() + layer.experts.down(0).numel()) * first.gate_up(0).element_size()
         * layer.experts.num_experts
         for layer in model.layers
     )
-    result = OffloadBenchResult(str(model.path), new_tokens, torch.get_num_threads(), expert_bytes)
+    result = OffloadBenchResult(str(model.path), new_tokens, torch.get_num_threads(), expert_bytes,
+                                cold_reads=cold_reads, temperature=temperature)
     result.rows.append(
         OffloadRow("100%", "resident", False, baseline_tps, expert_bytes, expert_bytes, current_rss_bytes(),
                    None, None, 0, 0, True, 1.0)
@@ -115,22 +128,22 @@ def run_offload_bench(
     calibration = _calibration_tokens(model, calibration_tokens) if committee else None
     for budget in budgets:
         # The LRU run records its step log, so Belady replays exactly the same expert requests.
-        cache = apply_expert_cache(model, budget, "lru", record_steps=True)
+        cache = apply_expert_cache(model, budget, "lru", record_steps=True, cold_reads=cold_reads)
         try:
-            _timed_generation(model, prompt, new_tokens)
+            _timed_generation(model, prompt, new_tokens, temperature)
             step_log = list(cache.step_log or [])
         finally:
             remove_expert_cache(model, cache)
-        cache = apply_expert_cache(model, budget, "belady", future=step_log)
+        cache = apply_expert_cache(model, budget, "belady", future=step_log, cold_reads=cold_reads)
         try:
-            _timed_generation(model, prompt, new_tokens)
+            _timed_generation(model, prompt, new_tokens, temperature)
             belady_hit_rate = _rate(cache.stats().hit_rate)
         finally:
             remove_expert_cache(model, cache)
         for policy in policies:
-            cache = apply_expert_cache(model, budget, policy, prefetch=prefetch)
+            cache = apply_expert_cache(model, budget, policy, prefetch=prefetch, cold_reads=cold_reads)
             try:
-                ids, tokens_per_s = _timed_generation(model, prompt, new_tokens)
+                ids, tokens_per_s = _timed_generation(model, prompt, new_tokens, temperature)
                 cache.wait_for_prefetch()
                 stats = cache.stats()
             finally:
@@ -141,7 +154,8 @@ def run_offload_bench(
                            stats.loads, ids == baseline_ids, _agreement(ids, baseline_ids))
             )
         if calibration is not None:
-            result.rows.append(_committee_row(model, budget, expert_bytes, calibration, prompt, new_tokens, baseline_ids))
+            result.rows.append(_committee_row(model, budget, expert_bytes, calibration, prompt, new_tokens, baseline_ids,
+                                              cold_reads, temperature))
     return result
 
 
@@ -160,7 +174,8 @@ def _calibration_tokens(model, count: int) -> torch.Tensor:
 
 
 def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Tensor, prompt: str,
-                   new_tokens: int, baseline_ids: list[int]) -> OffloadRow:
+                   new_tokens: int, baseline_ids: list[int], cold_reads: bool = False,
+                   temperature: float = 0.0) -> OffloadRow:
     """The committee under the same budget: members sized to it, served through the LRU cache."""
     from moeserve.memory.cache import parse_expert_memory
     from moeserve.memory.committee import apply_committee, plan_committee, remove_committee
@@ -169,9 +184,9 @@ def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Ten
     plan = plan_committee(model, calibration, fraction)
     gate = apply_committee(model, plan.members_by_layer())
     try:
-        cache = apply_expert_cache(model, budget, "lru")
+        cache = apply_expert_cache(model, budget, "lru", cold_reads=cold_reads)
         try:
-            ids, tokens_per_s = _timed_generation(model, prompt, new_tokens)
+            ids, tokens_per_s = _timed_generation(model, prompt, new_tokens, temperature)
             stats = cache.stats()
         finally:
             remove_expert_cache(model, cache)

@@ -37,11 +37,18 @@ class SchedulerConfig:
     """Requests that may wait for a slot; one more is refused with QueueFullError."""
     max_prefill_tokens: int = 4096
     """Padded prompt tokens (batch x longest prompt) per prefill step; a single longer prompt still runs."""
+    min_prefill_fill: float = 0.75
+    """A prefill batch stops admitting (in arrival order) before a request that would make less
+    than this share of its padded tokens real prompt tokens; 0 admits by the budget alone. 0.75
+    ran 1.08-1.09x the closed-loop throughput of 0 on the reference model at concurrency 16
+    (two in-process A/B runs of 6 and 8 rounds; padding was 21% of prefill tokens at 0)."""
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_waiting", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.min_prefill_fill <= 1.0:
+            raise ValueError(f"min_prefill_fill must be in [0, 1], got {self.min_prefill_fill}")
 
 
 @dataclass(frozen=True)
@@ -102,14 +109,16 @@ class Scheduler:
         """The next step's batch: newly admitted requests to prefill, else every running one to decode."""
         free = self.config.max_running - len(self.running)
         admitted: list[Request] = []
-        longest = 0
+        longest = real = 0
         while self.waiting and len(admitted) < free:
             candidate = self.waiting[0]
             padded = max(longest, candidate.num_prompt_tokens) * (len(admitted) + 1)
-            if admitted and padded > self.config.max_prefill_tokens:
+            filled = (real + candidate.num_prompt_tokens) / padded
+            if admitted and (padded > self.config.max_prefill_tokens or filled < self.config.min_prefill_fill):
                 break
             self.waiting.popleft()
             longest = max(longest, candidate.num_prompt_tokens)
+            real += candidate.num_prompt_tokens
             admitted.append(candidate)
         if admitted:
             first_slot = len(self.running)

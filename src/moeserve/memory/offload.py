@@ -63,6 +63,7 @@ def apply_expert_cache(
     future: StepLog | None = None,
     record_steps: bool = False,
     prefetch: bool | PrefetchConfig = False,
+    cold_reads: bool = False,
 ) -> ExpertCache:
     """Serve ``model``'s routed experts from a new cache of ``budget`` and free the resident copies.
 
@@ -71,6 +72,8 @@ def apply_expert_cache(
     :class:`~moeserve.memory.cache.ExpertCache`. Returns the cache (its ``stats()``, residency).
     ``prefetch`` (True, or a :class:`~moeserve.memory.prefetch.PrefetchConfig`) adds a
     :class:`~moeserve.memory.prefetch.NextLayerPrefetcher`; it needs an online policy.
+    ``cold_reads``: every expert load reads the storage device, not the page cache
+    (:class:`~moeserve.memory.store.ExpertStore`).
 
     The model must be all-resident, dropless-gated (capacity gating computes every expert every
     step, so caching would reload them all) and its checkpoint folder must hold the experts it
@@ -92,7 +95,7 @@ def apply_expert_cache(
     devices = {layer.experts.device for layer in model.layers}
     if len(dtypes) != 1 or len(devices) != 1:
         raise ValueError(f"MoE layers mix dtypes {dtypes} or devices {devices}; one cache serves one of each")
-    store = ExpertStore(model.path)
+    store = ExpertStore(model.path, cold_reads=cold_reads)
     if store.layers != list(model.decoder_layer_ids):
         raise CheckpointError(
             f"{model.path}: checkpoint has routed experts in decoder layers {store.layers}, the model in "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -214,13 +215,24 @@ def _check_no_overlap(path: Path, tensors: dict[str, TensorEntry]) -> None:
             )
 
 
-def read_range_into(path: Path, offset: int, out: torch.Tensor) -> None:
+def drop_from_page_cache(path: Path, offset: int = 0, length: int = 0) -> None:
+    """Ask the kernel to drop ``path``'s cached pages (``length`` 0: to the end of the file), so
+    the next read comes from the storage device. Advisory; a no-op where unsupported."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    with path.open("rb") as f:
+        advise(f.fileno(), offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def read_range_into(path: Path, offset: int, out: torch.Tensor, drop_cache: bool = False) -> None:
     """Fill ``out``'s bytes with the ``out.nbytes`` bytes of ``path`` starting at absolute ``offset``.
 
     ``out`` must be a contiguous CPU tensor (pinned or not); its dtype and shape are the caller's
     business, the bytes are copied as stored (little-endian). Opens the file per call, so it is
     safe to call from several threads. Raises ``CheckpointError`` if the file ends early (it
-    changed after its header was validated).
+    changed after its header was validated). ``drop_cache`` drops the range from the page cache
+    after reading it, so reading it again goes to the device (cold reads).
     """
     assert out.device.type == "cpu" and out.is_contiguous(), "read_range_into needs a contiguous CPU tensor"
     nbytes = out.numel() * out.element_size()
@@ -238,6 +250,8 @@ def read_range_into(path: Path, offset: int, out: torch.Tensor) -> None:
                     "(was the file changed or truncated while in use?)"
                 )
             filled += count
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), offset, nbytes, os.POSIX_FADV_DONTNEED)
 
 
 def read_tensor(header: SafetensorsHeader, name: str) -> torch.Tensor:

@@ -42,6 +42,7 @@ from moeserve.memory.safetensors_file import (
     SafetensorsHeader,
     TensorEntry,
     checkpoint_weight_files,
+    drop_from_page_cache,
     read_header,
     read_range_into,
     torch_dtype,
@@ -154,13 +155,20 @@ class ExpertStore:
     dtypes, tensors under ``experts.`` it does not understand).
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, cold_reads: bool = False) -> None:
         self.folder = Path(folder)
         self.files: list[Path] = checkpoint_weight_files(self.folder)
         self.headers: tuple[SafetensorsHeader, ...] = tuple(read_header(path) for path in self.files)
         self._layers: dict[int, _Layer] = _index_experts(self.folder, self.headers)
         self._bytes_read = 0
         self._lock = threading.Lock()
+        self.cold_reads = cold_reads
+        """Every expert read comes from the storage device: the shards are dropped from the page
+        cache now and each range after it is read (for machines whose RAM would otherwise cache
+        a checkpoint that, where offloading matters, it could not hold)."""
+        if cold_reads:
+            for path in self.files:
+                drop_from_page_cache(path)
 
     def __repr__(self) -> str:
         return (
@@ -237,10 +245,10 @@ class ExpertStore:
         filled = 0
         for byte_range in location.gate_up:
             count = math.prod(byte_range.shape)
-            read_range_into(byte_range.path, byte_range.begin, flat[filled : filled + count])
+            read_range_into(byte_range.path, byte_range.begin, flat[filled : filled + count], self.cold_reads)
             filled += count
         assert filled == flat.numel(), "gate/up ranges must fill gate_up exactly"
-        read_range_into(location.down.path, location.down.begin, down)
+        read_range_into(location.down.path, location.down.begin, down, self.cold_reads)
         with self._lock:
             self._bytes_read += location.nbytes
 
