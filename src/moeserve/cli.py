@@ -576,7 +576,7 @@ def bench_offload(
     large: Annotated[Path | None, typer.Option("--large", help="Use (building it there first if missing) a random-weight Mixtral whose experts take 5.6 GB; overrides MODEL.")] = None,
     new_tokens: Annotated[int, typer.Option(help="Tokens per generation.")] = 64,
     temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled with a fixed seed (every run draws the same numbers).")] = 0.0,
-    cold_reads: Annotated[bool, typer.Option("--cold-reads", help="Every expert load reads the disk, not the page cache (the checkpoint's pages are dropped before and after each read): the setting where a model does not fit RAM.")] = False,
+    cold_reads: Annotated[bool, typer.Option("--cold-reads", help="Ask the kernel to drop the checkpoint's pages from the page cache before the run and after each expert read (posix_fadvise DONTNEED; advisory: pages still mapped stay cached), so loads go to the disk as where a model does not fit RAM.")] = False,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

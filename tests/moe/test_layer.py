@@ -189,7 +189,7 @@ def test_auto_backend_is_chosen_once_from_device_and_dtype():
 
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu, torch.float32) == "hybrid"
-    assert resolve_backend("auto", cpu, torch.float32, stacked=False) == "loop"  # an expert cache
+    assert resolve_backend("auto", cpu, torch.float32, stacked=False) == "hybrid"  # an expert cache: per-expert loops
     expected_bf16 = "loop" if cpu_has_native_low_precision_matmul() else "cpu"
     assert resolve_backend("auto", cpu, torch.bfloat16) == expected_bf16
     assert resolve_backend("grouped_mm", cpu, torch.float32) == "grouped_mm"
@@ -232,3 +232,31 @@ def test_hybrid_backend_follows_weights_changed_in_place():
         experts.down_proj.copy_(_experts(seed=3).down_proj)
     reference = MoELayer(experts, F.silu, MoEConfig(backend="loop"))(hidden, routing)
     torch.testing.assert_close(layer(hidden, routing), reference, rtol=1e-5, atol=1e-5)
+
+
+class _OneAtATime:
+    """The same experts as a provider that is not stacked (as an expert cache is)."""
+
+    def __init__(self, experts: ResidentExperts) -> None:
+        self.inner = experts
+        self.num_experts, self.dtype, self.device = experts.num_experts, experts.dtype, experts.device
+
+    def gate_up(self, expert: int) -> torch.Tensor:
+        return self.inner.gate_up(expert).clone()
+
+    def down(self, expert: int) -> torch.Tensor:
+        return self.inner.down(expert).clone()
+
+    def stacked(self):
+        return None
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 16, 300])
+def test_hybrid_is_bit_identical_with_and_without_stacked_experts(num_tokens):
+    """An exact expert cache must reproduce the resident layer bit for bit: ``hybrid`` runs
+    per-expert loops with the arithmetic of its grouped path when experts are not stacked."""
+    experts, hidden, routing = _experts(), _hidden(num_tokens), _routing(num_tokens)
+    resident = MoELayer(experts, F.silu, MoEConfig(backend="auto"))
+    cached = MoELayer(_OneAtATime(experts), F.silu, MoEConfig(backend="auto"))
+    assert resident.backend_name == cached.backend_name == "hybrid"
+    assert torch.equal(cached(hidden, routing), resident(hidden, routing))

@@ -103,9 +103,9 @@ def run_offload_bench(
 ) -> OffloadBenchResult:
     """Run the baseline and every (budget, policy) configuration; see the module docstring.
 
-    ``cold_reads``: expert loads read the storage device, not the page cache (the checkpoint's
-    pages are dropped before and after each read), as on a machine whose RAM cannot also cache
-    the checkpoint. ``temperature`` > 0 samples (seeded) instead of greedy decoding.
+    ``cold_reads``: ask that expert loads read the storage device, not the page cache (the
+    checkpoint's pages are dropped before and after each read; advisory), as on a machine whose
+    RAM cannot also cache the checkpoint. ``temperature`` > 0 samples (seeded) instead of greedy decoding.
     """
     for policy in policies:
         if EVICTION_POLICIES.get(policy).needs_stream or not EVICTION_POLICIES.get(policy).online:

@@ -22,6 +22,7 @@ compare the two on prefill and decode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,11 @@ SUPPORTED_LAYERS = {
 
 @dataclass
 class _Layer:
-    input_norm: nn.Module
-    post_norm: nn.Module
+    input_norm: Any  # the checkpoint's RMSNorm modules
+    post_norm: Any
     qkv_weight: torch.Tensor  # [(H + 2 Hk) * Dh, D]
     qkv_bias: torch.Tensor | None
-    o_proj: nn.Module
+    o_proj: Any  # nn.Linear
     mlp: nn.Module
     heads: int
     kv_heads: int
@@ -48,7 +49,7 @@ class _Layer:
     scaling: float
 
 
-def unsupported_reason(hf_model: nn.Module) -> str | None:
+def unsupported_reason(hf_model: Any) -> str | None:
     """Why :class:`LeanDecoder` cannot run this model (None when it can)."""
     decoder = hf_model.get_decoder()
     config = hf_model.config
@@ -80,7 +81,7 @@ def _fuse(parameters: list[torch.Tensor]) -> torch.Tensor:
     return fused
 
 
-def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
     if hidden.dtype == torch.float32:  # same maths as transformers' RMSNorm (fp32 throughout)
         return F.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
     return norm(hidden)
@@ -96,7 +97,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class LeanDecoder:
     """``forward(input_ids [B, S], positions [B, S], mask [B, 1, S, L], cache) -> hidden [B, S, D]``."""
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    def __init__(self, hf_model: Any) -> None:
         reason = unsupported_reason(hf_model)
         if reason is not None:
             raise ValueError(f"lean decoder does not support this model: {reason}")
@@ -158,6 +159,6 @@ class LeanDecoder:
         return _rms_norm(self.norm, hidden)
 
 
-def lean_decoder(hf_model: nn.Module) -> LeanDecoder | None:
+def lean_decoder(hf_model: Any) -> LeanDecoder | None:
     """A :class:`LeanDecoder` for ``hf_model``, or None when its family is not one it reproduces."""
     return LeanDecoder(hf_model) if unsupported_reason(hf_model) is None else None

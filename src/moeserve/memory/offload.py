@@ -72,8 +72,8 @@ def apply_expert_cache(
     :class:`~moeserve.memory.cache.ExpertCache`. Returns the cache (its ``stats()``, residency).
     ``prefetch`` (True, or a :class:`~moeserve.memory.prefetch.PrefetchConfig`) adds a
     :class:`~moeserve.memory.prefetch.NextLayerPrefetcher`; it needs an online policy.
-    ``cold_reads``: every expert load reads the storage device, not the page cache
-    (:class:`~moeserve.memory.store.ExpertStore`).
+    ``cold_reads``: ask that expert loads read the storage device, not the page cache
+    (:class:`~moeserve.memory.store.ExpertStore`; advisory).
 
     The model must be all-resident, dropless-gated (capacity gating computes every expert every
     step, so caching would reload them all) and its checkpoint folder must hold the experts it

@@ -163,9 +163,10 @@ class ExpertStore:
         self._bytes_read = 0
         self._lock = threading.Lock()
         self.cold_reads = cold_reads
-        """Every expert read comes from the storage device: the shards are dropped from the page
-        cache now and each range after it is read (for machines whose RAM would otherwise cache
-        a checkpoint that, where offloading matters, it could not hold)."""
+        """Ask that expert reads come from the storage device: the shards' pages are dropped from
+        the page cache now and each range after it is read (``posix_fadvise`` DONTNEED, advisory:
+        the kernel keeps pages something still maps). For machines whose RAM would otherwise
+        cache a checkpoint that, where offloading matters, it could not hold."""
         if cold_reads:
             for path in self.files:
                 drop_from_page_cache(path)

@@ -160,29 +160,62 @@ class HybridExperts:
         self._source: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
         self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _transposed_copy(self, weights: ExpertProvider) -> tuple[torch.Tensor, torch.Tensor] | None:
-        gate_up, down = _stacked_or_raise(weights, "hybrid")  # [E, 2I, D], [E, D, I]
+    def _transposed_copy(self, stacked: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_up, down = stacked  # [E, 2I, D], [E, D, I]
         # Tensors and their in-place version counters: a weight reloaded in place refreshes the copy.
         source = (gate_up, down, _version(gate_up), _version(down))
         known = self._source
-        if known is None or known[0] is not gate_up or known[1] is not down or known[2:] != source[2:]:
+        if self._transposed is None or known is None or known[0] is not gate_up or known[1] is not down \
+                or known[2:] != source[2:]:
             self._source = source
-            small = (gate_up.numel() + down.numel()) * gate_up.element_size() <= HYBRID_MAX_LAYER_BYTES
-            self._transposed = (
-                (gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()) if small else None
-            )  # [E, D, 2I], [E, I, D]
-        return self._transposed
+            self._transposed = (gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous())
+        return self._transposed  # [E, D, 2I], [E, I, D]
 
     def __call__(self, groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
-        transposed = self._transposed_copy(weights)
-        if transposed is None or groups.capacity is not None or groups.rows.shape[0] <= HYBRID_LOOP_MAX_ROWS:
-            return experts_loop(groups, weights, act) if groups.capacity is None else experts_grouped_mm(groups, weights, act)
-        if groups.rows.shape[0] == 0:
-            return torch.empty_like(groups.rows)
-        gate_up_t, down_t = transposed
+        stacked = weights.stacked()
+        if groups.capacity is not None:
+            return experts_grouped_mm(groups, weights, act) if stacked is not None else experts_loop(groups, weights, act)
+        rows = groups.rows.shape[0]
+        if rows <= HYBRID_LOOP_MAX_ROWS or not _small_layer(groups, weights):
+            return experts_loop(groups, weights, act)
+        if stacked is None:
+            # An expert cache (weights one expert at a time): the same arithmetic as the grouped
+            # path below, so an exact cache gives bit-identical outputs to the resident layer.
+            return experts_loop_transposed(groups, weights, act)
+        gate_up_t, down_t = self._transposed_copy(stacked)
         offsets = torch.cumsum(groups.expert_counts, dim=0).to(torch.int32)  # [E] end row of each group
         gate, up = torch._grouped_mm(groups.rows, gate_up_t, offs=offsets).chunk(2, dim=-1)  # [N, I] each
         return torch._grouped_mm(act(gate) * up, down_t, offs=offsets)  # [N, D]
+
+
+def _small_layer(groups: ExpertGroups, weights: ExpertProvider) -> bool:
+    """Whether all the layer's experts together fit ``HYBRID_MAX_LAYER_BYTES`` (from the row width
+    and, for the intermediate size, the stacked weights or the step's first routed expert)."""
+    stacked = weights.stacked()
+    if stacked is not None:
+        gate_up, down = stacked
+        return (gate_up.numel() + down.numel()) * gate_up.element_size() <= HYBRID_MAX_LAYER_BYTES
+    counts = groups.expert_counts.tolist()
+    first = next((expert for expert, count in enumerate(counts) if count), None)
+    if first is None:
+        return False
+    gate_up = weights.gate_up(first)  # [2I, D]; this step uses it anyway
+    return weights.num_experts * 3 * (gate_up.numel() // 2) * gate_up.element_size() <= HYBRID_MAX_LAYER_BYTES
+
+
+def experts_loop_transposed(groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
+    """The per-expert loop computing ``x @ W^T`` with ``W^T`` made contiguous first: the arithmetic
+    ``hybrid`` runs through ``_grouped_mm`` on its transposed copy (bit-identical to it), for
+    experts that are not stacked (an expert cache)."""
+    out = torch.empty_like(groups.rows)  # [N, D]
+    start = 0
+    for expert, count in enumerate(groups.expert_counts.tolist()):
+        if count:
+            end = start + count
+            gate, up = torch.mm(groups.rows[start:end], weights.gate_up(expert).t().contiguous()).chunk(2, dim=-1)
+            out[start:end] = torch.mm(act(gate) * up, weights.down(expert).t().contiguous())
+            start = end
+    return out
 
 
 BACKENDS.register("loop")(_stateless(experts_loop))
@@ -200,20 +233,21 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, stacked
     """Turn ``auto`` into a concrete backend name once, at construction.
 
     ``stacked`` says whether the provider holds every expert in one tensor (an expert cache
-    does not: then only per-expert backends apply). On CUDA: ``grouped_mm``. On CPU, fp32 with
-    every expert resident: ``hybrid`` (grouped_mm, the loop for a single token's rows); an expert
-    cache: ``loop``; low-precision weights take the ``cpu`` path unless the CPU has bf16
-    instructions.
+    does not: then only per-expert backends apply). On CUDA: ``grouped_mm`` (``loop`` with an
+    expert cache). On CPU, fp32: ``hybrid`` (grouped_mm over a transposed copy of small experts,
+    the loop for a single token's rows; with an expert cache, per-expert loops with the same
+    arithmetic, so exact caching stays bit-identical); low-precision weights take the ``cpu`` path
+    unless the CPU has bf16 instructions.
     """
     if name != "auto":
         BACKENDS.get(name)  # raises with the known names
         if name == "grouped_mm" and not stacked:
             raise ValueError("backend 'grouped_mm' needs every expert resident; use 'loop' or 'auto' with an expert cache")
         return name
-    if device.type == "cuda" and stacked:
-        return "grouped_mm" if grouped_mm_available() else "loop"
+    if device.type == "cuda":
+        return "grouped_mm" if stacked and grouped_mm_available() else "loop"
     if dtype in LOW_PRECISION:
         return "loop" if cpu_has_native_low_precision_matmul() else "cpu"
-    if stacked and grouped_mm_available():
-        return "hybrid"
+    if grouped_mm_available():
+        return "hybrid"  # with an expert cache it runs per-expert loops matching the resident arithmetic
     return "loop"
