@@ -239,6 +239,7 @@ def serve(
     max_waiting: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 429 with Retry-After.")] = 256,
     max_prefill_tokens: Annotated[int, typer.Option(help="Padded prompt tokens per prefill step.")] = 4096,
     min_prefill_fill: Annotated[float, typer.Option(help="A prefill batch admits no request that would leave less than this share of its padded tokens real (0-1).")] = 0.75,
+    warm_up: Annotated[bool, typer.Option("--warm-up/--no-warm-up", help="Run the largest steps once on dummy tokens before serving (memory at its high-water mark from the start; on a large model on CPU this takes as long as a prompt of --max-model-len tokens).")] = True,
     max_model_len: Annotated[int | None, typer.Option(help="Prompt + completion tokens per request; every KV slot preallocates this many positions (default: the model's context, at most 4096).")] = None,
     default_max_tokens: Annotated[int, typer.Option(help="max_tokens for chat requests that set none (capped by the context).")] = 256,
     gating: Annotated[str, typer.Option(help="dropless or capacity.")] = "dropless",
@@ -277,7 +278,7 @@ def serve(
         if expert_parallel is not None:
             service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
         server = build_server(moe_model, engine_config, served_model_name, cache=cache, committee=gate,
-                              default_max_tokens_chat=default_max_tokens, expert_parallel=service, warm_up=True)
+                              default_max_tokens_chat=default_max_tokens, expert_parallel=service, warm_up=warm_up)
     except (MoeserveError, ValueError, KeyError) as error:
         if service is not None:
             service.stop()
