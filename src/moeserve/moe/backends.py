@@ -139,8 +139,10 @@ def _version(tensor: torch.Tensor) -> int:
 
 
 class HybridExperts:
-    """fp32 on CPU with every expert resident: ``torch._grouped_mm`` over a transposed copy of
-    small experts, the per-expert loop for a handful of rows and for large experts.
+    """fp32 on CPU: ``torch._grouped_mm`` over a transposed copy of small experts, the
+    per-expert loop for a handful of rows and for large experts; with an expert cache (experts
+    not stacked), per-expert loops with the grouped path's arithmetic
+    (:func:`experts_loop_transposed`), so exact caching stays bit-identical to the resident layer.
 
     On CPU ``torch._grouped_mm`` loops over the groups in C++, so it saves the Python and
     dispatch cost of the per-expert loop (about ten small ops per active expert), which is most
@@ -153,7 +155,9 @@ class HybridExperts:
     (``moeserve bench moe-layer`` times every backend on the reference layer): D=128 I=160 E=16
     k=2: 1 token 0.13 / 0.19, 4 tokens 0.42 / 0.31, 16 tokens 1.17 / 0.57, 256 tokens 2.96 /
     1.80; D=1024 I=1408 E=64 k=6: within 8% at 1-256 tokens; D=4096 I=3584 E=8 k=2: within 15%
-    either way. A single token's rows are the one case where the loop is faster.
+    either way. A single token's rows are the one case where the loop is faster. (With one
+    layer's weights kept in cache, as in ``bench moe-layer``, the transposed view is faster at
+    16 tokens; inside a model the weights are not in cache and the copy wins.)
     """
 
     def __init__(self) -> None:
