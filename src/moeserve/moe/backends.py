@@ -34,8 +34,18 @@ def _gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: 
     return F.linear(act(gate) * up, down)  # [n, D]
 
 
-def experts_loop(groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
-    """Reference: a Python loop over experts that received rows, one pair of matmuls each."""
+def _gated_mlp_transposed(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Activation) -> torch.Tensor:
+    """:func:`_gated_mlp` with each weight transposed to contiguous first: the arithmetic
+    ``hybrid`` runs through ``_grouped_mm`` on its transposed copy (bit-identical to it)."""
+    gate, up = torch.mm(x, gate_up.t().contiguous()).chunk(2, dim=-1)  # [n, I] each
+    return torch.mm(act(gate) * up, down.t().contiguous())  # [n, D]
+
+
+def experts_loop(
+    groups: ExpertGroups, weights: ExpertProvider, act: Activation, mlp: Callable[..., torch.Tensor] = _gated_mlp
+) -> torch.Tensor:
+    """Reference: a Python loop over experts that received rows, one pair of matmuls each
+    (``mlp``: :func:`_gated_mlp`, or :func:`_gated_mlp_transposed` for ``hybrid`` with a cache)."""
     out = torch.empty_like(groups.rows)  # [N, D]
     # One host sync per layer: the loop needs the group sizes to slice rows.
     counts = groups.expert_counts.tolist()
@@ -43,7 +53,7 @@ def experts_loop(groups: ExpertGroups, weights: ExpertProvider, act: Activation)
     for expert, count in enumerate(counts):
         if count:
             end = start + count
-            out[start:end] = _gated_mlp(groups.rows[start:end], weights.gate_up(expert), weights.down(expert), act)
+            out[start:end] = mlp(groups.rows[start:end], weights.gate_up(expert), weights.down(expert), act)
             start = end
     return out
 
@@ -142,7 +152,7 @@ class HybridExperts:
     """fp32 on CPU: ``torch._grouped_mm`` over a transposed copy of small experts, the
     per-expert loop for a handful of rows and for large experts; with an expert cache (experts
     not stacked), per-expert loops with the grouped path's arithmetic
-    (:func:`experts_loop_transposed`), so exact caching stays bit-identical to the resident layer.
+    (:func:`_gated_mlp_transposed`), so exact caching stays bit-identical to the resident layer.
 
     On CPU ``torch._grouped_mm`` loops over the groups in C++, so it saves the Python and
     dispatch cost of the per-expert loop (about ten small ops per active expert), which is most
@@ -154,8 +164,8 @@ class HybridExperts:
     and softmax top-k routing, ms per layer, loop / grouped_mm over the transposed view
     (``moeserve bench moe-layer`` times every backend on the reference layer): D=128 I=160 E=16
     k=2: 1 token 0.13 / 0.19, 4 tokens 0.42 / 0.31, 16 tokens 1.17 / 0.57, 256 tokens 2.96 /
-    1.80; D=1024 I=1408 E=64 k=6: within 8% at 1-256 tokens; D=4096 I=3584 E=8 k=2: within 15%
-    either way. A single token's rows are the one case where the loop is faster. (With one
+    1.80; D=1024 I=1408 E=64 k=6: within 10% either way at 1-256 tokens; D=4096 I=3584 E=8 k=2:
+    within 17% either way. A single token's rows are the one case where the loop is faster. (With one
     layer's weights kept in cache, as in ``bench moe-layer``, the transposed view is faster at
     16 tokens; inside a model the weights are not in cache and the copy wins.)
     """
@@ -185,7 +195,7 @@ class HybridExperts:
         if stacked is None:
             # An expert cache (weights one expert at a time): the same arithmetic as the grouped
             # path below, so an exact cache gives bit-identical outputs to the resident layer.
-            return experts_loop_transposed(groups, weights, act)
+            return experts_loop(groups, weights, act, _gated_mlp_transposed)
         gate_up_t, down_t = self._transposed_copy(stacked)
         offsets = torch.cumsum(groups.expert_counts, dim=0).to(torch.int32)  # [E] end row of each group
         gate, up = torch._grouped_mm(groups.rows, gate_up_t, offs=offsets).chunk(2, dim=-1)  # [N, I] each
@@ -205,21 +215,6 @@ def _small_layer(groups: ExpertGroups, weights: ExpertProvider) -> bool:
         return False
     gate_up = weights.gate_up(first)  # [2I, D]; this step uses it anyway
     return weights.num_experts * 3 * (gate_up.numel() // 2) * gate_up.element_size() <= HYBRID_MAX_LAYER_BYTES
-
-
-def experts_loop_transposed(groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
-    """The per-expert loop computing ``x @ W^T`` with ``W^T`` made contiguous first: the arithmetic
-    ``hybrid`` runs through ``_grouped_mm`` on its transposed copy (bit-identical to it), for
-    experts that are not stacked (an expert cache)."""
-    out = torch.empty_like(groups.rows)  # [N, D]
-    start = 0
-    for expert, count in enumerate(groups.expert_counts.tolist()):
-        if count:
-            end = start + count
-            gate, up = torch.mm(groups.rows[start:end], weights.gate_up(expert).t().contiguous()).chunk(2, dim=-1)
-            out[start:end] = torch.mm(act(gate) * up, weights.down(expert).t().contiguous())
-            start = end
-    return out
 
 
 BACKENDS.register("loop")(_stateless(experts_loop))
