@@ -577,7 +577,8 @@ def bench_offload(
     large: Annotated[Path | None, typer.Option("--large", help="Use (building it there first if missing) a random-weight Mixtral whose experts take 5.6 GB; overrides MODEL.")] = None,
     new_tokens: Annotated[int, typer.Option(help="Tokens per generation.")] = 64,
     temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled with a fixed seed (every run draws the same numbers).")] = 0.0,
-    cold_reads: Annotated[bool, typer.Option("--cold-reads", help="Ask the kernel to drop the checkpoint's pages from the page cache before the run and after each expert read (posix_fadvise DONTNEED), so loads go to the disk as where a model does not fit RAM. Advisory: pages still mapped stay cached, and a model loaded by transformers keeps its checkpoint mapped, so today this has no effect on the experts of such a checkpoint.")] = False,
+    cold_reads: Annotated[bool, typer.Option("--cold-reads", help="Ask the kernel to drop the checkpoint's pages from the page cache before the run and after each expert read (posix_fadvise DONTNEED), so loads go to the disk as where a model does not fit RAM. Advisory (a file system or another process may keep them).")] = False,
+    warmup_tokens: Annotated[int, typer.Option(help="Before each row's timed generation, generate this many tokens from another prompt and count only what follows (a warm cache, as in a server that has served requests); 0: cold start.")] = 0,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -602,6 +603,7 @@ def bench_offload(
             calibration_tokens=calibration_tokens,
             cold_reads=cold_reads,
             temperature=temperature,
+            warmup_tokens=warmup_tokens,
         )
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)

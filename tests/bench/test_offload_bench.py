@@ -28,3 +28,28 @@ def test_offload_bench_committee_row_stays_within_budget():
     assert committee.served_exactly is not None and 0 < committee.served_exactly <= 1
     assert 0 <= committee.token_agreement <= 1
     assert all(row.token_agreement == 1.0 for row in result.rows if row.policy != "committee")
+
+
+def test_warm_up_generation_is_left_out_of_the_row_counters(reference_model):
+    from moeserve.bench.offload import DEFAULT_PROMPT, _measured_generation
+    from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
+
+    counted = {}
+    for warmup_tokens in (0, 6):
+        cache = apply_expert_cache(reference_model, "50%", "lru")
+        try:
+            ids, tokens_per_s, rss = _measured_generation(reference_model, cache, DEFAULT_PROMPT, 5, 0.0, warmup_tokens)
+            counted[warmup_tokens] = (ids, cache.stats())
+        finally:
+            remove_expert_cache(reference_model, cache)
+        assert tokens_per_s > 0 and rss >= 0
+    (cold_ids, cold), (warm_ids, warm) = counted[0], counted[6]
+    assert warm_ids == cold_ids  # exact policy: the warm-up changes nothing in the output
+    assert warm.steps == cold.steps  # the same layer calls are counted: the timed generation's only
+    assert warm.hits + warm.misses == cold.hits + cold.misses
+
+
+def test_offload_bench_records_its_warm_up():
+    result = run_offload_bench(None, ["50%"], ["lru"], new_tokens=4, warmup_tokens=4)
+    assert result.to_dict()["warmup_tokens"] == 4
+    assert all(row.identical_to_resident for row in result.rows)

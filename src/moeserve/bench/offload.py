@@ -4,8 +4,13 @@ For each budget, the same greedy generation runs with every experts fully reside
 baseline) and through the expert cache under each policy, in one process: tokens/s, resident
 bytes, process RSS, hit rate next to Belady's (replayed from the step log of the LRU run, so
 both see the same expert requests), stalled expert uses, and whether the generated tokens are
-identical to the baseline's (exact policies must be). This covers the reference model and any
-checkpoint given; the issue's larger random-weight model and committee mode are not here yet.
+identical to the baseline's (exact policies must be). ``--committee`` adds a parameter
+committee row per budget; ``--large`` builds and uses a random-weight Mixtral of 5.6 GB.
+
+``warmup_tokens`` > 0 first generates that many tokens from a different prompt in every row
+(the baseline too) and counts only the generation after it, as a server whose cache already
+holds what earlier requests left: steady state instead of a cold start. The RSS column is read
+while each row's cache is in place, right after its timed generation.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
 from moeserve.memory.policies import EVICTION_POLICIES
 from moeserve.models.loader import load_model
 
+WARMUP_PROMPT = "class Counter:\n    def __init__(self):\n        self.counts = {}\n\n    def add(self, key):\n"
 DEFAULT_PROMPT = 'import os\nimport sys\n\n\ndef main(argv):\n    """Print every argument."""\n    for name in argv:\n'
 
 
@@ -68,6 +74,7 @@ class OffloadBenchResult:
     rows: list[OffloadRow] = field(default_factory=list)
     cold_reads: bool = False
     temperature: float = 0.0
+    warmup_tokens: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -78,6 +85,7 @@ class OffloadBenchResult:
             "expert_bytes": self.expert_bytes,
             "cold_reads": self.cold_reads,
             "temperature": self.temperature,
+            "warmup_tokens": self.warmup_tokens,
             "results": [asdict(row) for row in self.rows],
         }
 
@@ -87,6 +95,26 @@ def _timed_generation(model, prompt: str, new_tokens: int, temperature: float = 
     sampling = SamplingConfig(max_new_tokens=new_tokens, stop_at_eos=False, temperature=temperature, seed=0)
     result = generate(model, prompt, sampling)
     return result.token_ids, result.tokens_per_s
+
+
+def _measured_generation(model, cache, prompt: str, new_tokens: int, temperature: float,
+                         warmup_tokens: int, also_reset=()) -> tuple[list[int], float, int]:
+    """(tokens, tokens/s, RSS bytes) of one row's timed generation, after its warm-up if any.
+
+    With a warm-up the cache's counters restart after it (``reset_stats``; residency stays), so
+    the row's hit rate, loads and stalls are the timed generation's alone; ``also_reset``: more
+    counters to restart there (the committee's telemetry).
+    """
+    if warmup_tokens > 0:
+        _timed_generation(model, WARMUP_PROMPT, warmup_tokens, temperature)
+        if cache is not None:
+            cache.reset_stats()
+        for reset in also_reset:
+            reset()
+    ids, tokens_per_s = _timed_generation(model, prompt, new_tokens, temperature)
+    if cache is not None:
+        cache.wait_for_prefetch()
+    return ids, tokens_per_s, current_rss_bytes()
 
 
 def run_offload_bench(
@@ -100,19 +128,24 @@ def run_offload_bench(
     calibration_tokens: int = 8192,
     cold_reads: bool = False,
     temperature: float = 0.0,
+    warmup_tokens: int = 0,
 ) -> OffloadBenchResult:
     """Run the baseline and every (budget, policy) configuration; see the module docstring.
 
     ``cold_reads``: ask that expert loads read the storage device, not the page cache (the
     checkpoint's pages are dropped before and after each read; advisory), as on a machine whose
     RAM cannot also cache the checkpoint. ``temperature`` > 0 samples (seeded) instead of greedy decoding.
+    ``warmup_tokens``: see the module docstring.
     """
+    if warmup_tokens < 0:
+        raise ValueError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
     for policy in policies:
         if EVICTION_POLICIES.get(policy).needs_stream or not EVICTION_POLICIES.get(policy).online:
             raise ValueError(f"policy {policy!r} cannot run live (it needs the whole stream or the future)")
     model = load_model(model_path)
     warm_up(model)
-    baseline_ids, baseline_tps = _timed_generation(model, prompt, new_tokens, temperature)
+    baseline_ids, baseline_tps, baseline_rss = _measured_generation(model, None, prompt, new_tokens, temperature,
+                                                                    warmup_tokens)
     first = model.layers[0].experts
     expert_bytes = sum(
         (layer.experts.gate_up(0).numel() + layer.experts.down(0).numel()) * first.gate_up(0).element_size()
@@ -120,42 +153,43 @@ def run_offload_bench(
         for layer in model.layers
     )
     result = OffloadBenchResult(str(model.path), new_tokens, torch.get_num_threads(), expert_bytes,
-                                cold_reads=cold_reads, temperature=temperature)
+                                cold_reads=cold_reads, temperature=temperature, warmup_tokens=warmup_tokens)
     result.rows.append(
-        OffloadRow("100%", "resident", False, baseline_tps, expert_bytes, expert_bytes, current_rss_bytes(),
+        OffloadRow("100%", "resident", False, baseline_tps, expert_bytes, expert_bytes, baseline_rss,
                    None, None, 0, 0, True, 1.0)
     )
     calibration = _calibration_tokens(model, calibration_tokens) if committee else None
     for budget in budgets:
-        # The LRU run records its step log, so Belady replays exactly the same expert requests.
+        # The LRU run records its step log (warm-up included), so Belady replays exactly the same
+        # expert requests; its counters, like every row's, cover the timed generation only.
         cache = apply_expert_cache(model, budget, "lru", record_steps=True, cold_reads=cold_reads)
         try:
-            _timed_generation(model, prompt, new_tokens, temperature)
+            _measured_generation(model, cache, prompt, new_tokens, temperature, warmup_tokens)
             step_log = list(cache.step_log or [])
         finally:
             remove_expert_cache(model, cache)
         cache = apply_expert_cache(model, budget, "belady", future=step_log, cold_reads=cold_reads)
         try:
-            _timed_generation(model, prompt, new_tokens, temperature)
+            _measured_generation(model, cache, prompt, new_tokens, temperature, warmup_tokens)
             belady_hit_rate = _rate(cache.stats().hit_rate)
         finally:
             remove_expert_cache(model, cache)
         for policy in policies:
             cache = apply_expert_cache(model, budget, policy, prefetch=prefetch, cold_reads=cold_reads)
             try:
-                ids, tokens_per_s = _timed_generation(model, prompt, new_tokens, temperature)
-                cache.wait_for_prefetch()
+                ids, tokens_per_s, rss = _measured_generation(model, cache, prompt, new_tokens, temperature,
+                                                              warmup_tokens)
                 stats = cache.stats()
             finally:
                 remove_expert_cache(model, cache)
             result.rows.append(
                 OffloadRow(budget, policy, prefetch, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
-                           current_rss_bytes(), _rate(stats.hit_rate), belady_hit_rate, stats.stalled_uses,
+                           rss, _rate(stats.hit_rate), belady_hit_rate, stats.stalled_uses,
                            stats.loads, ids == baseline_ids, _agreement(ids, baseline_ids))
             )
         if calibration is not None:
             result.rows.append(_committee_row(model, budget, expert_bytes, calibration, prompt, new_tokens, baseline_ids,
-                                              cold_reads, temperature))
+                                              cold_reads, temperature, warmup_tokens))
     return result
 
 
@@ -175,7 +209,7 @@ def _calibration_tokens(model, count: int) -> torch.Tensor:
 
 def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Tensor, prompt: str,
                    new_tokens: int, baseline_ids: list[int], cold_reads: bool = False,
-                   temperature: float = 0.0) -> OffloadRow:
+                   temperature: float = 0.0, warmup_tokens: int = 0) -> OffloadRow:
     """The committee under the same budget: members sized to it, served through the LRU cache."""
     from moeserve.memory.cache import parse_expert_memory
     from moeserve.memory.committee import apply_committee, plan_committee, remove_committee
@@ -186,7 +220,8 @@ def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Ten
     try:
         cache = apply_expert_cache(model, budget, "lru", cold_reads=cold_reads)
         try:
-            ids, tokens_per_s = _timed_generation(model, prompt, new_tokens, temperature)
+            ids, tokens_per_s, rss = _measured_generation(model, cache, prompt, new_tokens, temperature, warmup_tokens,
+                                                          also_reset=(gate.reset_telemetry,))
             stats = cache.stats()
         finally:
             remove_expert_cache(model, cache)
@@ -194,7 +229,7 @@ def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Ten
     finally:
         remove_committee(model, gate)
     return OffloadRow(budget, "committee", False, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
-                      current_rss_bytes(), _rate(stats.hit_rate), None, stats.stalled_uses, stats.loads,
+                      rss, _rate(stats.hit_rate), None, stats.stalled_uses, stats.loads,
                       ids == baseline_ids, _agreement(ids, baseline_ids), served)
 
 

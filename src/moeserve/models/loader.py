@@ -160,6 +160,46 @@ def install_moe_layers(model: Any, family: Family, moe_config: MoEConfig) -> tup
     return layers, decoder_ids
 
 
+def own_checkpoint_weights(model: torch.nn.Module, layers: list[MoELayer]) -> int:
+    """Copy every parameter and buffer of ``model`` except the routed experts into memory it owns.
+
+    transformers loads a safetensors file through one private memory mapping of the whole file,
+    and tensors it does not convert (attention, norms, embeddings, routers) stay views into that
+    mapping, which keeps the whole file mapped for the life of the model: every page read while
+    loading (the experts' too, which the family converters copy into stacked tensors) then counts
+    in the process's resident memory, and the kernel cannot drop the file's pages from its cache,
+    so an expert cache's loads never reach the storage device. After this copy nothing refers to
+    the mapping and it is released. Parameters keep their identity (tied weights stay tied); the
+    routed experts (``layers``' resident tensors) are left as they are: they are either copies
+    already or, if the checkpoint stores them in the model's layout, released by an expert cache.
+    Returns the number of bytes copied.
+    """
+    skip = {
+        tensor.untyped_storage().data_ptr()
+        for layer in layers
+        for tensor in (getattr(layer.experts, "gate_up_proj", None), getattr(layer.experts, "down_proj", None))
+        if isinstance(tensor, torch.Tensor)
+    }
+    copied = 0
+    done: set[int] = set()  # parameters copied in place (a tied parameter is one object)
+    buffer_copies: dict[int, torch.Tensor] = {}  # a buffer shared by modules gets one copy
+    for module in model.modules():
+        for parameter in module._parameters.values():
+            if parameter is None or id(parameter) in done or parameter.untyped_storage().data_ptr() in skip:
+                continue
+            done.add(id(parameter))
+            parameter.data = parameter.data.clone()
+            copied += parameter.numel() * parameter.element_size()
+        for name, buffer in list(module._buffers.items()):
+            if buffer is None or buffer.untyped_storage().data_ptr() in skip:
+                continue
+            if id(buffer) not in buffer_copies:
+                buffer_copies[id(buffer)] = buffer.clone()
+                copied += buffer.numel() * buffer.element_size()
+            module._buffers[name] = buffer_copies[id(buffer)]
+    return copied
+
+
 def load_model(
     path: str | Path | None = None,
     *,
@@ -178,6 +218,7 @@ def load_model(
     moe_config = moe or MoEConfig()
     hf_model = _load_transformers_model(folder, dtype, files)
     layers, decoder_ids = install_moe_layers(hf_model, family, moe_config)
+    own_checkpoint_weights(hf_model, layers)
     tokenizer = _load_tokenizer(folder) if load_tokenizer else None
     return MoEModel(
         path=folder,
