@@ -74,6 +74,24 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+def merge_pending_outputs(output: RequestOutput, queue: asyncio.Queue) -> tuple[RequestOutput, RequestOutput | None]:
+    """``output`` merged with the outputs already waiting in ``queue``: (one event's output, carry).
+
+    Deltas a stream has not sent yet go out as one event, so a lagging client or event loop
+    catches up instead of falling further behind: texts and token ids are concatenated in order
+    and the last merged output's other fields (finished, finish reason, counts) are kept. Merging
+    stops at a finished output, or before an error or abort, which is returned as ``carry`` to
+    be sent after the text before it. Only takes what is already queued; never waits.
+    """
+    while not output.finished and not queue.empty():
+        following: RequestOutput = queue.get_nowait()
+        if following.finish_reason in ("error", "abort"):
+            return output, following
+        output = replace(following, text=output.text + following.text,
+                         token_ids=output.token_ids + following.token_ids)
+    return output, None
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -261,16 +279,7 @@ def create_app(
                 carry: RequestOutput | None = None
                 while True:
                     output: RequestOutput = carry if carry is not None else await queue.get()
-                    carry = None
-                    # Deltas this client has not been sent yet go out as one event (a lagging
-                    # client or event loop catches up instead of falling further behind).
-                    while not output.finished and not queue.empty():
-                        following: RequestOutput = queue.get_nowait()
-                        if following.finish_reason in ("error", "abort"):
-                            carry = following  # sent after the text before it
-                            break
-                        output = replace(following, text=output.text + following.text,
-                                         token_ids=output.token_ids + following.token_ids)
+                    output, carry = merge_pending_outputs(output, queue)
                     finished = output.finished
                     if output.finish_reason in ("error", "abort"):
                         error = APIError(500 if output.finish_reason == "error" else 503,
