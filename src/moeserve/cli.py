@@ -79,7 +79,8 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
 
     if expert_memory is None and (prefetch or cache_policy != "lru"):
         raise MoeserveError("--prefetch and --cache-policy need --expert-memory")
-    moe_model = load_model(model, moe=moe_config)
+    # With a budget the experts are read only by the cache: a model whose experts exceed memory loads.
+    moe_model = load_model(model, moe=moe_config, load_experts=expert_memory is None)
     if check is not None:
         check(moe_model)
     gate = None

@@ -48,3 +48,28 @@ def test_own_checkpoint_weights_keeps_ties_and_shared_buffers():
     assert torch.equal(first.weight, before)
     assert first.table is second.table and first.table.data_ptr() != shared.data_ptr()
     assert torch.equal(first.table, shared)
+
+
+@pytest.mark.parametrize("family", SUPPORTED_TINY_FAMILIES)
+def test_loading_without_experts_reads_the_same_model(tiny_checkpoints, family):
+    from moeserve.memory.offload import apply_expert_cache
+    from moeserve.moe.types import UnloadedExperts
+
+    folder = tiny_checkpoints[family]
+    full = load_model(folder, load_tokenizer=False)
+    lazy = load_model(folder, load_tokenizer=False, load_experts=False)
+    assert all(isinstance(layer.experts, UnloadedExperts) for layer in lazy.layers)
+    full_state, lazy_state = full.hf_model.state_dict(), lazy.hf_model.state_dict()
+    assert full_state.keys() == lazy_state.keys()
+    for name, tensor in full_state.items():
+        if ".mlp.experts." in name and any(name.startswith(f"model.layers.{i}.") for i in lazy.decoder_layer_ids):
+            assert lazy_state[name].numel() == 0, name  # the routed experts were not read
+        else:
+            assert torch.equal(lazy_state[name], tensor), name
+    prompt = torch.randint(0, full.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(RuntimeError, match="loaded without its experts"), torch.inference_mode():
+        lazy.hf_model(input_ids=prompt)
+    for model in (full, lazy):  # both serve their experts from a cache of the checkpoint
+        apply_expert_cache(model, "100%", "lru")
+    with torch.inference_mode():
+        assert torch.equal(lazy.hf_model(input_ids=prompt).logits, full.hf_model(input_ids=prompt).logits)

@@ -72,3 +72,22 @@ def test_config_not_json(mixtral_copy):
     (mixtral_copy / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
         load_model(mixtral_copy)
+
+
+def test_loading_without_experts_checks_the_experts_shapes(mixtral_copy):
+    config = json.loads((mixtral_copy / "config.json").read_text())
+    config["intermediate_size"] = 64  # the file has 48
+    (mixtral_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"do not match config.json: decoder layer 0 has experts \(E, D, I\) = \(8, 32, 48\) in the files, config expects \(8, 32, 64\)"):
+        load_model(mixtral_copy, load_experts=False)
+
+
+def test_loading_without_experts_names_a_missing_weight(mixtral_copy):
+    from safetensors.torch import load_file, save_file
+
+    weights = mixtral_copy / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.norm.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"weights missing from model.safetensors that config.json needs: model.norm.weight"):
+        load_model(mixtral_copy, load_experts=False)

@@ -18,11 +18,11 @@ import torch
 
 from moeserve.config import MoEConfig
 from moeserve.errors import CheckpointError
-from moeserve.memory.safetensors_file import checkpoint_weight_files, read_header
+from moeserve.memory.safetensors_file import checkpoint_weight_files, read_header, read_tensor
 from moeserve.models.block import MoEBlock
 from moeserve.models.families import FAMILIES, Family
 from moeserve.moe.layer import MoELayer
-from moeserve.moe.types import ResidentExperts
+from moeserve.moe.types import ResidentExperts, UnloadedExperts
 
 REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-moe"
 
@@ -133,6 +133,105 @@ def _load_transformers_model(folder: Path, dtype: torch.dtype, files: list[Path]
     return model
 
 
+def _load_transformers_model_without_experts(folder: Path, dtype: torch.dtype, files: list[Path], family: Family) -> Any:
+    """The transformers model of ``folder`` with every weight read except the routed experts'.
+
+    The model is built without initialising its weights (transformers' ``no_init_weights``: the
+    expert tensors are allocated, never written, so they take no memory) and the routed experts'
+    parameters are emptied at once; every other checkpoint tensor is renamed to the model's
+    names by transformers' own conversion rules for the family and read into its parameter (only
+    its bytes, no mapping of the file). Peak memory is the non-expert weights, however large the
+    experts. Raises :class:`CheckpointError` for a tensor whose shape differs from the model's,
+    a non-expert tensor transformers would have to convert (merge or split), or a weight the
+    model needs that no file holds.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.initialization import no_init_weights
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with no_init_weights():
+            model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{folder}: transformers could not build the model: {error}") from None
+    model.eval()
+    expert_prefixes = []
+    for decoder_id, decoder_layer in enumerate(model.model.layers):
+        block = decoder_layer.mlp
+        if type(block).__name__ != family.block_class:
+            continue
+        expert_prefixes.append(f"model.layers.{decoder_id}.mlp.experts.")
+        for name, parameter in list(block.experts.named_parameters(recurse=False)):
+            block.experts._unloaded_shapes = {**getattr(block.experts, "_unloaded_shapes", {}), name: parameter.shape}
+            parameter.data = parameter.data.new_empty((0, *parameter.shape[1:]))
+    prefixes = tuple(expert_prefixes)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected = model.state_dict()
+    loaded: set[int] = set()  # data pointers of the tensors read (tied weights share one)
+    for path in files:
+        header = read_header(path)
+        for key in header.tensors:
+            renamed, converted_by = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+            if renamed not in expected and key in expected:
+                renamed, converted_by = key, None
+            if renamed.startswith(prefixes):
+                continue  # a routed expert: read by the expert cache when it is needed
+            if renamed not in expected:
+                continue  # as transformers does, a tensor the model has no place for is left unread
+            if converted_by is not None:
+                raise CheckpointError(
+                    f"{path}: {key} needs transformers to convert it ({converted_by}), which loading without "
+                    "the experts does not do; load the model with its experts"
+                )
+            target = model.get_parameter_or_buffer(renamed)
+            tensor = read_tensor(header, key)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{folder}: weights in {path.name} do not match config.json: {key} is "
+                    f"{tuple(tensor.shape)} in the file, config expects {tuple(target.shape)}"
+                )
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(target.data_ptr())
+    _check_unloaded_experts(folder, model, family)
+    missing = sorted(
+        name for name, tensor in expected.items()
+        if not name.startswith(prefixes) and tensor.numel() and tensor.data_ptr() not in loaded
+    )  # fmt: skip
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else "")
+        names = ", ".join(p.name for p in files)
+        raise CheckpointError(f"{folder}: weights missing from {names} that config.json needs: {shown}")
+    return model
+
+
+def _check_unloaded_experts(folder: Path, model: Any, family: Family) -> None:
+    """The experts the checkpoint holds (index only, nothing read) have the shapes the model expects."""
+    from moeserve.memory.store import ExpertStore
+
+    store = ExpertStore(folder)
+    for decoder_id, decoder_layer in enumerate(model.model.layers):
+        shapes = getattr(decoder_layer.mlp, "experts", None) and getattr(decoder_layer.mlp.experts, "_unloaded_shapes", None)
+        if type(decoder_layer.mlp).__name__ != family.block_class or not shapes:
+            continue
+        experts, two_i, hidden = shapes["gate_up_proj"]
+        expected = (int(experts), int(hidden), int(two_i) // 2)
+        try:
+            spec = store.layer_spec(decoder_id)
+        except KeyError:
+            raise CheckpointError(f"{folder}: the checkpoint has no routed experts for decoder layer {decoder_id}") from None
+        found = (spec.num_experts, spec.hidden_size, spec.intermediate_size)
+        if found != expected:
+            raise CheckpointError(
+                f"{folder}: weights do not match config.json: decoder layer {decoder_id} has experts (E, D, I) = "
+                f"{found} in the files, config expects {expected}"
+            )
+
+
 def _describe_mismatch(entry) -> str:
     if isinstance(entry, tuple | list) and len(entry) == 3:
         key, checkpoint_shape, model_shape = entry
@@ -150,8 +249,14 @@ def install_moe_layers(model: Any, family: Family, moe_config: MoEConfig) -> tup
         if type(block).__name__ != family.block_class:
             continue
         experts = block.experts
-        resident = ResidentExperts(gate_up_proj=experts.gate_up_proj.data, down_proj=experts.down_proj.data)
-        layer = MoELayer(resident, experts.act_fn, moe_config, layer_index=len(layers))
+        shapes = getattr(experts, "_unloaded_shapes", None)
+        provider: ResidentExperts | UnloadedExperts
+        if shapes is not None:  # loaded without its experts: an expert cache must take the layer over
+            provider = UnloadedExperts(int(shapes["gate_up_proj"][0]), experts.gate_up_proj.dtype,
+                                       experts.gate_up_proj.device)
+        else:
+            provider = ResidentExperts(gate_up_proj=experts.gate_up_proj.data, down_proj=experts.down_proj.data)
+        layer = MoELayer(provider, experts.act_fn, moe_config, layer_index=len(layers))
         decoder_layer.mlp = MoEBlock(block, family, layer)
         layers.append(layer)
         decoder_ids.append(decoder_id)
@@ -206,8 +311,14 @@ def load_model(
     moe: MoEConfig | None = None,
     dtype: torch.dtype = torch.float32,
     load_tokenizer: bool = True,
+    load_experts: bool = True,
 ) -> MoEModel:
     """Load the HF-format MoE checkpoint in ``path`` (None: the reference model) for moeserve.
+
+    ``load_experts=False`` reads everything but the routed experts (see
+    :func:`_load_transformers_model_without_experts`): for a model whose experts do not fit in
+    memory, to be served through an expert cache, which must be applied before the model runs
+    (:func:`moeserve.memory.offload.apply_expert_cache`; until then its MoE layers raise).
 
     Raises CheckpointError for an unsupported family, a folder without weights, a truncated
     or corrupt safetensors file, or weights that do not match config.json.
@@ -216,7 +327,10 @@ def load_model(
     _, family = read_config(folder)
     files = check_weight_files(folder)
     moe_config = moe or MoEConfig()
-    hf_model = _load_transformers_model(folder, dtype, files)
+    if load_experts:
+        hf_model = _load_transformers_model(folder, dtype, files)
+    else:
+        hf_model = _load_transformers_model_without_experts(folder, dtype, files, family)
     layers, decoder_ids = install_moe_layers(hf_model, family, moe_config)
     own_checkpoint_weights(hf_model, layers)
     tokenizer = _load_tokenizer(folder) if load_tokenizer else None

@@ -111,3 +111,43 @@ class ResidentExperts:
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.gate_up_proj, self.down_proj
+
+
+@dataclass(frozen=True)
+class UnloadedExperts:
+    """A layer whose experts were not read at load (``load_model(..., load_experts=False)``).
+
+    It knows what the experts are (count, dtype, device) so an expert cache can take the layer
+    over (:func:`moeserve.memory.offload.apply_expert_cache`); asking it for weights raises.
+    """
+
+    count: int
+    weight_dtype: torch.dtype
+    weight_device: torch.device
+
+    @property
+    def num_experts(self) -> int:
+        return self.count
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight_device
+
+    def _unloaded(self) -> RuntimeError:
+        return RuntimeError(
+            "this model was loaded without its experts (load_experts=False): apply an expert cache "
+            "(moeserve.memory.offload.apply_expert_cache) before running it"
+        )
+
+    def gate_up(self, expert: int) -> torch.Tensor:
+        raise self._unloaded()
+
+    def down(self, expert: int) -> torch.Tensor:
+        raise self._unloaded()
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
