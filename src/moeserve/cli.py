@@ -62,6 +62,13 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+COMMITTEE_SWAPS_HELP = (
+    "With --committee: the online scheduler changes up to N members per layer per step toward the experts with the "
+    "most recent gate mass (with --expert-memory the incoming expert loads in the background and joins once "
+    "resident); 0 keeps the plan's members."
+)
+
+
 def _moe_config(gating: str, capacity_factor: float, backend: str):
     from moeserve.config import MoEConfig
 
@@ -72,13 +79,18 @@ def _moe_config(gating: str, capacity_factor: float, backend: str):
 
 
 def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: str, prefetch: bool,
-                   committee: Path | None, check: Callable[[Any], object] | None = None):
-    """Load a model and apply the memory options shared by generate and serve: (model, cache, committee gate)."""
+                   committee: Path | None, check: Callable[[Any], object] | None = None, committee_swaps: int = 0):
+    """Load a model and apply the memory options shared by generate and serve: (model, cache, committee gate).
+
+    ``committee_swaps`` > 0 adds the committee's online scheduler (stepped after every forward pass).
+    """
     from moeserve.config import ExpertCacheConfig
     from moeserve.models.loader import load_model
 
     if expert_memory is None and (prefetch or cache_policy != "lru"):
         raise MoeserveError("--prefetch and --cache-policy need --expert-memory")
+    if committee_swaps < 0 or (committee_swaps and committee is None):
+        raise MoeserveError(f"--committee-swaps needs --committee and a count >= 0, got {committee_swaps}")
     # With a budget the experts are read only by the cache: a model whose experts exceed memory loads.
     moe_model = load_model(model, moe=moe_config, load_experts=expert_memory is None)
     if check is not None:
@@ -94,6 +106,10 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
 
         cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy)
         cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch)
+    if gate is not None and committee_swaps:
+        from moeserve.memory.committee import CommitteeScheduler
+
+        gate.scheduler = CommitteeScheduler(moe_model, gate, max_swaps=committee_swaps, cache=cache, step_every=1)
     return moe_model, cache, gate
 
 
@@ -126,6 +142,7 @@ def generate(
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory: lru, lfu, fifo, lifo, lrfu (exact: outputs unchanged).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: predict the next layer's experts with its router and load them in the background.")] = False,
     committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members).")] = None,
+    committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (sync all-to-all per layer over gloo); no --routing.")] = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -147,6 +164,7 @@ def generate(
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
             check=lambda m: prompt_token_ids(m, prompt, sampling),  # context errors before anything is printed
+            committee_swaps=committee_swaps,
         )
         if expert_parallel is not None:
             service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
@@ -250,6 +268,7 @@ def serve(
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory (lru, lfu, fifo, lifo, lrfu).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: load the next layer's predicted experts in the background.")] = False,
     committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy).")] = None,
+    committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (this process is the attention worker; sync all-to-all per layer over gloo).")] = None,
     threads: ThreadsOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (critical, error, warning, info, debug).")] = "info",
@@ -269,7 +288,8 @@ def serve(
     try:
         thread_count = apply_thread_count(threads)
         moe_model, cache, gate = _prepare_model(
-            model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee
+            model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
+            committee_swaps=committee_swaps,
         )
         engine_config = EngineConfig(
             scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens,
@@ -579,6 +599,7 @@ def bench_offload(
     new_tokens: Annotated[int, typer.Option(help="Tokens per generation.")] = 64,
     temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled with a fixed seed (every run draws the same numbers).")] = 0.0,
     cold_reads: Annotated[bool, typer.Option("--cold-reads", help="Ask the kernel to drop the checkpoint's pages from the page cache before the run and after each expert read (posix_fadvise DONTNEED), so loads go to the disk as where a model does not fit RAM. Advisory (a file system or another process may keep them).")] = False,
+    committee_swaps: Annotated[int, typer.Option(help="With --committee: run the online scheduler, up to N asynchronous member swaps per layer per step; 0: the calibrated members stay.")] = 0,
     warmup_tokens: Annotated[int, typer.Option(help="Before each row's timed generation, generate this many tokens from another prompt and count only what follows (a warm cache, as in a server that has served requests); 0: cold start.")] = 0,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -605,6 +626,7 @@ def bench_offload(
             cold_reads=cold_reads,
             temperature=temperature,
             warmup_tokens=warmup_tokens,
+            committee_swaps=committee_swaps,
         )
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)

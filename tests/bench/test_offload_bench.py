@@ -53,3 +53,12 @@ def test_offload_bench_records_its_warm_up():
     result = run_offload_bench(None, ["50%"], ["lru"], new_tokens=4, warmup_tokens=4)
     assert result.to_dict()["warmup_tokens"] == 4
     assert all(row.identical_to_resident for row in result.rows)
+
+
+def test_offload_bench_committee_row_with_online_swaps():
+    result = run_offload_bench(None, ["50%"], ["lru"], new_tokens=6, committee=True, calibration_tokens=512,
+                               committee_swaps=1)
+    committee = result.rows[-1]
+    assert committee.policy == "committee" and result.to_dict()["committee_swaps"] == 1
+    assert committee.max_resident_bytes <= committee.budget_bytes
+    assert committee.served_exactly is not None and 0 < committee.served_exactly <= 1

@@ -182,3 +182,67 @@ def test_scheduler_swaps_toward_recent_mass(reference_model: MoEModel) -> None:
         scheduler.close()
         remove_committee(reference_model, gate)
     assert all(not layer.routing_transforms for layer in reference_model.layers)
+
+
+def _feed(model: MoEModel, routing: RouterOutput) -> None:
+    """Run every layer's routing transforms on ``routing`` (what a forward pass does before dispatch)."""
+    for i, layer in enumerate(model.layers):
+        for transform in layer.routing_transforms:
+            transform(i, routing)
+
+
+def test_scheduler_with_a_cache_swaps_asynchronously(reference_model: MoEModel) -> None:
+    from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
+
+    layers = len(reference_model.layers)
+    gate = apply_committee(reference_model, {i: {0, 1, 2} for i in range(layers)})
+    cache = apply_expert_cache(reference_model, "18.75%", "lru", per_layer=True)  # 3 of 16 experts per layer
+    scheduler = CommitteeScheduler(reference_model, gate, decay=0.5, max_swaps=1, cache=cache)
+    try:
+        hot = RouterOutput(topk_ids=torch.tensor([[5, 0]] * 4), topk_weights=torch.full((4, 2), 0.5))
+        _feed(reference_model, hot)
+        assert scheduler.step() == 0  # expert 5 is not resident: nothing completes yet
+        for i in range(layers):
+            assert scheduler.incoming[i] == {5}
+            assert gate.members(i) == {0, 1}  # the leaving member (lowest average, highest id) left at once
+        cache.wait_for_prefetch()
+        assert all(cache.is_resident(i, 5) for i in range(layers))
+        _feed(reference_model, hot)
+        assert scheduler.step() == layers  # landed: every layer's swap completes
+        assert all(gate.members(i) == {0, 1, 5} and not scheduler.incoming[i] for i in range(layers))
+        assert scheduler.swaps == scheduler.swaps_started == layers
+        assert cache.stats().max_resident_bytes <= cache.budget_bytes
+    finally:
+        scheduler.close()
+        remove_expert_cache(reference_model, cache)
+        remove_committee(reference_model, gate)
+
+
+def test_scheduler_steps_itself_during_generation(reference_model: MoEModel) -> None:
+    from moeserve.config import SamplingConfig
+    from moeserve.engine.generate import generate
+    from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
+
+    layers = len(reference_model.layers)
+    sampling = SamplingConfig(max_new_tokens=12, stop_at_eos=False)
+    outputs = {}
+    for swaps in (0, 2):
+        gate = apply_committee(reference_model, {i: set(range(8)) for i in range(layers)})
+        cache = apply_expert_cache(reference_model, "50%", "lru", per_layer=True)
+        scheduler = CommitteeScheduler(reference_model, gate, max_swaps=swaps, cache=cache, step_every=1)
+        try:
+            outputs[swaps] = generate(reference_model, PROMPT, sampling).token_ids
+            cache.wait_for_prefetch()
+            stats = cache.stats()
+            assert stats.max_resident_bytes <= cache.budget_bytes
+            assert scheduler._forwards == 12  # one prefill and 11 decode steps, each stepped the scheduler
+            assert all(len(gate.members(i)) >= reference_model.top_k for i in range(layers))
+            if swaps == 0:
+                assert scheduler.swaps_started == 0 and all(gate.members(i) == set(range(8)) for i in range(layers))
+            else:
+                assert scheduler.swaps_started > 0  # the prompt's mass lies outside experts 0-7 somewhere
+        finally:
+            scheduler.close()
+            remove_expert_cache(reference_model, cache)
+            remove_committee(reference_model, gate)
+    assert len(outputs[0]) == len(outputs[2]) == 12

@@ -75,6 +75,7 @@ class OffloadBenchResult:
     cold_reads: bool = False
     temperature: float = 0.0
     warmup_tokens: int = 0
+    committee_swaps: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -86,6 +87,7 @@ class OffloadBenchResult:
             "cold_reads": self.cold_reads,
             "temperature": self.temperature,
             "warmup_tokens": self.warmup_tokens,
+            "committee_swaps": self.committee_swaps,
             "results": [asdict(row) for row in self.rows],
         }
 
@@ -129,13 +131,15 @@ def run_offload_bench(
     cold_reads: bool = False,
     temperature: float = 0.0,
     warmup_tokens: int = 0,
+    committee_swaps: int = 0,
 ) -> OffloadBenchResult:
     """Run the baseline and every (budget, policy) configuration; see the module docstring.
 
     ``cold_reads``: ask that expert loads read the storage device, not the page cache (the
     checkpoint's pages are dropped before and after each read; advisory), as on a machine whose
     RAM cannot also cache the checkpoint. ``temperature`` > 0 samples (seeded) instead of greedy decoding.
-    ``warmup_tokens``: see the module docstring.
+    ``warmup_tokens``: see the module docstring. ``committee_swaps`` > 0 runs the committee rows
+    with the online scheduler (up to that many asynchronous member swaps per layer per step).
     """
     if warmup_tokens < 0:
         raise ValueError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
@@ -153,7 +157,8 @@ def run_offload_bench(
         for layer in model.layers
     )
     result = OffloadBenchResult(str(model.path), new_tokens, torch.get_num_threads(), expert_bytes,
-                                cold_reads=cold_reads, temperature=temperature, warmup_tokens=warmup_tokens)
+                                cold_reads=cold_reads, temperature=temperature, warmup_tokens=warmup_tokens,
+                                committee_swaps=committee_swaps)
     result.rows.append(
         OffloadRow("100%", "resident", False, baseline_tps, expert_bytes, expert_bytes, baseline_rss,
                    None, None, 0, 0, True, 1.0)
@@ -189,7 +194,7 @@ def run_offload_bench(
             )
         if calibration is not None:
             result.rows.append(_committee_row(model, budget, expert_bytes, calibration, prompt, new_tokens, baseline_ids,
-                                              cold_reads, temperature, warmup_tokens))
+                                              cold_reads, temperature, warmup_tokens, committee_swaps))
     return result
 
 
@@ -209,21 +214,31 @@ def _calibration_tokens(model, count: int) -> torch.Tensor:
 
 def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Tensor, prompt: str,
                    new_tokens: int, baseline_ids: list[int], cold_reads: bool = False,
-                   temperature: float = 0.0, warmup_tokens: int = 0) -> OffloadRow:
+                   temperature: float = 0.0, warmup_tokens: int = 0, committee_swaps: int = 0) -> OffloadRow:
     """The committee under the same budget: members sized to it, served through the LRU cache."""
     from moeserve.memory.cache import parse_expert_memory
-    from moeserve.memory.committee import apply_committee, plan_committee, remove_committee
+    from moeserve.memory.committee import (
+        CommitteeScheduler,
+        apply_committee,
+        plan_committee,
+        remove_committee,
+    )
 
     fraction = parse_expert_memory(budget).resolve(expert_bytes) / expert_bytes
     plan = plan_committee(model, calibration, fraction)
     gate = apply_committee(model, plan.members_by_layer())
     try:
         cache = apply_expert_cache(model, budget, "lru", cold_reads=cold_reads)
+        scheduler = None
+        if committee_swaps:
+            scheduler = CommitteeScheduler(model, gate, max_swaps=committee_swaps, cache=cache, step_every=1)
         try:
             ids, tokens_per_s, rss = _measured_generation(model, cache, prompt, new_tokens, temperature, warmup_tokens,
                                                           also_reset=(gate.reset_telemetry,))
             stats = cache.stats()
         finally:
+            if scheduler is not None:
+                scheduler.close()
             remove_expert_cache(model, cache)
         served = float(gate.telemetry()["served_exactly"])
     finally:

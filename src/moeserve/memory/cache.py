@@ -61,7 +61,7 @@ from __future__ import annotations
 import re
 import threading
 import time as clock
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -591,7 +591,7 @@ class ExpertCache:
     def _init_prefetch(self) -> None:
         self._lock = threading.Condition()  # guards residency; notified when a prefetch read ends
         self._loader: ThreadPoolExecutor | None = None  # started by the first background prefetch
-        self._prefetch_jobs: list[Future[None]] = []  # submitted and not yet checked for errors
+        self._prefetch_jobs: list[Future[Any]] = []  # submitted and not yet checked for errors
         self._predictions: list[set[int] | None] = [None] * len(self._specs)
         self._layer_calls = [0] * len(self._specs)  # a prefetch for a layer stops once it is called
         self._loader_staging = [
@@ -737,48 +737,82 @@ class ExpertCache:
         for job in jobs:
             job.result()
 
+    def load_in_background(self, layer_index: int, expert: int, keep: Collection[int] = ()) -> None:
+        """Make ``expert`` of MoE layer ``layer_index`` resident on the background loader, evicting
+        none of ``keep`` (experts of the same layer) to fit it.
+
+        Not a prediction (nothing is scored, and the next step does not cancel it): a parameter
+        committee's swap uses it to load an incoming member while the step loop goes on. Gives
+        up, leaving the expert absent, when no slot can be freed without evicting a pinned,
+        loading or kept expert; ``is_resident`` tells whether it landed. Needs an online policy.
+        """
+        if not EVICTION_POLICIES.get(self.policy_name).online:
+            raise ValueError(f"background loads need an online eviction policy, not {self.policy_name!r}")
+        num_experts = self.views[layer_index].num_experts
+        if not 0 <= expert < num_experts or any(not 0 <= kept < num_experts for kept in keep):
+            raise IndexError(f"experts {expert}, {sorted(keep)} out of range 0-{num_experts - 1}")
+        offset = self._key_offset[layer_index]
+        protected = {offset + kept for kept in keep} | {offset + expert}
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-prefetch")
+        self._prefetch_jobs = [job for job in self._prefetch_jobs if not job.done() or job.exception() is not None]
+        self._prefetch_jobs.append(self._loader.submit(self._load_one, layer_index, expert, protected, False))
+
+    def is_resident(self, layer_index: int, expert: int) -> bool:
+        """Whether ``expert`` of MoE layer ``layer_index`` is resident now (not loading)."""
+        return self.views[layer_index].expert2slot[expert] >= 0
+
     def _prefetch_job(self, layer_index: int, experts: list[int], call: int) -> None:
-        """Load ``experts`` of ``layer_index`` one at a time; reserve under the lock, read outside it."""
-        pool = self._pool_of[layer_index]
-        view = self.views[layer_index]
+        """Load ``experts`` of ``layer_index`` one at a time, until the layer's next step begins."""
         offset = self._key_offset[layer_index]
         job_keys = {offset + expert for expert in experts}
-        staging = self._loader_staging[layer_index]
         for expert in experts:
-            key = offset + expert
-            with self._lock:
-                if self._layer_calls[layer_index] != call:
-                    return
-                if key in pool.key2slot or key in pool.loading:
-                    continue
-                if len(pool.key2slot) + len(pool.loading) >= pool.capacity:
-                    protected = pool.pinned | pool.loading | job_keys
-                    if all(resident in protected for resident in pool.key2slot):
-                        return
-                    self._evict(pool, 1, protected, pool.time)
-                slot = pool.take_slot()
-                pool.loading.add(key)
-                self._resident_bytes += pool.slot_bytes
-                self._max_resident_bytes = max(self._max_resident_bytes, self._resident_bytes)
-                assert self._resident_bytes <= self.budget_bytes, "resident experts exceed the budget"
-            try:
-                self._read(layer_index, expert, slot, staging)
-            except BaseException:
-                with self._lock:
-                    pool.loading.discard(key)
-                    pool.free.append(slot)
-                    self._resident_bytes -= pool.slot_bytes
-                    self._lock.notify_all()
-                raise
+            if not self._load_one(layer_index, expert, job_keys, True, call):
+                return
+
+    def _load_one(self, layer_index: int, expert: int, protected: set[int], predicted: bool,
+                  call: int | None = None) -> bool:
+        """Load one expert on the loader thread: reserve a slot under the lock (evicting none of
+        ``protected``, the pinned or the loading), read outside it. False: stop (the layer's
+        ``call`` is over, or nothing can be evicted); True: resident or loaded."""
+        pool = self._pool_of[layer_index]
+        view = self.views[layer_index]
+        key = self._key_offset[layer_index] + expert
+        with self._lock:
+            if call is not None and self._layer_calls[layer_index] != call:
+                return False
+            if key in pool.key2slot or key in pool.loading:
+                return True
+            if len(pool.key2slot) + len(pool.loading) >= pool.capacity:
+                keep = pool.pinned | pool.loading | protected
+                if all(resident in keep for resident in pool.key2slot):
+                    return False
+                self._evict(pool, 1, keep, pool.time)
+            slot = pool.take_slot()
+            pool.loading.add(key)
+            self._resident_bytes += pool.slot_bytes
+            self._max_resident_bytes = max(self._max_resident_bytes, self._resident_bytes)
+            assert self._resident_bytes <= self.budget_bytes, "resident experts exceed the budget"
+        try:
+            self._read(layer_index, expert, slot, self._loader_staging[layer_index])
+        except BaseException:
             with self._lock:
                 pool.loading.discard(key)
-                pool.key2slot[key] = slot
-                view.expert2slot[expert] = slot
-                pool.prefetched.add(key)
-                pool.policy.on_step([key], [key], pool.time)
-                self._counters.loads += 1
-                self._counters.prefetch_loads += 1
+                pool.free.append(slot)
+                self._resident_bytes -= pool.slot_bytes
                 self._lock.notify_all()
+            raise
+        with self._lock:
+            pool.loading.discard(key)
+            pool.key2slot[key] = slot
+            view.expert2slot[expert] = slot
+            if predicted:
+                pool.prefetched.add(key)
+                self._counters.prefetch_loads += 1
+            pool.policy.on_step([key], [key], pool.time)
+            self._counters.loads += 1
+            self._lock.notify_all()
+        return True
 
     def _score_prediction(self, layer_index: int, experts: list[int]) -> None:
         predicted = self._predictions[layer_index]

@@ -23,9 +23,9 @@ resident, and routing is masked to it, so a token never waits for a load:
   round-trips through JSON and refuses a model it was not made for.
 * :class:`CommitteeScheduler` is the online scheduler: an exponential moving average of each
   expert's recent gate mass (seen before the committee masks it) and at most N swaps per layer
-  per ``step()`` toward the top of the average. Swaps are synchronous: they change the gate's
-  member set at once; no weights move here (the committee only masks routing, the model keeps
-  every expert resident), so an asynchronous loader is future work for the memory tier.
+  per ``step()`` toward the top of the average. With an expert cache the swaps are asynchronous
+  (the incoming expert loads in the background and joins once resident); without one they
+  change the gate's member set at once.
 
 Shape legend as in :mod:`moeserve.moe.types`: T tokens, E experts, k top-k, L MoE layers.
 """
@@ -43,6 +43,7 @@ import torch
 from moeserve.moe.types import RouterOutput
 
 if TYPE_CHECKING:
+    from moeserve.memory.cache import ExpertCache
     from moeserve.models.loader import MoEModel
 
 PLAN_FORMAT = "moeserve-committee/1"
@@ -103,6 +104,8 @@ class CommitteeGate:
         self.renormalize = renormalize
         self._masks: dict[int, torch.Tensor] = {}
         self._telemetry: dict[int, LayerTelemetry] = {}
+        self.scheduler: CommitteeScheduler | None = None
+        """The online scheduler changing the members, if one was attached (reported in ``telemetry``)."""
         for layer, layer_members in members.items():
             self.set_members(layer, layer_members)
 
@@ -190,13 +193,19 @@ class CommitteeGate:
         t.exact_mass += float((routed * served).sum())
 
     def telemetry(self) -> dict:
-        """``{"layers": {i: {...LayerTelemetry, served_exactly}}, "served_exactly": overall share}``."""
+        """``{"layers": {i: {...LayerTelemetry, served_exactly}}, "served_exactly": overall share}``, and
+        ``"scheduler"`` (swaps started and completed, the current members) when one is attached."""
         layers = {
             layer: {**asdict(t), "served_exactly": t.served_exactly} for layer, t in sorted(self._telemetry.items())
         }
         routed = sum(t.routed_mass for t in self._telemetry.values())
         exact = sum(t.exact_mass for t in self._telemetry.values())
-        return {"layers": layers, "served_exactly": exact / routed if routed > 0 else 1.0}
+        report: dict = {"layers": layers, "served_exactly": exact / routed if routed > 0 else 1.0}
+        if self.scheduler is not None:
+            report["scheduler"] = {"max_swaps": self.scheduler.max_swaps, "swaps_started": self.scheduler.swaps_started,
+                                   "swaps_completed": self.scheduler.swaps,
+                                   "members": {layer: sorted(self.members(layer)) for layer in self.layers}}
+        return report
 
     def reset_telemetry(self) -> None:
         self._telemetry = {layer: LayerTelemetry() for layer in self._masks}
@@ -390,30 +399,54 @@ class CommitteeScheduler:
     sees the router's own choice, including non-members). ``step()`` folds the mass seen since
     the last step into ``ema`` [L, E] (``ema = decay * ema + (1 - decay) * share``), then per
     layer swaps the lowest-average member for the highest-average non-member while the latter
-    is larger, at most ``max_swaps`` times. Swaps are synchronous (the gate's member set changes
-    at once; a real tier would start loads and keep serving the old member until they land).
-    The committee size per layer stays fixed. ``close()`` removes the recorder.
+    is larger, with at most ``max_swaps`` swaps per layer begun and not yet completed.
+
+    Without ``cache`` a swap is immediate (the gate's member set changes at once; the model
+    keeps every expert resident). With ``cache`` (an :class:`~moeserve.memory.cache.ExpertCache`
+    serving the model under a budget) a swap is asynchronous: the outgoing member leaves the
+    committee at once, which frees its slot (a committee never shrinks below top_k), and the
+    incoming expert is loaded on the cache's background loader
+    (:meth:`~moeserve.memory.cache.ExpertCache.load_in_background`, evicting no member); it
+    joins the committee at the first ``step()`` after it is resident, so no token waits for it.
+    ``step_every`` N > 0 calls ``step()`` by itself after every N forward passes (counted at the
+    last MoE layer), so generation and serving need no extra hook; 0 leaves it to the caller.
+    ``close()`` removes the recorder. ``swaps_started`` / ``swaps`` count swaps begun / completed.
     """
 
-    def __init__(self, model: MoEModel, gate: CommitteeGate, *, decay: float = 0.9, max_swaps: int = 1) -> None:
+    def __init__(self, model: MoEModel, gate: CommitteeGate, *, decay: float = 0.9, max_swaps: int = 1,
+                 cache: ExpertCache | None = None, step_every: int = 0) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if max_swaps < 0 or step_every < 0:
+            raise ValueError(f"max_swaps and step_every must be >= 0, got {max_swaps} and {step_every}")
         self.model = model
         self.gate = gate
         self.decay = decay
         self.max_swaps = max_swaps
+        self.cache = cache
+        self.step_every = step_every
         self.ema = torch.zeros(len(model.layers), model.num_experts, dtype=torch.float64)
         self._profiler = GateMassProfiler(len(model.layers), model.num_experts)
+        self.incoming: dict[int, set[int]] = {layer: set() for layer in range(len(model.layers))}
+        """Per layer, experts chosen to join whose load has not landed yet (cache mode)."""
         self.swaps = 0
+        self.swaps_started = 0
+        self._forwards = 0
+        self._last_layer = len(model.layers) - 1
         for layer in model.layers:
             layer.routing_transforms.insert(0, self._record)
 
     def _record(self, layer: int, routing: RouterOutput) -> RouterOutput:
         self._profiler(layer, routing)
+        if self.step_every and layer == self._last_layer:
+            self._forwards += 1
+            if self._forwards % self.step_every == 0:
+                self.step()
         return routing
 
     def step(self) -> int:
-        """Update the averages and swap; returns the number of swaps made this step."""
+        """Update the averages, complete the swaps whose expert landed, begin new ones; returns
+        the number of swaps completed in this call."""
         mass = self._profiler.mass
         share = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)
         self.ema.mul_(self.decay).add_(share, alpha=1.0 - self.decay)
@@ -421,17 +454,31 @@ class CommitteeScheduler:
         made = 0
         for layer in range(self.ema.shape[0]):
             members = self.gate.members(layer)
+            incoming = self.incoming[layer]
+            for expert in sorted(incoming):  # landed: join; not yet: ask again (a load may have found no slot)
+                if self.cache is None or self.cache.is_resident(layer, expert):
+                    members.add(expert)
+                    incoming.discard(expert)
+                    made += 1
+                else:
+                    self.cache.load_in_background(layer, expert, keep=members | incoming)
             row = self.ema[layer]
-            for _ in range(self.max_swaps):
-                outside = [e for e in range(row.numel()) if e not in members]
-                if not outside:
+            for _ in range(self.max_swaps - len(incoming)):
+                outside = [e for e in range(row.numel()) if e not in members and e not in incoming]
+                if not outside or len(members) <= self.gate.top_k:
                     break
-                incoming = max(outside, key=lambda e: (float(row[e]), -e))
-                outgoing = min(members, key=lambda e: (float(row[e]), -e))
-                if float(row[incoming]) <= float(row[outgoing]):
+                joining = max(outside, key=lambda e: (float(row[e]), -e))
+                leaving = min(members, key=lambda e: (float(row[e]), -e))
+                if float(row[joining]) <= float(row[leaving]):
                     break
-                members = (members - {outgoing}) | {incoming}
-                made += 1
+                members.discard(leaving)
+                self.swaps_started += 1
+                if self.cache is None or self.cache.is_resident(layer, joining):
+                    members.add(joining)
+                    made += 1
+                else:
+                    incoming.add(joining)
+                    self.cache.load_in_background(layer, joining, keep=members | incoming)
             self.gate.set_members(layer, members)
         self.swaps += made
         return made
@@ -439,3 +486,4 @@ class CommitteeScheduler:
     def close(self) -> None:
         for layer in self.model.layers:
             layer.routing_transforms[:] = [t for t in layer.routing_transforms if t != self._record]
+
