@@ -48,3 +48,25 @@ def test_committee_exports_gate_mass_served_exactly(start_server):
         text = httpx.get(f"{url}/metrics").text
     overall = _value(text, r'^moeserve:committee_gate_mass_served_exactly\{layer="all"\} (\S+)')
     assert 0 < overall < 1  # half the experts: some routed mass was not served exactly
+
+
+def test_served_committee_with_online_swaps_under_a_budget_exports_its_swaps(start_server):
+    from moeserve.memory.committee import CommitteeScheduler, apply_committee
+    from moeserve.memory.offload import apply_expert_cache
+    from moeserve.models.loader import load_model
+
+    model = load_model(load_experts=False)
+    gate = apply_committee(model, {layer: set(range(8)) for layer in range(len(model.layers))})
+    cache = apply_expert_cache(model, "50%", "lru", per_layer=True)
+    gate.scheduler = CommitteeScheduler(model, gate, max_swaps=2, cache=cache, step_every=1)
+    with start_server(model, CONFIG, cache=cache, committee=gate) as (url, _):
+        for prompt in ("import os", "class Parser:", "def main(argv):"):
+            response = httpx.post(f"{url}/v1/completions", timeout=60,
+                                  json={"model": "tiny-moe", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+            assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 8
+        text = httpx.get(f"{url}/metrics").text
+    started = _value(text, r"^moeserve:committee_swaps_started_total (\S+)")
+    completed = _value(text, r"^moeserve:committee_swaps_completed_total (\S+)")
+    assert started > 0 and 0 <= completed <= started  # experts 8-15 carry mass for these prompts
+    assert _value(text, r"^moeserve:expert_cache_resident_bytes (\S+)") <= _value(text, r"^moeserve:expert_cache_budget_bytes (\S+)")
+    assert all(len(gate.members(layer)) >= model.top_k for layer in gate.layers)

@@ -125,6 +125,12 @@ class MoECollector:
                 served.add_metric([str(layer)], values["served_exactly"])
             served.add_metric(["all"], telemetry["served_exactly"])
             yield served
+            scheduler = telemetry.get("scheduler")
+            if scheduler is not None:
+                yield CounterMetricFamily("moeserve:committee_swaps_started", "Committee member swaps begun by the online scheduler",
+                                          value=scheduler["swaps_started"])
+                yield CounterMetricFamily("moeserve:committee_swaps_completed", "Committee member swaps whose expert joined",
+                                          value=scheduler["swaps_completed"])
         if self.expert_parallel is not None:
             stats = self.expert_parallel
             rows = CounterMetricFamily("moeserve:ep_worker_rows", "Token rows sent to each expert worker",
