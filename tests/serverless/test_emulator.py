@@ -78,18 +78,31 @@ def test_emulated_layers_equal_the_in_process_layers_and_the_ledger_adds_up(repl
     # tokens are split over replicas, then micro-batches; every non-empty micro-batch is one
     # invocation (empty ones are not sent).
     invokes = [e for e in entries if e.kind == "invoke"]
-    expected = rows = 0
+    expected = rows = singles = 0
     for layer in range(2):
         for batch in range(2):
             ids = replay.topk_ids[layer, batch * 32 : (batch + 1) * 32]  # [32, 2]
             for function in split_plan().layers[layer].functions:
                 tokens = np.flatnonzero(np.isin(ids, function.experts).any(axis=1))
                 rows += tokens.size
+                if function.replicas == 1:  # one micro-batch split aside, loads per expert as sent
+                    for chunk in np.array_split(tokens, 2):
+                        held = ids[chunk][np.isin(ids[chunk], function.experts)]
+                        singles += int((np.unique(held, return_counts=True)[1] == 1).sum())
                 for share in np.array_split(tokens, function.replicas):
                     expected += sum(1 for chunk in np.array_split(share, 2) if chunk.size)
     assert len(invokes) == expected
     assert sum(e.tokens for e in invokes) == 2 * 2 * 32 * 2  # layers x batches x tokens x top-2
     assert sum(e.rows for e in invokes) == rows < 2 * 2 * 32 * 2  # rows sent once per function
+    # Experts given exactly one token are counted per invocation (the cost model prices them apart).
+    one_replica = {
+        (layer, g)
+        for layer in range(2)
+        for g, f in enumerate(split_plan().layers[layer].functions)
+        if f.replicas == 1
+    }
+    assert sum(e.single_token_experts for e in invokes if (e.layer, e.function) in one_replica) == singles
+    assert all(0 <= e.single_token_experts <= e.experts_touched for e in invokes)
     assert all(e.json_bytes == e.request_bytes for e in invokes if e.layer == 0)  # direct: raw response
     assert all(e.outcome == "ok" for e in entries)
 
@@ -241,16 +254,26 @@ def test_a_plan_for_another_shape_without_weights_or_routing_is_refused(tmp_path
 def test_the_handler_fit_recovers_known_compute_constants():
     shape = reference_shape()
     ledger = Ledger(LIMITS, "x86_64")
-    for tokens, touched, payload in ((16, 5, 9_000), (64, 12, 40_000), (256, 16, 150_000), (100, 3, 70_000)):
-        experts = touched * 2e-4 + tokens * shape.flops_per_token / 5e10
+    cases = (
+        (16, 5, 0, 9_000),
+        (64, 12, 2, 40_000),
+        (256, 16, 0, 150_000),
+        (100, 3, 1, 70_000),
+        (8, 8, 8, 5_000),
+    )
+    for tokens, touched, singles, payload in cases:
+        experts = (
+            (touched - singles) * 2e-4 + singles * 5e-5 + (tokens - singles) * shape.flops_per_token / 5e10
+        )
         rest = 1e-4 + payload * 8e-9
         ledger.bill("invoke", 512, 1.0, layer=0, function=0, replica=0, batch=0, micro_batch=0,
-                    tokens=tokens, experts_touched=touched, experts_cpu_s=experts, cpu_s=experts + rest,
-                    request_bytes=payload, response_bytes=payload // 2, json_bytes=payload)  # fmt: skip
+                    tokens=tokens, experts_touched=touched, single_token_experts=singles, experts_cpu_s=experts,
+                    cpu_s=experts + rest, request_bytes=payload, response_bytes=payload // 2, json_bytes=payload)  # fmt: skip
     fitted = fit_handler_calibration(ledger.entries, shape)
     assert fitted is not None and fitted.covers(shape)
     assert fitted.flops_per_second == pytest.approx(5e10, rel=1e-6)
     assert fitted.call_overhead_s == pytest.approx(2e-4, rel=1e-6)
+    assert fitted.single_token_expert_s == pytest.approx(5e-5, rel=1e-6)
     assert fitted.invocation_overhead_s == pytest.approx(1e-4, rel=1e-6)
     assert fitted.payload_seconds_per_byte == pytest.approx(8e-9, rel=1e-6)
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from moeserve.serverless.function_worker import expert_loads
 from moeserve.serverless.perf import (
     CALIBRATION_FORMAT,
     DEFAULT_CALIBRATION,
@@ -18,6 +19,8 @@ from moeserve.serverless.perf import (
     cold_start_seconds,
     compute_seconds,
     device_name,
+    expected_single_token_experts,
+    fit_expert_seconds,
     handler_overhead_seconds,
     handler_payload,
     load_calibration,
@@ -130,23 +133,87 @@ def test_bad_constants_raise(field):
 
 def test_calibrate_times_the_deployed_handler_and_fits_positive_constants():
     shape = reference_shape()
-    calibration = calibrate(shape, experts_touched=(1, 4), tokens_per_expert=(1, 16), repeats=1)
+    calibration = calibrate(shape, experts_touched=(1, 4), tokens_per_expert=(1, 16), repeats=1, idle_s=0.01)
     assert calibration.measured and calibration.weights_streamed and calibration.covers(shape)
     assert calibration.flops_per_second > 0 and calibration.call_overhead_s >= 0
     assert calibration.payload_seconds_per_byte >= 0 and calibration.invocation_overhead_s >= 0
     assert calibration.invocation_overhead_s + calibration.payload_seconds_per_byte > 0
-    assert [(n, t) for n, t, *_ in calibration.points] == [(1, 1), (1, 16), (4, 4), (4, 64)]
+    # Several experts' loads sum to experts x mean tokens; a single expert's load is drawn around
+    # the mean (here one repeat of 1 + [-8, 8] tokens), a decode-sized one is 1.
+    experts_assignments = [(n, t) for n, t, *_ in calibration.points]
+    assert experts_assignments[0] == (1, 1) and experts_assignments[2:] == [(4, 4), (4, 64)]
+    assert experts_assignments[1][0] == 1 and 8 <= experts_assignments[1][1] <= 24
     assert calibration.probe == (128, 160)
     assert not calibration.covers(DEEPSEEK_V2_LITE)
     # The recorded JSON bytes are the handler's real ones, which the model's estimate follows
-    # (the grid sends each row to two of the experts when it touches more than one).
-    for experts, assignments, _, _, measured_bytes in calibration.points:
+    # (the grid sends each row to two of the experts when it touches more than one; a row at most
+    # once per expert, so at least the largest load's rows).
+    # The experts given one token are counted per point: all of them at one token per expert.
+    assert [point[5] for point in calibration.points][::2] == [1.0, 4.0]
+    for experts, assignments, _, _, measured_bytes, _ in calibration.points:
         rows = -(-assignments // 2) if experts > 1 else assignments
         payload = handler_payload(shape, assignments, rows, "direct")
         assert float(payload.json_bytes) == pytest.approx(measured_bytes, rel=0.02, abs=100)
         assert float(payload.raw_out) == rows * 4 * shape.hidden_size  # the response: raw bytes, not JSON
     with pytest.raises(ValueError, match="two expert counts"):
         calibrate(shape, experts_touched=(8,))
+
+
+def test_single_token_experts_cost_their_own_measured_time():
+    shape = DEEPSEEK_V2_LITE
+    calibration = Calibration(
+        1e10, 4e-3, True, probe=(2048, 1408), weights_streamed=True, single_token_expert_s=1e-3
+    )
+    per_token = shape.flops_per_token / 1e10
+    # 3 experts: one with a single token, two sharing 9 tokens.
+    assert float(compute_seconds(shape, 10, 3, 1.0, calibration, single_token_experts=1)) == pytest.approx(
+        1e-3 + 2 * 4e-3 + 9 * per_token
+    )
+    # Not given, or not measured: every expert costs the per-expert time and its tokens' FLOPs.
+    assert float(compute_seconds(shape, 10, 3, 1.0, calibration)) == pytest.approx(3 * 4e-3 + 10 * per_token)
+    unmeasured = dataclasses.replace(calibration, single_token_expert_s=0.0)
+    assert float(compute_seconds(shape, 10, 3, 1.0, unmeasured, single_token_experts=1)) == pytest.approx(
+        3 * 4e-3 + 10 * per_token
+    )
+    assert Calibration.from_dict(calibration.to_dict()) == calibration
+
+
+def test_expected_single_token_experts_matches_sampling():
+    rng = np.random.default_rng(0)
+    for group, tokens in [(16, 4), (16, 24), (4, 3), (1, 1), (1, 5), (64, 256)]:
+        draws = rng.integers(0, group, size=(4000, tokens))
+        singles = np.mean([(np.bincount(row, minlength=group) == 1).sum() for row in draws])
+        assert float(expected_single_token_experts(tokens, group)) == pytest.approx(
+            singles, rel=0.05, abs=0.02
+        )
+    assert float(expected_single_token_experts(0, 16)) == 0.0
+
+
+def test_fit_expert_seconds_recovers_the_three_constants():
+    shape = DEEPSEEK_V2_LITE
+    experts = np.array([1, 4, 16, 1, 4, 16, 1, 4, 16], dtype=np.float64)
+    tokens = experts * np.array([1, 1, 1, 8, 8, 8, 32, 32, 32])
+    singles = np.where(tokens == experts, experts, 0.0)
+    seconds = (
+        (experts - singles) * 4e-3 + singles * 1.5e-3 + (tokens - singles) * shape.flops_per_token / 5e10
+    )
+    per_expert, per_single, per_flop = fit_expert_seconds(experts, tokens, singles, seconds, shape)
+    assert (per_expert, per_single, 1 / per_flop) == pytest.approx((4e-3, 1.5e-3, 5e10), rel=1e-6)
+
+
+@pytest.mark.parametrize(("experts", "mean"), [(1, 1), (16, 1), (1, 8), (4, 8), (5, 32), (16, 32), (2, 2)])
+def test_expert_loads_are_unequal_around_the_mean_and_keep_the_total(experts, mean):
+    rng = np.random.default_rng(0)
+    draws = np.array([expert_loads(experts, mean, rng) for _ in range(400)])  # [400, experts]
+    assert draws.shape == (400, experts) and draws.min() >= max(1, mean - mean // 2)
+    assert draws.max() <= mean + mean // 2
+    if experts > 1:
+        assert (draws.sum(axis=1) == experts * mean).all()
+    else:
+        assert draws.mean() == pytest.approx(mean, rel=0.05)
+    if mean >= 8:
+        # Routed loads are not all multiples of the BLAS kernel's unroll: every residue occurs.
+        assert set(np.unique(draws % 4)) == {0, 1, 2, 3}
 
 
 def test_a_calibration_that_measured_streaming_adds_no_modelled_floor():

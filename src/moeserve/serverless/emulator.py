@@ -87,6 +87,7 @@ from moeserve.serverless.perf import (
     cached_calibration,
     compute_seconds,
     device_name,
+    fit_expert_seconds,
     fit_nonnegative,
     handler_overhead_seconds,
     handler_payload,
@@ -751,7 +752,9 @@ class Emulator:
     ) -> _Request:
         spec = self._spec(layer, function)
         dtype = self.plan.layers[layer].wire_dtype
-        tokens, touched = int(x.shape[0]), int(np.unique(experts).size)
+        tokens = int(x.shape[0])
+        loads = np.unique(experts, return_counts=True)[1]  # [touched] assignments per expert
+        touched, singles = int(loads.size), int((loads == 1).sum())
         if spec.channel == "direct":
             try:
                 event = handler_template.encode_request(
@@ -760,10 +763,10 @@ class Emulator:
             except handler_template.PayloadTooLargeError as error:
                 raise PayloadLimitError(f"{spec.name}: {error}") from None
             body = json.dumps(event).encode()
-            return _Request(spec, tokens, len(experts), touched, dtype, body, None)
+            return _Request(spec, tokens, len(experts), touched, dtype, body, None, singles)
         data = handler_template.rows_to_wire(x, dtype)
         event = handler_template.encode_assignments(x.shape, rows, experts, weights, dtype)
-        return _Request(spec, tokens, len(experts), touched, dtype, json.dumps(event).encode(), data)
+        return _Request(spec, tokens, len(experts), touched, dtype, json.dumps(event).encode(), data, singles)
 
     def _spec(self, layer: int, function: int) -> _FunctionSpec:
         return self.instances[(layer, function)][0].spec
@@ -842,6 +845,7 @@ class Emulator:
             micro_batch=micro_batch,
             tokens=request.assignments,
             experts_touched=request.experts_touched,
+            single_token_experts=request.single_token_experts,
             rows=request.tokens,
             request_bytes=len(request.body) + (len(request.data) if request.data is not None else 0),
             response_bytes=len(body),
@@ -1076,6 +1080,8 @@ class _Request:
     """The event's JSON bytes (what the payload limit applies to)."""
     data: bytes | None
     """Raw rows (wire dtype) for the object-store channel; None for direct."""
+    single_token_experts: int = 0
+    """Of ``experts_touched``, those given exactly one token."""
 
 
 def _proc_meminfo_bytes(key: str) -> int:
@@ -1121,8 +1127,9 @@ def fit_handler_calibration(entries: Sequence[LedgerEntry], shape: ExpertShape) 
     """The cost model's handler constants fitted to this run's measured CPU times (ok invocations).
 
     Two fits of the forms ``perf.calibrate`` fits (relative least squares, coefficients >= 0):
-    ``experts_cpu_s = experts_touched * call_overhead + tokens * flops_per_token / flops_per_second``
-    (tokens: token-assignments) and ``cpu_s - experts_cpu_s = invocation_overhead + json_bytes *
+    ``experts_cpu_s = (experts_touched - singles) * call_overhead + singles * single_token_expert
+    + (tokens - singles) * flops_per_token / flops_per_second`` (tokens: token-assignments;
+    singles: experts given one token; ``perf.fit_expert_seconds``) and ``cpu_s - experts_cpu_s = invocation_overhead + json_bytes *
     payload_seconds_per_byte`` (the JSON the handler parsed or wrote, as the ledger records it).
     When noise leaves no per-token cost, all expert time is counted per token. None with fewer
     than two invocations or no positive rate.
@@ -1130,13 +1137,16 @@ def fit_handler_calibration(entries: Sequence[LedgerEntry], shape: ExpertShape) 
     ok = [e for e in entries if e.kind == "invoke" and e.outcome == "ok"]
     if len(ok) < 2:
         return None
-    design = np.array([[e.experts_touched, e.tokens * shape.flops_per_token] for e in ok], dtype=np.float64)
     experts_seconds = np.array([e.experts_cpu_s for e in ok])
-    per_expert, per_flop = fit_nonnegative(design, experts_seconds)
+    touched = np.array([e.experts_touched for e in ok], dtype=np.float64)
+    tokens = np.array([e.tokens for e in ok], dtype=np.float64)
+    singles = np.array([e.single_token_experts for e in ok], dtype=np.float64)
+    per_expert, per_single, per_flop = fit_expert_seconds(touched, tokens, singles, experts_seconds, shape)
     if per_flop <= 0:
         # Noise swamped the per-token trend (small invocations are mostly per-expert overhead):
         # keep a rate, all time counted per token.
-        per_expert, per_flop = 0.0, float(experts_seconds.sum() / design[:, 1].sum())
+        per_expert, per_single = 0.0, 0.0
+        per_flop = float(experts_seconds.sum() / (tokens.sum() * shape.flops_per_token))
     if per_flop <= 0:
         return None
 
@@ -1153,6 +1163,7 @@ def fit_handler_calibration(entries: Sequence[LedgerEntry], shape: ExpertShape) 
         payload_seconds_per_byte=float(per_byte),
         weights_streamed=True,
         device=device_name(),
+        single_token_expert_s=per_single,
     )
 
 
@@ -1278,6 +1289,7 @@ class EmulatorReport:
             1.0,
             calibration,
             emulator.model.constants,
+            np.array([e.single_token_experts for e in entries], dtype=np.float64),
         )
         modelled_rest = 0.0
         for entry in entries:

@@ -155,16 +155,45 @@ def serve_request(
     return reply, response
 
 
+def expert_loads(experts: int, mean_tokens: int, rng: Any) -> Any:
+    """int64 [experts]: tokens per expert for one timed invocation, averaging ``mean_tokens``.
+
+    ``mean_tokens == 1``: one token each (decode-sized batches). Otherwise each load is
+    ``mean_tokens + d`` with integer ``d`` uniform in ``[-h, h]``, ``h = mean_tokens // 2``, in
+    pairs ``+d, -d`` (with an odd number of experts, one of them gets ``mean_tokens``), so the
+    loads of several experts sum to ``experts * mean_tokens`` exactly; a single expert gets
+    ``d`` with a random sign, which averages ``mean_tokens`` over repeats. The row counts the
+    matmuls see thus take every residue, as routed loads do.
+    """
+    import numpy as np
+
+    half = mean_tokens // 2
+    if half == 0:
+        return np.full(experts, max(mean_tokens, 1), dtype=np.int64)
+    if experts == 1:
+        return np.array([mean_tokens + int(rng.integers(-half, half + 1))], dtype=np.int64)
+    offsets = rng.integers(0, half + 1, size=experts // 2)  # [n // 2]
+    paired = np.concatenate([offsets, -offsets, np.zeros(experts % 2, dtype=offsets.dtype)])  # [n]
+    return (mean_tokens + rng.permutation(paired)).astype(np.int64)
+
+
 def measure_handler(spec: dict[str, Any]) -> list[list[float]]:
     """Time :func:`serve_request` on direct-channel events; the timing half of ``perf.calibrate``.
 
     ``spec``: ``hidden``, ``intermediate`` (the expert shape), ``pool`` (experts held, used in
     rotation so each invocation reads cold weights), ``flush_bytes`` (a buffer written before
-    each invocation to evict the caches), ``pairs`` ([experts, tokens per expert]),
+    each invocation to evict the caches), ``pairs`` ([experts, mean tokens per expert]),
     ``repeats`` (after one warm-up round), ``seed``. Pairs run round-robin. Returns one row per
     timed invocation: [experts, assignments, experts CPU s, rest CPU s, JSON bytes (request, and
-    the response when it is JSON; a raw-bytes response is not encoded)]. ``dtype``: the wire dtype
-    (default float32).
+    the response when it is JSON; a raw-bytes response is not encoded), experts given exactly one
+    token]. ``dtype``: the wire dtype (default float32).
+
+    Tokens per expert are unequal, as routing makes them (:func:`expert_loads`): a pair
+    ``[n, t]`` with ``t > 1`` gives its experts loads spread around ``t``, drawn afresh each
+    repeat. Equal loads at the grid's round values would time only the BLAS kernel's fastest
+    case (row counts that are multiples of its unroll); real invocations mostly miss it.
+    ``idle_s`` (default 0): seconds the process sleeps before each invocation, as an instance
+    waits for its next request.
     """
     import math
 
@@ -190,24 +219,34 @@ def measure_handler(spec: dict[str, Any]) -> list[list[float]]:
     scratch = np.empty(int(spec["flush_bytes"]), dtype=np.uint8)
     timings: list[list[float]] = []
     dtype = str(spec.get("dtype", "float32"))
+    idle = float(spec.get("idle_s", 0.0))
     cursor = 0
     for round_index in range(int(spec["repeats"]) + 1):
         for n, t in spec["pairs"]:
             ids = (cursor + np.arange(n)) % pool  # [n], the next experts of the rotation
             cursor = (cursor + n) % pool
-            # n*t assignments; with two or more experts each token row goes to two of them (top-2
-            # inside the function), so rows per assignment vary across the grid as in real plans.
-            tokens = math.ceil(n * t / 2) if n > 1 else t  # T >= t: a row at most once per expert
-            rows = np.arange(n * t) % tokens  # [n*t]
+            loads = expert_loads(n, t, rng)  # [n] tokens per expert, spread around t
+            count = int(loads.sum())
+            # With two or more experts each token row goes to two of them (top-2 inside the
+            # function), so rows per assignment vary across the grid as in real plans.
+            tokens = (
+                max(math.ceil(count / 2), int(loads.max())) if n > 1 else count
+            )  # a row at most once per expert
+            rows = (
+                np.arange(count) % tokens
+            )  # [A]: each expert's assignments are consecutive, so distinct rows
             order = np.argsort(rows, kind="stable")  # the gate sends assignments in token order
-            rows, experts = rows[order], np.repeat(ids, t)[order]  # [n*t], [n*t]
+            rows, experts = rows[order], np.repeat(ids, loads)[order]  # [A], [A]
             x = rng.standard_normal((tokens, hidden), dtype=np.float32)  # [T, D]
-            gate = rng.random(n * t, dtype=np.float32)  # [n*t]
+            gate = rng.random(count, dtype=np.float32)  # [A]
             event = handler_template.encode_request(x, rows, experts, gate, dtype, limit=2**62)
             body = json.dumps(event).encode()
             # Between invocations an instance sleeps its duty cycle while other processes run:
-            # it starts each one with cold caches, so the timing does too.
+            # it starts each one with cold caches, so the timing does too. It also starts each
+            # after idling (waiting for its next request), which costs CPU time on this host
+            # (measured: +4% after 50 ms, +8-10% after 0.2-0.5 s); ``idle_s`` idles first.
             scratch.fill(round_index & 0xFF)
+            time.sleep(idle)
             reply, response = serve_request(request, body, weights, handler_template, timer)
             if "error" in reply:
                 raise RuntimeError(f"the handler failed while calibrating: {reply['message']}")
@@ -216,10 +255,11 @@ def measure_handler(spec: dict[str, Any]) -> list[list[float]]:
                 timings.append(
                     [
                         n,
-                        n * t,
+                        count,
                         experts_s,
                         float(reply["cpu_s"]) - experts_s,
                         len(body) + json_response_bytes(response),
+                        int((loads == 1).sum()),
                     ]
                 )
     return timings

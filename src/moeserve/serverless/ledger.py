@@ -54,6 +54,8 @@ class LedgerEntry:
     """Token-assignments in the invocation."""
     experts_touched: int = 0
     """Distinct experts the invocation's tokens went to."""
+    single_token_experts: int = 0
+    """Of those, the experts given exactly one token (the cost model prices them apart)."""
     rows: int = 0
     """Distinct token rows sent (a row goes once to a function, whatever number of its experts it chose)."""
     request_bytes: int = 0

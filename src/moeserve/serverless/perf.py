@@ -5,13 +5,18 @@ Which figures are measured and which are modelled:
 * **Measured** (by :func:`calibrate`, on this machine, one thread): the CPU time of the deployed
   handler (:mod:`handler_template`, run through the emulator worker's own request loop,
   :func:`function_worker.serve_request`) at the plan's expert shape, on a grid of invocations
-  (experts touched x tokens per expert), with every expert's weights cold (a rotation of
+  (experts touched x mean tokens per expert, the experts' loads unequal around that mean as
+  routing makes them), with every expert's weights cold (a rotation of
   experts larger than the last-level cache). Two least-squares fits give four constants:
   ``experts_cpu = experts * call_overhead + tokens * flops_per_token / flops_per_second``
-  (``call_overhead`` includes streaming one expert's weights, at this shape) and
+  (``call_overhead`` includes streaming one expert's weights, at this shape), except that an
+  expert given exactly one token costs ``single_token_expert`` instead (a matrix-vector product:
+  the BLAS streams the weights once without packing them, several times cheaper than the
+  packed matrix-matrix path two tokens take, which a line through both cannot follow), and
   ``rest = invocation_overhead + json_bytes * payload_seconds_per_byte`` (JSON parsing and
   base64 decoding of the event, converting rows from and to the wire dtype; the direct response
-  is raw bytes, not encoded). A calibration is per shape and wire dtype. Medians of repeats; the spread of the
+  is raw bytes, not encoded). A calibration is per shape and wire dtype. Means of repeats (a
+  bill sums durations, so the mean, not the median, is what it needs); the spread of the
   repeats is recorded. :func:`cached_calibration` keeps calibrations as JSON data keyed by
   device and shape, so ``serverless plan`` and ``serverless run`` use the same one.
 * **Modelled**: a calibration measured at another shape (or the built-in default) scales to the
@@ -67,7 +72,8 @@ class Calibration:
     measured: bool
     """True when fitted from timings on this machine; False for the built-in default."""
     points: tuple[tuple[float, ...], ...] = ()
-    """Per timed invocation: (experts, token-assignments, experts CPU s, rest CPU s, JSON bytes), medians."""
+    """Per grid point: (experts, token-assignments, experts CPU s, rest CPU s, JSON bytes, experts
+    given exactly one token), means over repeats."""
     probe: tuple[int, int] = (0, 0)
     """(D, I) of the expert that was timed."""
     invocation_overhead_s: float = 0.0
@@ -84,11 +90,16 @@ class Calibration:
     """Median over timed points of (max - min) / median of the repeats: how noisy the timings were."""
     wire_dtype: str = "float32"
     """The dtype token rows travelled in while timing (the per-byte cost includes converting them)."""
+    single_token_expert_s: float = 0.0
+    """Time of an expert an invocation gives exactly one token (its weights streamed once through a
+    matrix-vector product), measured at ``probe``; 0 when not measured: such an expert then costs
+    ``call_overhead_s`` plus one token's FLOPs like any other."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.flops_per_second) and self.flops_per_second > 0):
             raise ValueError(f"flops_per_second must be > 0, got {self.flops_per_second}")
-        for name in ("call_overhead_s", "invocation_overhead_s", "payload_seconds_per_byte", "spread"):
+        for name in ("call_overhead_s", "invocation_overhead_s", "payload_seconds_per_byte", "spread",
+                     "single_token_expert_s"):  # fmt: skip
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -110,6 +121,7 @@ class Calibration:
             "points": [list(point) for point in self.points],
             "probe_hidden_intermediate": list(self.probe),
             "wire_dtype": self.wire_dtype,
+            "single_token_expert_s": self.single_token_expert_s,
         }
 
     @classmethod
@@ -129,6 +141,7 @@ class Calibration:
                 device=str(data.get("device", "")),
                 spread=float(data.get("spread", 0.0)),
                 wire_dtype=str(data.get("wire_dtype", "float32")),
+                single_token_expert_s=float(data.get("single_token_expert_s", 0.0)),
             )
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"malformed calibration: {error!r}") from error
@@ -207,24 +220,44 @@ def compute_seconds(
     vcpus: np.ndarray | float,
     calibration: Calibration = DEFAULT_CALIBRATION,
     constants: PerfConstants | None = None,
+    single_token_experts: np.ndarray | float | None = None,
 ) -> np.ndarray:
     """Seconds for ``experts`` experts of ``shape`` to process ``tokens`` token-assignments in total.
 
     Broadcasts over its array arguments. Time is ``experts * call_overhead`` plus the FLOP time,
-    divided by :func:`speedup`. When the calibration did not measure this shape's weight
-    streaming (:meth:`Calibration.covers`), the FLOP time is raised to the modelled floor of
-    reading the ``experts`` experts' weights once. Zero tokens cost nothing.
+    divided by :func:`speedup`. Of the experts, ``single_token_experts`` (default none; at most
+    ``experts`` and ``tokens``) get exactly one token: when the calibration measured that case
+    at this shape (``single_token_expert_s``, :meth:`Calibration.covers`), each of them costs
+    it instead of ``call_overhead`` and its token's FLOPs. When the calibration did not measure
+    this shape's weight streaming, the FLOP time is raised to the modelled floor of reading the
+    ``experts`` experts' weights once. Zero tokens cost nothing.
     """
     constants = constants or PerfConstants()
     tokens = np.asarray(tokens, dtype=np.float64)
     experts = np.asarray(experts, dtype=np.float64)
     rate = speedup(vcpus, constants)
-    flop_time = tokens * shape.flops_per_token / calibration.flops_per_second
+    single_cost = calibration.single_token_expert_s
+    if single_token_experts is None or single_cost <= 0 or not calibration.covers(shape):
+        singles = np.zeros_like(experts)
+    else:
+        singles = np.clip(
+            np.asarray(single_token_experts, dtype=np.float64), 0.0, np.minimum(experts, tokens)
+        )
+    flop_time = (tokens - singles) * shape.flops_per_token / calibration.flops_per_second
     if not calibration.covers(shape):
         stream_time = experts * shape.expert_bytes / constants.memory_bandwidth_bytes_per_s
         flop_time = np.maximum(flop_time, stream_time)
-    busy = experts * calibration.call_overhead_s + flop_time
+    busy = (experts - singles) * calibration.call_overhead_s + flop_time + singles * single_cost
     return np.where(tokens > 0, busy / rate, 0.0)
+
+
+def expected_single_token_experts(tokens: np.ndarray | float, group: np.ndarray | float) -> np.ndarray:
+    """Expected number of a ``group`` of experts that get exactly one of ``tokens`` token-assignments
+    spread uniformly over them: ``tokens * (1 - 1/group) ** (tokens - 1)`` (at most ``tokens``)."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    group = np.asarray(group, dtype=np.float64)
+    miss = np.where(group > 0, 1.0 - 1.0 / np.maximum(group, 1.0), 0.0)
+    return np.minimum(tokens * miss ** np.maximum(tokens - 1.0, 0.0), tokens)
 
 
 _EVENT_JSON_BYTES = 160
@@ -397,6 +430,7 @@ def calibrate(
     max_pool_bytes: int = 1 << 30,
     seed: int = 0,
     wire_dtype: str = "float32",
+    idle_s: float = 0.0,
 ) -> Calibration:
     """Time the deployed handler at ``shape`` on one thread and fit the :class:`Calibration` constants.
 
@@ -405,11 +439,20 @@ def calibrate(
     every invocation reads cold weights, as a function instance does between invocations on a
     shared host; 2. in a worker process with one BLAS thread, as the emulator starts them
     (``python -m moeserve.serverless.function_worker --calibrate``,
-    :func:`function_worker.measure_handler`), for every (experts, tokens per expert) pair a
-    direct-channel event as the gate sends it, served by the worker's request loop
+    :func:`function_worker.measure_handler`), for every (experts, mean tokens per expert) pair a
+    direct-channel event as the gate sends it, the experts' loads spread around the mean
+    (:func:`function_worker.expert_loads`: the matmuls' row counts take every value, as routed
+    loads do; equal loads at round numbers would time only the BLAS kernel's fastest case),
+    each after ``idle_s`` seconds asleep (default 0: back to back). An instance idles between
+    invocations, and on this host an invocation after an idle spell takes more CPU time than one
+    straight after another (DeepSeek shape, measured: about +4% after 50 ms, +8-10% after
+    0.2-0.5 s, 1.1-1.9x for the first after 10 s); how long it idles depends on the plan's
+    cadence, which a calibration per shape does not know, so the default times the busy case
+    (docs/benchmarks.md, "Local emulator"). Served by the worker's request loop
     (:func:`function_worker.serve_request`: JSON parse, ``handler_template.handle``, JSON
     encode), recording the thread's CPU time and the expert part of it; 3. the pairs in
-    round-robin, ``repeats`` times after a warm-up round, medians per pair; 4. the two fits in
+    round-robin, ``repeats`` times after a warm-up round, means per pair (a bill sums
+    durations); 4. the two fits in
     the module docstring (relative least squares, coefficients >= 0). :class:`CalibrationError`
     if the worker fails or no per-token cost can be fitted.
     """
@@ -421,6 +464,8 @@ def calibrate(
         raise ValueError(f"need token counts >= 1, got {tuple(tokens_per_expert)}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not (math.isfinite(idle_s) and idle_s >= 0):
+        raise ValueError(f"idle_s must be >= 0, got {idle_s}")
     hidden, intermediate = shape.hidden_size, shape.intermediate_size
     float32_expert_bytes = 3 * hidden * intermediate * 4  # the handler computes in float32
     most = max(experts_touched)
@@ -436,6 +481,7 @@ def calibrate(
         "repeats": repeats,
         "seed": seed,
         "dtype": wire_dtype,
+        "idle_s": idle_s,
     }  # fmt: skip
     completed = subprocess.run(
         [sys.executable, "-m", "moeserve.serverless.function_worker", "--calibrate"],
@@ -447,20 +493,19 @@ def calibrate(
     )
     if completed.returncode != 0:
         raise CalibrationError(f"calibrating the handler failed: {completed.stderr.strip()[-600:]}")
-    samples: dict[tuple[int, int], list[list[float]]] = {}
-    for row in json.loads(completed.stdout):
-        samples.setdefault((int(row[0]), int(row[1])), []).append(row)
+    samples: dict[tuple[int, int], list[list[float]]] = {}  # by (experts, mean tokens per expert)
     points = []
     spreads = []
-    for (n, tokens), rows in samples.items():
+    for index, row in enumerate(json.loads(completed.stdout)):
+        samples.setdefault((int(row[0]), int(pairs[index % len(pairs)][1])), []).append(row)
+    for rows in samples.values():
         table = np.array(rows, dtype=np.float64)  # [repeats, 5]
         totals = table[:, 2] + table[:, 3]
         spreads.append(float((totals.max() - totals.min()) / max(np.median(totals), 1e-12)))
-        points.append((float(n), float(tokens), float(np.median(table[:, 2])), float(np.median(table[:, 3])),
-                       float(np.median(table[:, 4]))))  # fmt: skip
-    data = np.array(points)  # [P, 5]
-    per_expert, per_flop = fit_nonnegative(
-        np.stack([data[:, 0], data[:, 1] * shape.flops_per_token], axis=1), data[:, 2]
+        points.append(tuple(float(value) for value in table.mean(axis=0)))  # means: a bill sums durations
+    data = np.array(points)  # [P, 6]
+    per_expert, per_single, per_flop = fit_expert_seconds(
+        data[:, 0], data[:, 1], data[:, 5], data[:, 2], shape
     )
     if per_flop <= 0:
         raise CalibrationError("calibration found no per-token cost; the timings are too noisy to fit")
@@ -477,7 +522,31 @@ def calibrate(
         device=device_name(),
         spread=float(np.median(spreads)),
         wire_dtype=wire_dtype,
+        single_token_expert_s=float(per_single),
     )
+
+
+def fit_expert_seconds(
+    experts: np.ndarray, tokens: np.ndarray, singles: np.ndarray, seconds: np.ndarray, shape: ExpertShape
+) -> tuple[float, float, float]:
+    """(per expert s, per single-token expert s, per FLOP s) fitted to invocations' expert CPU ``seconds``.
+
+    ``experts``, ``tokens`` (token-assignments), ``singles`` (experts given exactly one token),
+    ``seconds``: float [P]. The form of :func:`compute_seconds`: ``(experts - singles) *
+    per_expert + singles * per_single + (tokens - singles) * flops_per_token * per_flop``, by
+    :func:`fit_nonnegative`. Without single-token experts in the data, or when the other
+    invocations leave no per-FLOP cost (too few or too noisy to separate it from the per-expert
+    one), one line through all invocations as before (``per_single`` 0: not measured).
+    """
+    if (singles > 0).any():
+        columns = [experts - singles, singles, (tokens - singles) * shape.flops_per_token]
+        per_expert, per_single, per_flop = fit_nonnegative(np.stack(columns, axis=1), seconds)
+        if per_flop > 0:
+            return float(per_expert), float(per_single), float(per_flop)
+    per_expert, per_flop = fit_nonnegative(
+        np.stack([experts, tokens * shape.flops_per_token], axis=1), seconds
+    )
+    return float(per_expert), 0.0, float(per_flop)
 
 
 CALIBRATION_FORMAT = "moeserve-serverless-calibration/1"
@@ -492,9 +561,20 @@ function, outputs combined in the function and returned as raw bytes); part of t
 calibration of another format is never used for this one."""
 
 
+CALIBRATION_METHOD = 2
+"""Version of how :func:`calibrate` times the handler (2: experts' loads unequal around the grid's
+mean, means of repeats, single-token experts fitted apart; 1: equal loads at the grid's values,
+medians, one line through all); part of the key, so a
+calibration timed the older way is measured again rather than reused."""
+
+
 def shape_key(shape: ExpertShape, wire_dtype: str = "float32") -> str:
-    """The key of a calibration in a file: the handler's cost depends on D, I, the wire dtype and its format."""
-    return f"D{shape.hidden_size}-I{shape.intermediate_size}-{wire_dtype}-handler{HANDLER_FORMAT}"
+    """The key of a calibration in a file: the handler's cost depends on D, I, the wire dtype and its
+    format; the key also names the calibration method."""
+    return (
+        f"D{shape.hidden_size}-I{shape.intermediate_size}-{wire_dtype}-handler{HANDLER_FORMAT}"
+        f"-method{CALIBRATION_METHOD}"
+    )
 
 
 def load_calibration(

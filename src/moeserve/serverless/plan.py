@@ -49,6 +49,7 @@ from moeserve.serverless.perf import (
     PerfConstants,
     cold_start_seconds,
     compute_seconds,
+    expected_single_token_experts,
     handler_overhead_seconds,
     handler_payload,
     transfer_seconds,
@@ -284,7 +285,9 @@ def function_figures(
 
     Loads are token-assignments per batch for the whole function; each replica takes 1/r of
     them in ``micro_batches`` invocations. The experts an invocation touches are the expected
-    number of distinct experts hit by its tokens, ``n (1 - (1 - 1/n)^t)``. Its distinct token
+    number of distinct experts hit by its tokens, ``n (1 - (1 - 1/n)^t)``, of which
+    ``t (1 - 1/n)^(t - 1)`` get exactly one token (:func:`perf.expected_single_token_experts`;
+    the calibration prices those apart). Its distinct token
     rows are the assignments over :func:`assignments_per_row` (with ``batch_tokens``; without
     it, one row per assignment), sent in ``wire_dtype``.
     """
@@ -319,7 +322,8 @@ def function_figures(
     ).astype(np.int64)  # [G]
 
     def handler_seconds(tokens: np.ndarray) -> np.ndarray:
-        busy = compute_seconds(shape, tokens, touched(tokens), vcpus, model.calibration, constants)
+        singles = expected_single_token_experts(tokens, group)
+        busy = compute_seconds(shape, tokens, touched(tokens), vcpus, model.calibration, constants, singles)
         payload = handler_payload(shape, tokens, tokens / per_row, channel, wire_dtype)
         parse = handler_overhead_seconds(payload.json_bytes, vcpus, model.calibration)
         busy = busy + np.where(tokens > 0, parse, 0.0)
