@@ -939,6 +939,8 @@ def simulate_ep(
                 experts_per_worker=-(-loaded.meta.num_experts // expert_workers),
                 top_k=loaded.meta.top_k,
             )
+            if requests:  # time the sizes this workload's calls have, not only the small default grid
+                shape = shape.covering(requests, prompt_tokens, attention_workers, expert_workers, micro_batches)
             calibration = calibrate_costs(shape)
             if save_costs is not None:
                 save_calibration(calibration, save_costs)

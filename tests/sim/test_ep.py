@@ -342,3 +342,21 @@ def test_deepseek_trace_async_beats_sync_at_8_plus_8() -> None:
     }
     assert results["async"].throughput_tokens_per_s > results["sync"].throughput_tokens_per_s
     assert results["sync"].mean_barrier_wait_s > 0
+
+
+def test_calibration_shape_covering_adds_the_workloads_call_sizes():
+    shape = CalibrationShape(top_k=6)
+    wide = shape.covering(requests=2048, prompt_tokens=16, attention_workers=1, expert_workers=1, micro_batches=4)
+    # attention calls: 2048 decode tokens (sync), 512 (async); x16 at prefill
+    assert {2048, 512, 2048 * 16, 512 * 16} <= set(wide.token_counts)
+    assert set(shape.token_counts) <= set(wide.token_counts)
+    # expert rows: top_k per token on the one expert worker; messages the same with one attention worker
+    assert {2048 * 6, 512 * 6, 2048 * 16 * 6} <= set(wide.row_counts) and set(shape.row_counts) <= set(wide.row_counts)
+    assert {2048 * 6, 512 * 6} <= set(wide.message_rows)
+    assert list(wide.row_counts) == sorted(set(wide.row_counts))
+    assert (wide.hidden, wide.intermediate, wide.repeats) == (shape.hidden, shape.intermediate, shape.repeats)
+    spread = shape.covering(requests=64, prompt_tokens=4, attention_workers=2, expert_workers=4, micro_batches=2)
+    assert {32, 16, 128, 64} <= set(spread.token_counts)  # 64 requests over 2 attention workers
+    assert 32 * 6 * 2 // 4 in spread.row_counts  # every attention worker's rows meet on 4 expert workers
+    with pytest.raises(ValueError, match="micro_batches must be an integer >= 1"):
+        shape.covering(requests=8, prompt_tokens=4, attention_workers=1, expert_workers=1, micro_batches=0)

@@ -39,7 +39,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,35 @@ class CalibrationShape:
     def bytes_per_row(self) -> int:
         """Message bytes per dispatched row: float32 activations plus the int64 expert id."""
         return 4 * self.hidden + ROW_ID_BYTES
+
+    def covering(self, requests: int, prompt_tokens: int, attention_workers: int, expert_workers: int,
+                 micro_batches: int) -> CalibrationShape:
+        """This shape with its grids extended to the calls a request workload makes.
+
+        The default grids stop at 512 tokens and 1,536 rows; a workload of many requests calls
+        the attention side with up to ``requests / attention_workers`` decode tokens (a
+        ``prompt_tokens`` multiple of that at prefill) and the expert side with ``top_k`` rows per
+        token spread over ``expert_workers``, in one batch (sync) or ``micro_batches`` (async).
+        Costs per token and row are not constant over such a range (caches), so a fit timed
+        only at small sizes extrapolates badly; this adds the workload's own sizes (both modes,
+        decode and prefill) to the grids. The repeats stay as they are.
+        """
+        for name, value in (("requests", requests), ("prompt_tokens", prompt_tokens),
+                            ("attention_workers", attention_workers), ("expert_workers", expert_workers),
+                            ("micro_batches", micro_batches)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        per_worker = max(1, requests // attention_workers)
+        batches = {per_worker, max(1, per_worker // micro_batches)}  # sync, async
+        tokens = {size * steps for size in batches for steps in (1, prompt_tokens)}  # decode, prefill
+        rows = {max(1, size * self.top_k * attention_workers // expert_workers) for size in tokens}
+        messages = {max(1, size * self.top_k // expert_workers) for size in tokens}
+        return replace(
+            self,
+            row_counts=tuple(sorted(set(self.row_counts) | rows)),
+            token_counts=tuple(sorted(set(self.token_counts) | tokens)),
+            message_rows=tuple(sorted(set(self.message_rows) | messages)),
+        )
 
 
 @dataclass(frozen=True)
