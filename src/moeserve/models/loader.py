@@ -147,7 +147,12 @@ def _load_transformers_model_without_experts(folder: Path, dtype: torch.dtype, f
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
     from transformers.initialization import no_init_weights
 
     try:
@@ -172,31 +177,33 @@ def _load_transformers_model_without_experts(folder: Path, dtype: torch.dtype, f
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     expected = model.state_dict()
     loaded: set[int] = set()  # data pointers of the tensors read (tied weights share one)
-    for path in files:
-        header = read_header(path)
-        for key in header.tensors:
-            renamed, converted_by = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
-            if renamed not in expected and key in expected:
-                renamed, converted_by = key, None
-            if renamed.startswith(prefixes):
-                continue  # a routed expert: read by the expert cache when it is needed
-            if renamed not in expected:
-                continue  # as transformers does, a tensor the model has no place for is left unread
-            if converted_by is not None:
-                raise CheckpointError(
-                    f"{path}: {key} needs transformers to convert it ({converted_by}), which loading without "
-                    "the experts does not do; load the model with its experts"
-                )
-            target = model.get_parameter_or_buffer(renamed)
-            tensor = read_tensor(header, key)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(
-                    f"{folder}: weights in {path.name} do not match config.json: {key} is "
-                    f"{tuple(tensor.shape)} in the file, config expects {tuple(target.shape)}"
-                )
-            with torch.no_grad():
-                target.copy_(tensor)
-            loaded.add(target.data_ptr())
+    headers = [read_header(path) for path in files]
+    # In transformers' order (some renaming rules are stateful): every file's keys, naturally sorted.
+    entries = sorted(((key, header) for header in headers for key in header.tensors), key=lambda e: dot_natural_key(e[0]))
+    for key, header in entries:
+        path = header.path
+        renamed, converted_by = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+        if renamed not in expected and key in expected:
+            renamed, converted_by = key, None
+        if renamed.startswith(prefixes):
+            continue  # a routed expert: read by the expert cache when it is needed
+        if renamed not in expected:
+            continue  # as transformers does, a tensor the model has no place for is left unread
+        if converted_by is not None:
+            raise CheckpointError(
+                f"{path}: {key} needs transformers to convert it ({converted_by}), which loading without "
+                "the experts does not do; load the model with its experts"
+            )
+        target = model.get_parameter_or_buffer(renamed)
+        tensor = read_tensor(header, key)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{folder}: weights in {path.name} do not match config.json: {key} is "
+                f"{tuple(tensor.shape)} in the file, config expects {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(tensor)
+        loaded.add(target.data_ptr())
     _check_unloaded_experts(folder, model, family)
     missing = sorted(
         name for name, tensor in expected.items()
@@ -332,7 +339,8 @@ def load_model(
     else:
         hf_model = _load_transformers_model_without_experts(folder, dtype, files, family)
     layers, decoder_ids = install_moe_layers(hf_model, family, moe_config)
-    own_checkpoint_weights(hf_model, layers)
+    if load_experts:  # the other path reads every tensor into memory of its own already
+        own_checkpoint_weights(hf_model, layers)
     tokenizer = _load_tokenizer(folder) if load_tokenizer else None
     return MoEModel(
         path=folder,
