@@ -246,3 +246,16 @@ def test_scheduler_steps_itself_during_generation(reference_model: MoEModel) -> 
             remove_expert_cache(reference_model, cache)
             remove_committee(reference_model, gate)
     assert len(outputs[0]) == len(outputs[2]) == 12
+
+
+def test_scheduler_without_a_cache_swaps_a_top_k_sized_committee(reference_model: MoEModel) -> None:
+    layers = len(reference_model.layers)
+    gate = apply_committee(reference_model, {i: {0, 1} for i in range(layers)})  # exactly top_k members
+    scheduler = CommitteeScheduler(reference_model, gate, decay=0.5, max_swaps=2)
+    try:
+        _feed(reference_model, RouterOutput(topk_ids=torch.tensor([[7, 8]] * 4), topk_weights=torch.full((4, 2), 0.5)))
+        assert scheduler.step() == 2 * layers  # immediate swaps keep the size: both members replaced
+        assert all(gate.members(i) == {7, 8} for i in range(layers))
+    finally:
+        scheduler.close()
+        remove_committee(reference_model, gate)

@@ -465,15 +465,18 @@ class CommitteeScheduler:
             row = self.ema[layer]
             for _ in range(self.max_swaps - len(incoming)):
                 outside = [e for e in range(row.numel()) if e not in members and e not in incoming]
-                if not outside or len(members) <= self.gate.top_k:
+                if not outside:
                     break
                 joining = max(outside, key=lambda e: (float(row[e]), -e))
                 leaving = min(members, key=lambda e: (float(row[e]), -e))
                 if float(row[joining]) <= float(row[leaving]):
                     break
+                at_once = self.cache is None or self.cache.is_resident(layer, joining)
+                if not at_once and len(members) <= self.gate.top_k:
+                    break  # leaving first would shrink the committee below top_k
                 members.discard(leaving)
                 self.swaps_started += 1
-                if self.cache is None or self.cache.is_resident(layer, joining):
+                if at_once:
                     members.add(joining)
                     made += 1
                 else:
