@@ -104,6 +104,19 @@ def test_generate_with_committee_plan_reports_telemetry(tmp_path: Path):
             assert {pair["first"], pair["second"]} <= members[layer]
 
 
+def test_generate_with_committee_swaps_under_a_budget(tmp_path: Path):
+    plan = tmp_path / "plan.json"
+    run("committee", "plan", "--out", str(plan), "--budget", "0.5", "--tokens", "512")
+    payload = json.loads(run("generate", "--committee", str(plan), "--committee-swaps", "1", "--expert-memory", "50%",
+                             "--max-new-tokens", "8", "--json").stdout)
+    scheduler = payload["committee"]["scheduler"]
+    assert scheduler["max_swaps"] == 1 and 0 <= scheduler["swaps_completed"] <= scheduler["swaps_started"]
+    assert all(len(members) >= 2 for members in scheduler["members"].values())
+    assert payload["expert_cache"]["max_resident_bytes"] <= payload["expert_cache"]["budget_bytes"]
+    refused = run("generate", "--committee-swaps", "1", "--max-new-tokens", "4", check=False)
+    assert refused.returncode == 2 and "--committee-swaps needs --committee" in refused.stderr
+
+
 def test_serve_then_bench_serve_against_it_then_sigterm_drains():
     import signal
     import time

@@ -476,7 +476,7 @@ class CommitteeScheduler:
                     break  # leaving first would shrink the committee below top_k
                 members.discard(leaving)
                 self.swaps_started += 1
-                if at_once:
+                if self.cache is None or at_once:
                     members.add(joining)
                     made += 1
                 else:
