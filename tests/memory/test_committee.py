@@ -278,3 +278,41 @@ def test_preload_members_loads_the_committee_within_the_budget(reference_model: 
     finally:
         remove_expert_cache(reference_model, cache)
         remove_committee(reference_model, gate)
+
+
+def test_steps_and_background_loads_of_the_same_experts_keep_every_slot_accounted(reference_model: MoEModel) -> None:
+    """A step that waits for room while background loads bring in its own experts loads only the rest.
+
+    The background reads are slowed so a step waits while they run (timing-dependent: the race
+    this guards was a slot leaked when the step loaded an expert a background load had just
+    made resident); the accounting must hold whatever the interleaving.
+    """
+    import threading
+    import time
+
+    from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
+
+    for _ in range(5):
+        cache = apply_expert_cache(reference_model, "12.5%", "lru")  # one pool of 8 slots for 4 layers
+        store_read = cache.store.read_expert_into
+
+        def slow_in_background(*args, read=store_read):
+            if threading.current_thread() is not threading.main_thread():
+                time.sleep(0.01)
+            return read(*args)
+
+        cache.store.read_expert_into = slow_in_background
+        pool = cache._pool_of[0]
+        try:
+            cache.observe(1, RouterOutput(topk_ids=torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]),
+                                          topk_weights=torch.full((4, 2), 0.5)))
+            cache.observe(2, RouterOutput(topk_ids=torch.tensor([[9, 8]]), topk_weights=torch.full((1, 2), 0.5)))
+            for expert in (5, 1, 0, 3):
+                cache.load_in_background(0, expert)
+            cache.observe(0, RouterOutput(topk_ids=torch.tensor([[0, 1]]), topk_weights=torch.full((1, 2), 0.5)))
+            cache.wait_for_prefetch()
+            assert sorted(pool.free + list(pool.key2slot.values())) == list(range(len(pool.gate_up)))
+            assert len(pool.gate_up) <= pool.capacity and cache.resident_bytes == len(pool.key2slot) * pool.slot_bytes
+            assert cache.is_resident(0, 0) and cache.is_resident(0, 1)
+        finally:
+            remove_expert_cache(reference_model, cache)
