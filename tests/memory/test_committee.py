@@ -316,3 +316,35 @@ def test_steps_and_background_loads_of_the_same_experts_keep_every_slot_accounte
             assert cache.is_resident(0, 0) and cache.is_resident(0, 1)
         finally:
             remove_expert_cache(reference_model, cache)
+
+
+def test_a_step_waits_for_every_one_of_its_experts_a_background_load_starts(reference_model: MoEModel) -> None:
+    """While a step waits for one of its experts to land, the loader may start another of them;
+    the step must wait for that one too rather than read it a second time (timing-dependent
+    like the test above: background reads are slowed; the accounting must hold either way)."""
+    import threading
+    import time
+
+    from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
+
+    for _ in range(5):
+        cache = apply_expert_cache(reference_model, "50%", "lru")  # room for all: nothing is evicted
+        store_read = cache.store.read_expert_into
+
+        def slow_in_background(*args, read=store_read):
+            if threading.current_thread() is not threading.main_thread():
+                time.sleep(0.01)
+            return read(*args)
+
+        cache.store.read_expert_into = slow_in_background
+        pool = cache._pool_of[0]
+        try:
+            for expert in (5, 6, 7):
+                cache.load_in_background(0, expert)
+            time.sleep(0.002)  # the first background read is under way
+            cache.observe(0, RouterOutput(topk_ids=torch.tensor([[5, 6], [7, 5]]), topk_weights=torch.full((2, 2), 0.5)))
+            cache.wait_for_prefetch()
+            assert sorted(pool.free + list(pool.key2slot.values())) == list(range(len(pool.gate_up)))
+            assert cache.stats().loads == 3 and len(pool.key2slot) == 3  # each expert read once
+        finally:
+            remove_expert_cache(reference_model, cache)

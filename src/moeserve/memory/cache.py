@@ -668,7 +668,9 @@ class ExpertCache:
             waiting = [key for key in keys if key in pool.loading]
             if waiting:
                 started = clock.perf_counter()
-                self._lock.wait_for(lambda: pool.loading.isdisjoint(waiting))
+                # All the step's keys: while the lock is released a background load may start
+                # another of them, which must land before step 2 decides what to load here.
+                self._lock.wait_for(lambda: pool.loading.isdisjoint(keys))
                 counters.stall_seconds += clock.perf_counter() - started
                 counters.prefetch_waits += len(waiting)
             # 2.
