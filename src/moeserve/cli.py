@@ -106,10 +106,6 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
 
         cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy)
         cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch)
-    if gate is not None and cache is not None:
-        from moeserve.memory.committee import preload_members
-
-        preload_members(cache, gate)  # the plan names the working set: start loading it now
     if gate is not None and committee_swaps:
         from moeserve.memory.committee import CommitteeScheduler
 

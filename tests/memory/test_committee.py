@@ -261,25 +261,6 @@ def test_scheduler_without_a_cache_swaps_a_top_k_sized_committee(reference_model
         remove_committee(reference_model, gate)
 
 
-def test_preload_members_loads_the_committee_within_the_budget(reference_model: MoEModel) -> None:
-    from moeserve.memory.committee import preload_members
-    from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
-
-    layers = len(reference_model.layers)
-    members = {i: {1, 4, 9} for i in range(layers)}
-    gate = apply_committee(reference_model, members)
-    cache = apply_expert_cache(reference_model, "18.75%", "lru", per_layer=True)  # 3 experts per layer
-    try:
-        assert preload_members(cache, gate) == 3 * layers
-        cache.wait_for_prefetch()
-        assert all(cache.is_resident(i, e) for i in range(layers) for e in members[i])
-        assert cache.stats().loads == 3 * layers and cache.stats().max_resident_bytes <= cache.budget_bytes
-        assert preload_members(cache, gate) == 0  # nothing left to load
-    finally:
-        remove_expert_cache(reference_model, cache)
-        remove_committee(reference_model, gate)
-
-
 def test_steps_and_background_loads_of_the_same_experts_keep_every_slot_accounted(reference_model: MoEModel) -> None:
     """A step that waits for room while background loads bring in its own experts loads only the rest.
 

@@ -215,14 +215,12 @@ def _calibration_tokens(model, count: int) -> torch.Tensor:
 def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Tensor, prompt: str,
                    new_tokens: int, baseline_ids: list[int], cold_reads: bool = False,
                    temperature: float = 0.0, warmup_tokens: int = 0, committee_swaps: int = 0) -> OffloadRow:
-    """The committee under the same budget: members sized to it, served through the LRU cache, its
-    members queued for background loads as the cache is applied (:func:`preload_members`)."""
+    """The committee under the same budget: members sized to it, served through the LRU cache."""
     from moeserve.memory.cache import parse_expert_memory
     from moeserve.memory.committee import (
         CommitteeScheduler,
         apply_committee,
         plan_committee,
-        preload_members,
         remove_committee,
     )
 
@@ -231,7 +229,6 @@ def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Ten
     gate = apply_committee(model, plan.members_by_layer())
     try:
         cache = apply_expert_cache(model, budget, "lru", cold_reads=cold_reads)
-        preload_members(cache, gate)  # the committee knows its working set: load it in the background now
         scheduler = None
         if committee_swaps:
             scheduler = CommitteeScheduler(model, gate, max_swaps=committee_swaps, cache=cache, step_every=1)

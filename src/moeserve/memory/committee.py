@@ -392,24 +392,6 @@ def plan_committee(model: MoEModel, calibration_token_ids: torch.Tensor, budget_
     )
 
 
-def preload_members(cache: ExpertCache, gate: CommitteeGate) -> int:
-    """Queue every committee member for a background load into ``cache``, layer by layer.
-
-    A committee knows its working set: loading it at once, in the order the forward needs it,
-    lets the first tokens find members resident (or in flight) instead of stalling on each
-    first use. Loads evict no member; ones that find no free slot are skipped (a later use
-    loads them). Returns the number of loads queued; ``cache.wait_for_prefetch()`` waits for them.
-    """
-    queued = 0
-    for layer in gate.layers:
-        members = gate.members(layer)
-        for expert in sorted(members):
-            if not cache.is_resident(layer, expert):
-                cache.load_in_background(layer, expert, keep=members)
-                queued += 1
-    return queued
-
-
 class CommitteeScheduler:
     """Online committee scheduler: EMA of recent gate mass, at most ``max_swaps`` per layer per step.
 
