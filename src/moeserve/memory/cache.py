@@ -688,7 +688,7 @@ class ExpertCache:
                 # 3.
                 if len(key2slot) + len(pool.loading) + len(missing) > pool.capacity:
                     self._lock.wait_for(lambda: not pool.loading)
-                    # While the lock was released, background loads (a committee swap, say)
+                    # While the lock was released, background loads (load_in_background of one of them)
                     # may have made some of the step's experts resident: load only the rest.
                     missing = [key for key in missing if key not in key2slot]
                     overflow = len(key2slot) + len(missing) - pool.capacity
