@@ -261,6 +261,21 @@ def test_scheduler_without_a_cache_swaps_a_top_k_sized_committee(reference_model
         remove_committee(reference_model, gate)
 
 
+def _slow_background_reads(cache, seconds: float = 0.01) -> None:
+    """Make ``cache``'s expert reads off the main thread (the background loader's) take ``seconds`` longer."""
+    import threading
+    import time
+
+    read = cache.store.read_expert_into
+
+    def slow_in_background(*args):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(seconds)
+        return read(*args)
+
+    cache.store.read_expert_into = slow_in_background
+
+
 def test_steps_and_background_loads_of_the_same_experts_keep_every_slot_accounted(reference_model: MoEModel) -> None:
     """A step that waits for room while background loads bring in its own experts loads only the rest.
 
@@ -268,21 +283,11 @@ def test_steps_and_background_loads_of_the_same_experts_keep_every_slot_accounte
     this guards was a slot leaked when the step loaded an expert a background load had just
     made resident); the accounting must hold whatever the interleaving.
     """
-    import threading
-    import time
-
     from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
 
     for _ in range(5):
         cache = apply_expert_cache(reference_model, "12.5%", "lru")  # one pool of 8 slots for 4 layers
-        store_read = cache.store.read_expert_into
-
-        def slow_in_background(*args, read=store_read):
-            if threading.current_thread() is not threading.main_thread():
-                time.sleep(0.01)
-            return read(*args)
-
-        cache.store.read_expert_into = slow_in_background
+        _slow_background_reads(cache)
         pool = cache._pool_of[0]
         try:
             cache.observe(1, RouterOutput(topk_ids=torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]),
@@ -303,21 +308,13 @@ def test_a_step_waits_for_every_one_of_its_experts_a_background_load_starts(refe
     """While a step waits for one of its experts to land, the loader may start another of them;
     the step must wait for that one too rather than read it a second time (timing-dependent
     like the test above: background reads are slowed; the accounting must hold either way)."""
-    import threading
     import time
 
     from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
 
     for _ in range(5):
         cache = apply_expert_cache(reference_model, "50%", "lru")  # room for all: nothing is evicted
-        store_read = cache.store.read_expert_into
-
-        def slow_in_background(*args, read=store_read):
-            if threading.current_thread() is not threading.main_thread():
-                time.sleep(0.01)
-            return read(*args)
-
-        cache.store.read_expert_into = slow_in_background
+        _slow_background_reads(cache)
         pool = cache._pool_of[0]
         try:
             for expert in (5, 6, 7):

@@ -731,10 +731,14 @@ class ExpertCache:
         if not background:
             self._prefetch_job(layer_index, predicted, call)
             return
+        self._submit_background(self._prefetch_job, layer_index, predicted, call)
+
+    def _submit_background(self, job: Callable[..., Any], *args: Any) -> None:
+        """Run ``job(*args)`` on the one background loader thread (started on first use), in order."""
         if self._loader is None:
             self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-prefetch")
-        self._prefetch_jobs = [job for job in self._prefetch_jobs if not job.done() or job.exception() is not None]
-        self._prefetch_jobs.append(self._loader.submit(self._prefetch_job, layer_index, predicted, call))
+        self._prefetch_jobs = [done for done in self._prefetch_jobs if not done.done() or done.exception() is not None]
+        self._prefetch_jobs.append(self._loader.submit(job, *args))
 
     def wait_for_prefetch(self) -> None:
         """Block until every prefetch submitted so far has finished; re-raise the first that failed."""
@@ -758,10 +762,7 @@ class ExpertCache:
             raise IndexError(f"experts {expert}, {sorted(keep)} out of range 0-{num_experts - 1}")
         offset = self._key_offset[layer_index]
         protected = {offset + kept for kept in keep} | {offset + expert}
-        if self._loader is None:
-            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-prefetch")
-        self._prefetch_jobs = [job for job in self._prefetch_jobs if not job.done() or job.exception() is not None]
-        self._prefetch_jobs.append(self._loader.submit(self._load_one, layer_index, expert, protected, False))
+        self._submit_background(self._load_one, layer_index, expert, protected, False)
 
     def is_resident(self, layer_index: int, expert: int) -> bool:
         """Whether ``expert`` of MoE layer ``layer_index`` is resident now (not loading)."""

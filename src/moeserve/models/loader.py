@@ -133,8 +133,11 @@ def _load_transformers_model(folder: Path, dtype: torch.dtype, files: list[Path]
     return model
 
 
-def _load_transformers_model_without_experts(folder: Path, dtype: torch.dtype, files: list[Path], family: Family) -> Any:
-    """The transformers model of ``folder`` with every weight read except the routed experts'.
+def _load_transformers_model_without_experts(
+    folder: Path, dtype: torch.dtype, files: list[Path], family: Family
+) -> tuple[Any, dict[int, int]]:
+    """The transformers model of ``folder`` with every weight read except the routed experts', and
+    the number of routed experts of each MoE decoder layer (by decoder index).
 
     The model is built without initialising its weights (transformers' ``no_init_weights``: the
     expert tensors are allocated, never written, so they take no memory) and the routed experts'
@@ -163,13 +166,15 @@ def _load_transformers_model_without_experts(folder: Path, dtype: torch.dtype, f
         raise CheckpointError(f"{folder}: transformers could not build the model: {error}") from None
     model.eval()
     expert_prefixes = []
+    shapes: dict[int, tuple[int, int, int]] = {}  # decoder layer -> (E, D, I) the config gives its experts
     for decoder_id, decoder_layer in enumerate(model.model.layers):
         block = decoder_layer.mlp
         if type(block).__name__ != family.block_class:
             continue
         expert_prefixes.append(f"model.layers.{decoder_id}.mlp.experts.")
-        for name, parameter in list(block.experts.named_parameters(recurse=False)):
-            block.experts._unloaded_shapes = {**getattr(block.experts, "_unloaded_shapes", {}), name: parameter.shape}
+        experts, two_i, hidden = block.experts.gate_up_proj.shape  # [E, 2I, D]
+        shapes[decoder_id] = (int(experts), int(hidden), int(two_i) // 2)
+        for parameter in block.experts.parameters(recurse=False):
             parameter.data = parameter.data.new_empty((0, *parameter.shape[1:]))
     prefixes = tuple(expert_prefixes)
     transforms = get_model_conversion_mapping(model)
@@ -204,7 +209,7 @@ def _load_transformers_model_without_experts(folder: Path, dtype: torch.dtype, f
         with torch.no_grad():
             target.copy_(tensor)
         loaded.add(target.data_ptr())
-    _check_unloaded_experts(folder, model, family)
+    _check_unloaded_experts(folder, shapes)
     missing = sorted(
         name for name, tensor in expected.items()
         if not name.startswith(prefixes) and tensor.numel() and tensor.data_ptr() not in loaded
@@ -213,20 +218,16 @@ def _load_transformers_model_without_experts(folder: Path, dtype: torch.dtype, f
         shown = ", ".join(missing[:4]) + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else "")
         names = ", ".join(p.name for p in files)
         raise CheckpointError(f"{folder}: weights missing from {names} that config.json needs: {shown}")
-    return model
+    return model, {decoder_id: shape[0] for decoder_id, shape in shapes.items()}
 
 
-def _check_unloaded_experts(folder: Path, model: Any, family: Family) -> None:
-    """The experts the checkpoint holds (index only, nothing read) have the shapes the model expects."""
+def _check_unloaded_experts(folder: Path, shapes: dict[int, tuple[int, int, int]]) -> None:
+    """The experts the checkpoint holds (index only, nothing read) have the (E, D, I) ``shapes`` the
+    config gives each MoE decoder layer."""
     from moeserve.memory.store import ExpertStore
 
     store = ExpertStore(folder)
-    for decoder_id, decoder_layer in enumerate(model.model.layers):
-        shapes = getattr(decoder_layer.mlp, "experts", None) and getattr(decoder_layer.mlp.experts, "_unloaded_shapes", None)
-        if type(decoder_layer.mlp).__name__ != family.block_class or not shapes:
-            continue
-        experts, two_i, hidden = shapes["gate_up_proj"]
-        expected = (int(experts), int(hidden), int(two_i) // 2)
+    for decoder_id, expected in shapes.items():
         try:
             spec = store.layer_spec(decoder_id)
         except KeyError:
@@ -246,8 +247,13 @@ def _describe_mismatch(entry) -> str:
     return str(entry)
 
 
-def install_moe_layers(model: Any, family: Family, moe_config: MoEConfig) -> tuple[list[MoELayer], list[int]]:
-    """Replace every family MoE block with a MoEBlock; return the MoE layers and their decoder indices."""
+def install_moe_layers(model: Any, family: Family, moe_config: MoEConfig,
+                       unloaded: dict[int, int] | None = None) -> tuple[list[MoELayer], list[int]]:
+    """Replace every family MoE block with a MoEBlock; return the MoE layers and their decoder indices.
+
+    ``unloaded`` (decoder layer -> number of experts) names layers whose experts were not read:
+    they get :class:`UnloadedExperts` until an expert cache takes them over.
+    """
     layers: list[MoELayer] = []
     decoder_ids: list[int] = []
     decoder_layers = model.model.layers
@@ -256,11 +262,9 @@ def install_moe_layers(model: Any, family: Family, moe_config: MoEConfig) -> tup
         if type(block).__name__ != family.block_class:
             continue
         experts = block.experts
-        shapes = getattr(experts, "_unloaded_shapes", None)
         provider: ResidentExperts | UnloadedExperts
-        if shapes is not None:  # loaded without its experts: an expert cache must take the layer over
-            provider = UnloadedExperts(int(shapes["gate_up_proj"][0]), experts.gate_up_proj.dtype,
-                                       experts.gate_up_proj.device)
+        if unloaded is not None and decoder_id in unloaded:
+            provider = UnloadedExperts(unloaded[decoder_id], experts.gate_up_proj.dtype, experts.gate_up_proj.device)
         else:
             provider = ResidentExperts(gate_up_proj=experts.gate_up_proj.data, down_proj=experts.down_proj.data)
         layer = MoELayer(provider, experts.act_fn, moe_config, layer_index=len(layers))
@@ -334,11 +338,12 @@ def load_model(
     _, family = read_config(folder)
     files = check_weight_files(folder)
     moe_config = moe or MoEConfig()
+    unloaded = None
     if load_experts:
         hf_model = _load_transformers_model(folder, dtype, files)
     else:
-        hf_model = _load_transformers_model_without_experts(folder, dtype, files, family)
-    layers, decoder_ids = install_moe_layers(hf_model, family, moe_config)
+        hf_model, unloaded = _load_transformers_model_without_experts(folder, dtype, files, family)
+    layers, decoder_ids = install_moe_layers(hf_model, family, moe_config, unloaded)
     if load_experts:  # the other path reads every tensor into memory of its own already
         own_checkpoint_weights(hf_model, layers)
     tokenizer = _load_tokenizer(folder) if load_tokenizer else None
