@@ -190,7 +190,7 @@ def test_auto_backend_is_chosen_once_from_device_and_dtype():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu, torch.float32) == "hybrid"
     assert resolve_backend("auto", cpu, torch.float32, stacked=False) == "hybrid"  # an expert cache: per-expert loops
-    expected_bf16 = "loop" if cpu_has_native_low_precision_matmul() else "cpu"
+    expected_bf16 = "loop" if cpu_has_native_low_precision_matmul() else "hybrid"
     assert resolve_backend("auto", cpu, torch.bfloat16) == expected_bf16
     assert resolve_backend("grouped_mm", cpu, torch.float32) == "grouped_mm"
     assert MoELayer(_experts(dtype=torch.bfloat16), F.silu, MoEConfig()).backend_name == expected_bf16
@@ -251,12 +251,28 @@ class _OneAtATime:
         return None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 2, 16, 300])
-def test_hybrid_is_bit_identical_with_and_without_stacked_experts(num_tokens):
+def test_hybrid_is_bit_identical_with_and_without_stacked_experts(num_tokens, dtype):
     """An exact expert cache must reproduce the resident layer bit for bit: ``hybrid`` runs
-    per-expert loops with the arithmetic of its grouped path when experts are not stacked."""
-    experts, hidden, routing = _experts(), _hidden(num_tokens), _routing(num_tokens)
-    resident = MoELayer(experts, F.silu, MoEConfig(backend="auto"))
-    cached = MoELayer(_OneAtATime(experts), F.silu, MoEConfig(backend="auto"))
-    assert resident.backend_name == cached.backend_name == "hybrid"
+    per-expert loops with the arithmetic of its grouped path when experts are not stacked
+    (bf16: both in fp32 from the same converted values)."""
+    experts, hidden, routing = _experts(dtype=dtype), _hidden(num_tokens, dtype), _routing(num_tokens)
+    resident = MoELayer(experts, F.silu, MoEConfig(backend="hybrid"))
+    cached = MoELayer(_OneAtATime(experts), F.silu, MoEConfig(backend="hybrid"))
+    if dtype == torch.float32:
+        assert MoELayer(experts, F.silu, MoEConfig(backend="auto")).backend_name == "hybrid"
     assert torch.equal(cached(hidden, routing), resident(hidden, routing))
+
+
+@pytest.mark.parametrize("gating", ["dropless", "capacity"])
+@pytest.mark.parametrize("num_tokens", [2, 16, 300])
+def test_hybrid_bfloat16_computes_in_float32(num_tokens, gating):
+    """bf16 through ``hybrid`` equals the fp32 computation on the bf16 values, rounded once."""
+    experts, hidden, routing = _experts(dtype=torch.bfloat16), _hidden(num_tokens, torch.bfloat16), _routing(num_tokens)
+    config = MoEConfig(gating=gating, capacity_factor=1.25, backend="hybrid")
+    actual = MoELayer(experts, F.silu, config)(hidden, routing)
+    full = ResidentExperts(experts.gate_up_proj.float(), experts.down_proj.float())
+    reference = MoELayer(full, F.silu, MoEConfig(gating=gating, capacity_factor=1.25, backend="loop"))
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), reference(hidden.float(), routing), rtol=1e-2, atol=1e-2)

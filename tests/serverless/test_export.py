@@ -208,9 +208,8 @@ def test_payloads_over_the_synchronous_limit_are_refused_clearly():
     rng = np.random.default_rng(1)
     weights = ht.ExpertWeights(
         np.array([0]),
-        rng.standard_normal((1, 3, 4)).astype(np.float32),
-        rng.standard_normal((1, 3, 4)).astype(np.float32),
-        rng.standard_normal((1, 4, 3)).astype(np.float32),
+        rng.standard_normal((1, 4, 6)).astype(np.float32),  # gate_up [n, D, 2I]
+        rng.standard_normal((1, 3, 4)).astype(np.float32),  # down [n, I, D]
     )
     event = ht.encode_request(np.ones((50, 4), dtype=np.float32), *one_per_row(50))
     with pytest.raises(ht.PayloadTooLargeError, match="response of 50 tokens"):
@@ -221,12 +220,11 @@ def test_payloads_over_the_synchronous_limit_are_refused_clearly():
 def test_grouped_experts_equal_a_row_by_row_reference_and_the_object_store_path_matches_direct():
     rng = np.random.default_rng(2)
     n, intermediate, hidden = 5, 6, 4
-    weights = ht.ExpertWeights(
-        np.array([7, 3, 9, 1, 4]),
-        rng.standard_normal((n, intermediate, hidden)).astype(np.float32),
-        rng.standard_normal((n, intermediate, hidden)).astype(np.float32),
-        rng.standard_normal((n, hidden, intermediate)).astype(np.float32),
-    )
+    # The checkpoint's layout; the handler holds them transposed and fused (from_projections).
+    gate_w = rng.standard_normal((n, intermediate, hidden)).astype(np.float32)
+    up_w = rng.standard_normal((n, intermediate, hidden)).astype(np.float32)
+    down_w = rng.standard_normal((n, hidden, intermediate)).astype(np.float32)
+    weights = ht.ExpertWeights.from_projections(np.array([7, 3, 9, 1, 4]), gate_w, up_w, down_w)
     x = rng.standard_normal((40, hidden)).astype(np.float32)
     # Each row to two distinct experts, as top-2 routing inside one function.
     pairs = np.stack([rng.choice(weights.experts, 2, replace=False) for _ in range(40)])  # [40, 2]
@@ -237,10 +235,8 @@ def test_grouped_experts_equal_a_row_by_row_reference_and_the_object_store_path_
         expected = np.zeros(hidden, dtype=np.float32)
         for a in (2 * row, 2 * row + 1):
             slot = weights.slot(int(experts[a]))
-            h = x[row] @ weights.gate[slot].T
-            expected += gate[a] * (
-                (h / (1 + np.exp(-h)) * (x[row] @ weights.up[slot].T)) @ weights.down[slot].T
-            )
+            h = x[row] @ gate_w[slot].T
+            expected += gate[a] * ((h / (1 + np.exp(-h)) * (x[row] @ up_w[slot].T)) @ down_w[slot].T)
         np.testing.assert_allclose(y[row], expected, rtol=1e-4, atol=1e-5)
 
     direct = ht.handle(ht.encode_request(x, rows, experts, gate), weights)
@@ -288,3 +284,23 @@ def plan_from_saved(plan: DeploymentPlan) -> tuple[LayerPlan, ...]:
     with tempfile.TemporaryDirectory() as folder:
         path = save_plan_json(plan, Path(folder) / "plan.json")
         return load_plan_json(path).plan.layers
+
+
+def test_weights_files_round_trip_and_an_older_layout_is_refused_by_name(tmp_path):
+    rng = np.random.default_rng(3)
+    gate, up = rng.standard_normal((2, 3, 4), dtype=np.float32), rng.standard_normal((2, 3, 4), dtype=np.float32)
+    down = rng.standard_normal((2, 4, 3), dtype=np.float32)
+    weights = ht.ExpertWeights.from_projections(np.array([5, 1]), gate, up, down)
+    # Input-major and fused: x @ gate_up is [x @ gate.T | x @ up.T]; x @ down_t is x @ down.T.
+    x = rng.standard_normal((7, 4), dtype=np.float32)
+    np.testing.assert_allclose(x @ weights.gate_up[1], np.concatenate([x @ gate[1].T, x @ up[1].T], 1), rtol=1e-5)
+    np.testing.assert_allclose(x[:, :3] @ weights.down[0], x[:, :3] @ down[0].T, rtol=1e-5)
+    ht.save_weights(tmp_path / "w.npz", weights)
+    loaded = ht.load_weights(str(tmp_path / "w.npz"))
+    assert np.array_equal(loaded.experts, [5, 1])
+    assert np.array_equal(loaded.gate_up, weights.gate_up) and np.array_equal(loaded.down, weights.down)
+    np.savez(tmp_path / "old.npz", experts=np.array([5, 1]), gate=gate, up=up, down=down)
+    with pytest.raises(ValueError, match="older export"):
+        ht.load_weights(str(tmp_path / "old.npz"))
+    with pytest.raises(ValueError, match=r"gate and up must both be \[2, I, D\]"):
+        ht.ExpertWeights.from_projections(np.array([5, 1]), gate, up[:, :2], down)

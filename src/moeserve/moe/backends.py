@@ -9,6 +9,7 @@ Shape legend: N dispatched rows, E experts, D hidden, I intermediate, C capacity
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -149,10 +150,13 @@ def _version(tensor: torch.Tensor) -> int:
 
 
 class HybridExperts:
-    """fp32 on CPU: ``torch._grouped_mm`` over a transposed copy of small experts, the
-    per-expert loop for a handful of rows and for large experts; with an expert cache (experts
-    not stacked), per-expert loops with the grouped path's arithmetic
-    (:func:`_gated_mlp_transposed`), so exact caching stays bit-identical to the resident layer.
+    """On CPU: ``torch._grouped_mm`` over a transposed copy of small experts, the per-expert loop
+    for a handful of rows and for large experts; with an expert cache (experts not stacked),
+    per-expert loops with the grouped path's arithmetic (:func:`_gated_mlp_transposed`), so exact
+    caching stays bit-identical to the resident layer. bf16/fp16 weights (on CPUs without native
+    low-precision matmul, where ``resolve_backend`` picks this backend for them) are copied to
+    fp32 in the same transposed copy and computed in fp32, outputs rounded back; their handful-
+    of-rows and large-expert steps take :class:`CpuExperts` (fp32 from ``UPCAST_MIN_ROWS`` rows).
 
     On CPU ``torch._grouped_mm`` loops over the groups in C++, so it saves the Python and
     dispatch cost of the per-expert loop (about ten small ops per active expert), which is most
@@ -160,8 +164,8 @@ class HybridExperts:
     second operand fastest when it is contiguous as [E, D, 2I] (with weights out of cache: 249 us
     against 456 us for the transposed view, 16 experts of 128 x 320, 32 rows), so this backend
     keeps a transposed copy of layers up to ``HYBRID_MAX_LAYER_BYTES`` (the reference model: 4 MB
-    a layer). Measured on this project's 2-core AVX2 machine, one thread, fp32, random weights
-    and softmax top-k routing, ms per layer, loop / grouped_mm over the transposed view
+    a layer in fp32). Measured on this project's 2-core AVX2 machine, one thread, fp32, random
+    weights and softmax top-k routing, ms per layer, loop / grouped_mm over the transposed view
     (``moeserve bench moe-layer`` times every backend on the reference layer): D=128 I=160 E=16
     k=2: 1 token 0.13 / 0.19, 4 tokens 0.42 / 0.31, 16 tokens 1.17 / 0.57, 256 tokens 2.96 /
     1.80; D=1024 I=1408 E=64 k=6: within 10% either way at 1-256 tokens; D=4096 I=3584 E=8 k=2:
@@ -173,6 +177,7 @@ class HybridExperts:
     def __init__(self) -> None:
         self._source: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
         self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._per_expert = CpuExperts()  # fp32: exactly the loop reference; bf16/fp16: upcast large groups
 
     def _transposed_copy(self, stacked: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         gate_up, down = stacked  # [E, 2I, D], [E, D, I]
@@ -182,39 +187,84 @@ class HybridExperts:
         if self._transposed is None or known is None or known[0] is not gate_up or known[1] is not down \
                 or known[2:] != source[2:]:
             self._source = source
-            self._transposed = (gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous())
+            compute = _compute_dtype(gate_up.dtype)
+            self._transposed = (
+                gate_up.transpose(1, 2).to(compute).contiguous(),
+                down.transpose(1, 2).to(compute).contiguous(),
+            )
         return self._transposed  # [E, D, 2I], [E, I, D]
 
     def __call__(self, groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
         stacked = weights.stacked()
+        low_precision = groups.rows.dtype in LOW_PRECISION
+        small = _small_layer(groups, weights)
         if groups.capacity is not None:
-            return experts_grouped_mm(groups, weights, act) if stacked is not None else experts_loop(groups, weights, act)
+            if stacked is None or (low_precision and not small):
+                return self._per_expert(groups, weights, act)
+            if not low_precision:
+                return experts_grouped_mm(groups, weights, act)
+            gate_up_t, down_t = self._transposed_copy(stacked)  # fp32
+            x = groups.rows.float().view(gate_up_t.shape[0], groups.capacity, -1)  # [E, C, D]
+            gate, up = torch.bmm(x, gate_up_t).chunk(2, dim=-1)  # [E, C, I] each
+            return torch.bmm(act(gate) * up, down_t).view(groups.rows.shape).to(groups.rows.dtype)  # [N, D]
         rows = groups.rows.shape[0]
-        if rows <= HYBRID_LOOP_MAX_ROWS or not _small_layer(groups, weights):
-            return experts_loop(groups, weights, act)
+        if rows <= HYBRID_LOOP_MAX_ROWS or not small:
+            return self._per_expert(groups, weights, act)
         if stacked is None:
             # An expert cache (weights one expert at a time): the same arithmetic as the grouped
             # path below, so an exact cache gives bit-identical outputs to the resident layer.
-            return experts_loop(groups, weights, act, _gated_mlp_transposed)
+            if not low_precision:
+                return experts_loop(groups, weights, act, _gated_mlp_transposed)
+            upcast = dataclasses.replace(groups, rows=groups.rows.float())
+            return experts_loop(upcast, _Float32View(weights), act, _gated_mlp_transposed).to(groups.rows.dtype)
         gate_up_t, down_t = self._transposed_copy(stacked)
         offsets = torch.cumsum(groups.expert_counts, dim=0).to(torch.int32)  # [E] end row of each group
-        gate, up = torch._grouped_mm(groups.rows, gate_up_t, offs=offsets).chunk(2, dim=-1)  # [N, I] each
-        return torch._grouped_mm(act(gate) * up, down_t, offs=offsets)  # [N, D]
+        x = groups.rows.float() if low_precision else groups.rows  # [N, D]
+        gate, up = torch._grouped_mm(x, gate_up_t, offs=offsets).chunk(2, dim=-1)  # [N, I] each
+        return torch._grouped_mm(act(gate) * up, down_t, offs=offsets).to(groups.rows.dtype)  # [N, D]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16 weights (``hybrid`` runs on CPUs that only emulate them), else ``dtype``."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+class _Float32View:
+    """An expert provider's experts converted to fp32 one at a time (``hybrid``'s low-precision
+    path with an expert cache: the values its fp32 transposed copy holds for a resident layer)."""
+
+    def __init__(self, inner: ExpertProvider) -> None:
+        self.inner = inner
+        self.num_experts = inner.num_experts
+        self.dtype = torch.float32
+        self.device = inner.device
+
+    def stacked(self) -> None:
+        return None
+
+    def gate_up(self, expert: int) -> torch.Tensor:
+        return self.inner.gate_up(expert).float()
+
+    def down(self, expert: int) -> torch.Tensor:
+        return self.inner.down(expert).float()
 
 
 def _small_layer(groups: ExpertGroups, weights: ExpertProvider) -> bool:
-    """Whether all the layer's experts together fit ``HYBRID_MAX_LAYER_BYTES`` (from the row width
-    and, for the intermediate size, the stacked weights or the step's first routed expert)."""
+    """Whether all the layer's experts together, in their compute dtype (fp32 for bf16/fp16),
+    fit ``HYBRID_MAX_LAYER_BYTES`` (from the row width and, for the intermediate size, the
+    stacked weights or the step's first routed expert)."""
     stacked = weights.stacked()
     if stacked is not None:
         gate_up, down = stacked
-        return (gate_up.numel() + down.numel()) * gate_up.element_size() <= HYBRID_MAX_LAYER_BYTES
+        element = torch.empty((), dtype=_compute_dtype(gate_up.dtype)).element_size()
+        return (gate_up.numel() + down.numel()) * element <= HYBRID_MAX_LAYER_BYTES
     counts = groups.expert_counts.tolist()
     first = next((expert for expert, count in enumerate(counts) if count), None)
     if first is None:
         return False
     gate_up = weights.gate_up(first)  # [2I, D]; this step uses it anyway
-    return weights.num_experts * 3 * (gate_up.numel() // 2) * gate_up.element_size() <= HYBRID_MAX_LAYER_BYTES
+    element = torch.empty((), dtype=_compute_dtype(gate_up.dtype)).element_size()
+    return weights.num_experts * 3 * (gate_up.numel() // 2) * element <= HYBRID_MAX_LAYER_BYTES
 
 
 BACKENDS.register("loop")(_stateless(experts_loop))
@@ -233,10 +283,10 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, stacked
 
     ``stacked`` says whether the provider holds every expert in one tensor (an expert cache
     does not: then only per-expert backends apply). On CUDA: ``grouped_mm`` (``loop`` with an
-    expert cache). On CPU, fp32: ``hybrid`` (grouped_mm over a transposed copy of small experts,
-    the loop for a single token's rows; with an expert cache, per-expert loops with the same
-    arithmetic, so exact caching stays bit-identical); low-precision weights take the ``cpu`` path
-    unless the CPU has bf16 instructions.
+    expert cache). On CPU: ``hybrid`` (grouped_mm over a transposed copy of small experts, the
+    loop for a single token's rows; with an expert cache, per-expert loops with the same
+    arithmetic, so exact caching stays bit-identical), bf16/fp16 included (computed in fp32),
+    unless the CPU has bf16 instructions: then ``loop`` for low-precision weights.
     """
     if name != "auto":
         BACKENDS.get(name)  # raises with the known names
@@ -245,8 +295,8 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, stacked
         return name
     if device.type == "cuda":
         return "grouped_mm" if stacked and grouped_mm_available() else "loop"
-    if dtype in LOW_PRECISION:
-        return "loop" if cpu_has_native_low_precision_matmul() else "cpu"
+    if dtype in LOW_PRECISION and cpu_has_native_low_precision_matmul():
+        return "loop"
     if grouped_mm_available():
         return "hybrid"  # with an expert cache it runs per-expert loops matching the resident arithmetic
     return "loop"

@@ -304,7 +304,7 @@ class CheckpointWeights:
         decoder_layer = self.store.layers[layer]
         tensors = [self.store.read_expert(decoder_layer, e, torch.float32) for e in experts]
         intermediate = tensors[0].down.shape[1]
-        return handler_template.ExpertWeights(
+        return handler_template.ExpertWeights.from_projections(
             experts=np.array(experts, dtype=np.int64),
             gate=np.stack([t.gate_up[:intermediate].numpy() for t in tensors]),
             up=np.stack([t.gate_up[intermediate:].numpy() for t in tensors]),
@@ -328,7 +328,7 @@ class RandomWeights:
             gate.append(rng.standard_normal((i, d), dtype=np.float32) / np.float32(math.sqrt(d)))
             up.append(rng.standard_normal((i, d), dtype=np.float32) / np.float32(math.sqrt(d)))
             down.append(rng.standard_normal((d, i), dtype=np.float32) / np.float32(math.sqrt(i)))
-        return handler_template.ExpertWeights(
+        return handler_template.ExpertWeights.from_projections(
             np.array(experts, dtype=np.int64), np.stack(gate), np.stack(up), np.stack(down)
         )
 
@@ -609,9 +609,7 @@ class Emulator:
                 path = self.work_dir / f"layer{index}-function{g}.npz"
                 weights = self.weights.function_weights(index, function.experts)
                 with path.open("wb") as handle:
-                    np.savez(
-                        handle, experts=weights.experts, gate=weights.gate, up=weights.up, down=weights.down
-                    )
+                    handler_template.save_weights(handle, weights)
                 specs.append(
                     _FunctionSpec(
                         index, g, function, layer.channel, path, self.limits.vcpu_share(function.memory_mb)

@@ -247,14 +247,11 @@ def _write_weights(
             key = _weights_key(index, g)
             target = root / key
             target.parent.mkdir(parents=True, exist_ok=True)
+            function_weights = handler_template.ExpertWeights.from_projections(
+                ids, layer_weights.gate[ids], layer_weights.up[ids], layer_weights.down[ids]
+            )
             with target.open("wb") as handle:
-                np.savez(
-                    handle,
-                    experts=ids,
-                    gate=layer_weights.gate[ids].astype(np.float32),
-                    up=layer_weights.up[ids].astype(np.float32),
-                    down=layer_weights.down[ids].astype(np.float32),
-                )
+                handler_template.save_weights(handle, function_weights)
             files.append(target)
             keys[(index, g)] = key
     return files, keys

@@ -205,13 +205,11 @@ def measure_handler(spec: dict[str, Any]) -> list[list[float]]:
     rng = np.random.default_rng(int(spec["seed"]))
 
     def matrices(rows: int, columns: int) -> Any:
-        return rng.standard_normal((pool, rows, columns), dtype=np.float32) / np.float32(math.sqrt(columns))
+        """[pool, rows, columns], input-major (``rows`` is the fan-in), as the handler holds them."""
+        return rng.standard_normal((pool, rows, columns), dtype=np.float32) / np.float32(math.sqrt(rows))
 
     weights = handler_template.ExpertWeights(
-        np.arange(pool, dtype=np.int64),
-        matrices(intermediate, hidden),
-        matrices(intermediate, hidden),
-        matrices(hidden, intermediate),
+        np.arange(pool, dtype=np.int64), matrices(hidden, 2 * intermediate), matrices(intermediate, hidden)
     )
     timer = ExpertsTimer(handler_template.run_experts)
     handler_template.run_experts = timer  # type: ignore[assignment]

@@ -555,10 +555,11 @@ DEFAULT_CALIBRATION_PATH = Path("runs") / "serverless" / "calibration.json"
 working directory; ``runs/`` is scratch)."""
 
 
-HANDLER_FORMAT = 2
-"""Version of the handler's request format a calibration was timed on (2: rows sent once per
-function, outputs combined in the function and returned as raw bytes); part of the key, so a
-calibration of another format is never used for this one."""
+HANDLER_FORMAT = 3
+"""Version of the handler a calibration was timed on (2: rows sent once per function, outputs
+combined in the function and returned as raw bytes; 3: weights held input-major with gate and
+up fused, one contiguous matrix each); part of the key, so a calibration of another handler is
+never used for this one."""
 
 
 CALIBRATION_METHOD = 2
