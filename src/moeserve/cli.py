@@ -725,6 +725,7 @@ def serverless_run(
     batch_tokens: Annotated[int | None, typer.Option(help="Tokens per batch (default: the plan's).")] = None,
     timeout: Annotated[float, typer.Option(help="Invocation timeout in seconds (<= 900).")] = 60.0,
     concurrency: Annotated[int | None, typer.Option(help="Concurrent invocations allowed (default: the account limit in the price file).")] = None,
+    host_slots: Annotated[int | None, typer.Option(help="Invocations computing at once on this host, so emulated functions do not time-slice its cores (default: the cores available; 0: no limit).")] = None,
     network: Annotated[str, typer.Option(help="modelled (the gate waits the cost model's transfer times) or none.")] = "modelled",
     calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Predict with the cached calibration of this machine, as `serverless plan` does (else the plan's recorded calibration).")] = True,
     calibration: Annotated[Path, typer.Option("--calibration", help="Calibration cache (JSON keyed by device and shape); shared with `serverless plan`.")] = Path("runs/serverless/calibration.json"),
@@ -736,7 +737,7 @@ def serverless_run(
     from moeserve.serverless.emulator import EmulatorConfig, emulate_plan
 
     try:
-        config = EmulatorConfig(timeout_s=timeout, concurrency_limit=concurrency, network=network)
+        config = EmulatorConfig(timeout_s=timeout, concurrency_limit=concurrency, network=network, host_slots=host_slots)
         report = emulate_plan(plan, model, trace, tokens=tokens, layers=layers, batch_tokens=batch_tokens,
                               config=config, calibrate_here=calibrate_here, seed=seed,
                               calibration_path=calibration, recalibrate=recalibrate)

@@ -173,7 +173,8 @@ def test_a_payload_over_the_synchronous_limit_is_refused_before_sending(checkpoi
 def test_an_invocation_past_the_timeout_is_killed_and_billed_for_the_timeout(checkpoint):
     shape = reference_shape()
     # 128 MB has 0.07 vCPU: 4,000 rows take ~30 ms of CPU, stretched to ~0.4 s by the duty cycle.
-    config = EmulatorConfig(timeout_s=0.1)
+    # One host slot: the killed invocation must free it, or the next one would wait forever.
+    config = EmulatorConfig(timeout_s=0.1, host_slots=1)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4000, shape.hidden_size), dtype=np.float32)
     experts = rng.integers(0, 16, 4000)
@@ -189,6 +190,7 @@ def test_an_invocation_past_the_timeout_is_killed_and_billed_for_the_timeout(che
         emulator.start_instance(instance)
         assert instance.process.poll() is None and instance.killed_for is None
         assert [e.kind for e in emulator.ledger.entries] == ["init", "invoke", "init"]
+        assert emulator.invoke(0, 0, 0, x[:2], experts[:2]).shape == (2, shape.hidden_size)
 
 
 def test_concurrent_invocations_stay_within_the_limit(replay, checkpoint):
@@ -209,6 +211,24 @@ def test_concurrent_invocations_stay_within_the_limit(replay, checkpoint):
         assert emulator.ledger.count("invoke") == 4
         assert run.throttled >= 1
         assert np.allclose(run.outputs, replay.reference[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_one_host_slot_is_held_while_computing_not_through_the_cpu_share_sleep(replay, checkpoint):
+    # 128 MB (0.07 vCPU): each invocation computes ~1 ms and then sleeps ~14x that as its duty
+    # cycle. With one host slot the next replica computes during that sleep, so invocations still
+    # overlap; were the slot held to the reply, none could.
+    config = EmulatorConfig(host_slots=1, network="none")
+    plan = DeploymentPlan((LayerPlan((FunctionPlan(tuple(range(16)), 128, 4),), 1, "direct"),))
+    with Emulator(plan, reference_shape(), checkpoint, 1, MODEL, config) as emulator:
+        inputs = type(replay)(
+            replay.hidden[:1], replay.topk_ids[:1], replay.topk_weights[:1], replay.reference[:1], replay.source
+        )
+        run = emulator.run(inputs, batch_tokens=64)
+        assert emulator.host_slots == 1
+        assert emulator.ledger.count("invoke") == 4
+        assert emulator.ledger.max_concurrency() >= 2
+        assert np.allclose(run.outputs, replay.reference[:1], rtol=1e-4, atol=1e-5)
+        assert "at most 1 invocations compute at once" in " ".join(run.report().notes())
 
 
 def test_cli_runs_a_saved_plan_with_a_trace_on_the_reference_weights(tmp_path):

@@ -19,7 +19,10 @@ lengths, a JSON header of the first length, a body of the second):
    files for the store: it reads the raw float32 rows from ``input_path`` (the object's GET),
    writes the raw output to ``output_path`` (the PUT), and sleeps ``get_s`` and ``put_s``
    beside them -- S3 latency and bandwidth are modelled, a local file is not S3.
-3. The reply header is ``{"wall_s", "cpu_s", "experts_cpu_s", "io_s", "throttle_s"}`` (and
+3. When the handler has computed its answer, before the CPU-share sleep, the worker sends
+   ``{"computed": true}`` (no body): the emulator then lets another invocation compute on this
+   host (its host slots, ``emulator.EmulatorConfig.host_slots``).
+4. The reply header is ``{"wall_s", "cpu_s", "experts_cpu_s", "io_s", "throttle_s"}`` (and
    ``"error"``, ``"message"`` when the handler raised), the body the handler's response as the
    Lambda runtime returns it (:func:`marshal_response`: raw bytes as they are, else JSON).
    ``experts_cpu_s`` is the CPU time inside ``handler_template.run_experts`` (the expert
@@ -46,6 +49,7 @@ import json
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from moeserve.serverless.handler_template import MALLOC_ENVIRONMENT
@@ -99,12 +103,18 @@ def marshal_response(result: Any) -> bytes:
 
 
 def serve_request(
-    request: dict[str, Any], body: bytes, weights: Any, handler: Any, timer: ExpertsTimer
+    request: dict[str, Any],
+    body: bytes,
+    weights: Any,
+    handler: Any,
+    timer: ExpertsTimer,
+    computed: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """Serve one request (header ``request``, event ``body``): the reply header and the response bytes.
 
     ``handler`` is the handler module, whose ``run_experts`` must be ``timer`` for
-    ``experts_cpu_s`` to be counted. Also used by ``perf.calibrate``, so the cost model is
+    ``experts_cpu_s`` to be counted. ``computed`` (if given) is called once the answer is
+    computed, before the CPU-share sleep. Also used by ``perf.calibrate``, so the cost model is
     calibrated on exactly this code path.
     """
     start, cpu_start = time.perf_counter(), time.thread_time()
@@ -139,6 +149,8 @@ def serve_request(
         reply = {"error": type(error).__name__, "message": str(error)}
         response = b""
     cpu = time.thread_time() - cpu_start
+    if computed is not None:
+        computed()
     busy_wall = time.perf_counter() - start - io_seconds
     throttle = 0.0
     vcpus = float(request["vcpus"])
@@ -292,8 +304,13 @@ def main() -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     stdout.write(frame({"ready": True, "load_s": time.perf_counter() - load_start}))
     stdout.flush()
+
+    def computed() -> None:
+        stdout.write(frame({"computed": True}))
+        stdout.flush()
+
     while (message := read_frame(stdin)) is not None:
-        header, response = serve_request(*message, weights, handler_template, timer)
+        header, response = serve_request(*message, weights, handler_template, timer, computed)
         stdout.write(frame(header, response))
         stdout.flush()
 
