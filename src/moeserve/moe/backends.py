@@ -197,18 +197,19 @@ class HybridExperts:
     def __call__(self, groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
         stacked = weights.stacked()
         low_precision = groups.rows.dtype in LOW_PRECISION
-        small = _small_layer(groups, weights)
         if groups.capacity is not None:
-            if stacked is None or (low_precision and not small):
+            if stacked is None:
                 return self._per_expert(groups, weights, act)
             if not low_precision:
                 return experts_grouped_mm(groups, weights, act)
+            if not _small_layer(groups, weights):
+                return self._per_expert(groups, weights, act)
             gate_up_t, down_t = self._transposed_copy(stacked)  # fp32
             x = groups.rows.float().view(gate_up_t.shape[0], groups.capacity, -1)  # [E, C, D]
             gate, up = torch.bmm(x, gate_up_t).chunk(2, dim=-1)  # [E, C, I] each
             return torch.bmm(act(gate) * up, down_t).view(groups.rows.shape).to(groups.rows.dtype)  # [N, D]
         rows = groups.rows.shape[0]
-        if rows <= HYBRID_LOOP_MAX_ROWS or not small:
+        if rows <= HYBRID_LOOP_MAX_ROWS or not _small_layer(groups, weights):
             return self._per_expert(groups, weights, act)
         if stacked is None:
             # An expert cache (weights one expert at a time): the same arithmetic as the grouped
@@ -256,14 +257,13 @@ def _small_layer(groups: ExpertGroups, weights: ExpertProvider) -> bool:
     stacked = weights.stacked()
     if stacked is not None:
         gate_up, down = stacked
-        element = torch.empty((), dtype=_compute_dtype(gate_up.dtype)).element_size()
-        return (gate_up.numel() + down.numel()) * element <= HYBRID_MAX_LAYER_BYTES
+        return (gate_up.numel() + down.numel()) * _compute_dtype(gate_up.dtype).itemsize <= HYBRID_MAX_LAYER_BYTES
     counts = groups.expert_counts.tolist()
     first = next((expert for expert, count in enumerate(counts) if count), None)
     if first is None:
         return False
     gate_up = weights.gate_up(first)  # [2I, D]; this step uses it anyway
-    element = torch.empty((), dtype=_compute_dtype(gate_up.dtype)).element_size()
+    element = _compute_dtype(gate_up.dtype).itemsize
     return weights.num_experts * 3 * (gate_up.numel() // 2) * element <= HYBRID_MAX_LAYER_BYTES
 
 
