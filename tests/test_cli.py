@@ -70,6 +70,16 @@ def test_generate_under_expert_memory_budget_is_exact():
     assert cache["loads"] > 0 and 0 < cache["hit_rate"] < 1
 
 
+def test_generate_in_bfloat16_is_exact_under_a_budget_and_a_bad_dtype_is_named():
+    args = ("generate", "--prompt", "import os\n", "--max-new-tokens", "16", "--dtype", "bfloat16", "--json")
+    resident = json.loads(run(*args).stdout)
+    assert resident["new_tokens"] > 0 and resident["tokens_per_s"] > 0
+    cached = json.loads(run(*args, "--expert-memory", "25%").stdout)
+    assert cached["token_ids"] == resident["token_ids"]  # exact caching holds in bf16 too
+    bad = run("generate", "--dtype", "float16", "--max-new-tokens", "2", check=False)
+    assert bad.returncode == 2 and "--dtype must be float32 or bfloat16" in bad.stderr
+
+
 def test_expert_memory_below_minimum_names_it():
     result = run("generate", "--expert-memory", "1KB", "--max-new-tokens", "2", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr

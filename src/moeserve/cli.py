@@ -78,8 +78,25 @@ def _moe_config(gating: str, capacity_factor: float, backend: str):
         _fail(error)
 
 
+DTYPE_HELP = (
+    "Weights and compute dtype: float32 or bfloat16 (half the memory; on CPUs without bf16 instructions the "
+    "experts of small layers compute in fp32 from it)."
+)
+
+
+def _torch_dtype(name: str):
+    """The torch dtype of a --dtype option; a clear error for anything but float32 or bfloat16."""
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise MoeserveError(f"--dtype must be float32 or bfloat16, got {name!r}")
+    return dtypes[name]
+
+
 def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: str, prefetch: bool,
-                   committee: Path | None, check: Callable[[Any], object] | None = None, committee_swaps: int = 0):
+                   committee: Path | None, check: Callable[[Any], object] | None = None, committee_swaps: int = 0,
+                   dtype: str = "float32"):
     """Load a model and apply the memory options shared by generate and serve: (model, cache, committee gate).
 
     ``committee_swaps`` > 0 adds the committee's online scheduler (stepped after every forward pass).
@@ -92,7 +109,7 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
     if committee_swaps < 0 or (committee_swaps and committee is None):
         raise MoeserveError(f"--committee-swaps needs --committee and a count >= 0, got {committee_swaps}")
     # With a budget the experts are read only by the cache: a model whose experts exceed memory loads.
-    moe_model = load_model(model, moe=moe_config, load_experts=expert_memory is None)
+    moe_model = load_model(model, dtype=_torch_dtype(dtype), moe=moe_config, load_experts=expert_memory is None)
     if check is not None:
         check(moe_model)
     gate = None
@@ -144,6 +161,7 @@ def generate(
     committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members).")] = None,
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (sync all-to-all per layer over gloo); no --routing.")] = None,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -164,7 +182,7 @@ def generate(
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
             check=lambda m: prompt_token_ids(m, prompt, sampling),  # context errors before anything is printed
-            committee_swaps=committee_swaps,
+            committee_swaps=committee_swaps, dtype=dtype,
         )
         if expert_parallel is not None:
             service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
@@ -270,6 +288,7 @@ def serve(
     committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy).")] = None,
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (this process is the attention worker; sync all-to-all per layer over gloo).")] = None,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     threads: ThreadsOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (critical, error, warning, info, debug).")] = "info",
 ) -> None:
@@ -289,7 +308,7 @@ def serve(
         thread_count = apply_thread_count(threads)
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
-            committee_swaps=committee_swaps,
+            committee_swaps=committee_swaps, dtype=dtype,
         )
         engine_config = EngineConfig(
             scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens,
@@ -387,20 +406,20 @@ def bench_moe_layer(
     as_json: JsonOpt = False,
 ) -> None:
     """Time one MoE layer: moeserve dropless and capacity gating vs transformers' experts, with the roofline."""
-    import torch
 
     from moeserve.bench.moe_layer import SHAPE_NAMES, render_table, run_moe_layer_bench
     from moeserve.env import apply_thread_count
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        _fail(MoeserveError(f"--dtype must be float32 or bfloat16, got {dtype!r}"))
+    try:
+        torch_dtype = _torch_dtype(dtype)
+    except MoeserveError as error:
+        _fail(error)
     if shape not in SHAPE_NAMES:
         _fail(MoeserveError(f"--shape must be one of {', '.join(SHAPE_NAMES)}, got {shape!r}"))
     token_counts = _int_list(tokens, "--tokens")
     try:
         apply_thread_count(threads)
-        result = run_moe_layer_bench(shape, model, token_counts, dtypes[dtype], repeats, progress=not as_json)
+        result = run_moe_layer_bench(shape, model, token_counts, torch_dtype, repeats, progress=not as_json)
     except (MoeserveError, ValueError) as error:
         _fail(error)
         return
