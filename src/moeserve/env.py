@@ -46,3 +46,10 @@ def apply_thread_count(threads: int | None) -> int:
             raise ValueError(f"thread count must be >= 1, got {chosen}")
         torch.set_num_threads(chosen)
     return torch.get_num_threads()
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one, else the CPU count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -257,12 +257,16 @@ def test_hybrid_is_bit_identical_with_and_without_stacked_experts(num_tokens, dt
     """An exact expert cache must reproduce the resident layer bit for bit: ``hybrid`` runs
     per-expert loops with the arithmetic of its grouped path when experts are not stacked
     (bf16: both in fp32 from the same converted values)."""
+    from moeserve.moe.backends import cpu_has_native_low_precision_matmul
+
     experts, hidden, routing = _experts(dtype=dtype), _hidden(num_tokens, dtype), _routing(num_tokens)
-    resident = MoELayer(experts, F.silu, MoEConfig(backend="hybrid"))
-    cached = MoELayer(_OneAtATime(experts), F.silu, MoEConfig(backend="hybrid"))
-    if dtype == torch.float32:
-        assert MoELayer(experts, F.silu, MoEConfig(backend="auto")).backend_name == "hybrid"
+    resident = MoELayer(experts, F.silu, MoEConfig(backend="auto"))
+    cached = MoELayer(_OneAtATime(experts), F.silu, MoEConfig(backend="auto"))
+    native = dtype == torch.bfloat16 and cpu_has_native_low_precision_matmul()
+    assert resident.backend_name == cached.backend_name == ("loop" if native else "hybrid")
     assert torch.equal(cached(hidden, routing), resident(hidden, routing))
+    hybrid = MoELayer(_OneAtATime(experts), F.silu, MoEConfig(backend="hybrid"))
+    assert torch.equal(hybrid(hidden, routing), MoELayer(experts, F.silu, MoEConfig(backend="hybrid"))(hidden, routing))
 
 
 @pytest.mark.parametrize("gating", ["dropless", "capacity"])

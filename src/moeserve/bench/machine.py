@@ -9,7 +9,6 @@ knows nothing of MoE.
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from moeserve.env import available_cores
 
 DEFAULT_MATMUL_SIZE = 2048
 """Largest side of the square matmul; 2*n^3 = 17 GFLOP, enough to reach the BLAS plateau on CPU."""
@@ -126,7 +127,7 @@ def cpu_model_name() -> str:
 
 def machine_description() -> str:
     """One line naming the CPU, its cores, torch's threads and versions, for every report."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
     return (
         f"{cpu_model_name()}, {cores} cores available, torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads, Python {platform.python_version()}"

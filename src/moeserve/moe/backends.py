@@ -78,9 +78,9 @@ def cpu_has_native_low_precision_matmul() -> bool:
 
 
 class CpuExperts:
-    """The CPU fast path for bf16/fp16 weights: the per-expert loop, with groups of at least
-    ``UPCAST_MIN_ROWS`` rows computed in fp32 (for CPUs that only emulate low-precision matmul;
-    ``resolve_backend`` picks ``loop`` where they are native). Weights are converted into reused
+    """The per-expert loop for bf16/fp16 weights on CPUs that only emulate low-precision matmul,
+    with groups of at least ``UPCAST_MIN_ROWS`` rows computed in fp32 (``hybrid`` runs it for
+    large layers and for steps of a handful of rows; with fp32 weights it is the loop reference). Weights are converted into reused
     fp32 scratch buffers: a fresh allocation per expert costs page faults that made the
     conversion ~10x slower than the copy itself (92 ms vs 9 ms for 29M elements here)."""
 

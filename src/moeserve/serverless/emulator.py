@@ -75,6 +75,7 @@ from typing import Any, Protocol
 import numpy as np
 from rich.table import Table
 
+from moeserve.env import available_cores
 from moeserve.errors import MoeserveError
 from moeserve.serverless import handler_template
 from moeserve.serverless.function_worker import ONE_THREAD_ENVIRONMENT, frame
@@ -570,7 +571,7 @@ class Emulator:
         self.concurrency_limit = self.config.concurrency_limit or self.limits.default_concurrency
         self._slots = threading.BoundedSemaphore(self.concurrency_limit)
         self.host_slots = (
-            len(os.sched_getaffinity(0)) if self.config.host_slots is None else self.config.host_slots
+            available_cores() if self.config.host_slots is None else self.config.host_slots
         )
         self._host = threading.BoundedSemaphore(self.host_slots) if self.host_slots else None
         self._throttle_lock = threading.Lock()
