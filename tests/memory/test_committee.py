@@ -191,6 +191,26 @@ def _feed(model: MoEModel, routing: RouterOutput) -> None:
             transform(i, routing)
 
 
+def test_scheduler_margin_holds_near_ties_and_lets_clear_winners_in(reference_model: MoEModel) -> None:
+    layers = len(reference_model.layers)
+    gate = apply_committee(reference_model, {i: {0, 1, 2} for i in range(layers)})
+    scheduler = CommitteeScheduler(reference_model, gate, decay=0.0, max_swaps=1, margin=0.5)
+    try:
+        # Expert 5 gets 1.25x member 2's mass: inside the 50% margin, no swap.
+        near = RouterOutput(topk_ids=torch.tensor([[0, 1], [2, 5]] * 4), topk_weights=torch.tensor([[0.5, 0.5], [4 / 9, 5 / 9]] * 4))
+        _feed(reference_model, near)
+        assert scheduler.step() == 0 and all(gate.members(i) == {0, 1, 2} for i in range(layers))
+        # Twice member 2's mass: past the margin, 5 replaces 2 (the weakest member).
+        clear = RouterOutput(topk_ids=torch.tensor([[0, 1], [2, 5]] * 4), topk_weights=torch.tensor([[0.5, 0.5], [1 / 3, 2 / 3]] * 4))
+        _feed(reference_model, clear)
+        assert scheduler.step() == layers and all(gate.members(i) == {0, 1, 5} for i in range(layers))
+    finally:
+        scheduler.close()
+        remove_committee(reference_model, gate)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        CommitteeScheduler(reference_model, gate, margin=-0.1)
+
+
 def test_scheduler_with_a_cache_swaps_asynchronously(reference_model: MoEModel) -> None:
     from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
 

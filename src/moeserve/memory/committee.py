@@ -33,6 +33,7 @@ Shape legend as in :mod:`moeserve.moe.types`: T tokens, E experts, k top-k, L Mo
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -399,7 +400,9 @@ class CommitteeScheduler:
     sees the router's own choice, including non-members). ``step()`` folds the mass seen since
     the last step into ``ema`` [L, E] (``ema = decay * ema + (1 - decay) * share``), then per
     layer swaps the lowest-average member for the highest-average non-member while the latter
-    is larger, with at most ``max_swaps`` swaps per layer begun and not yet completed.
+    is larger by more than the ``margin`` (relative: ``joining > (1 + margin) * leaving``; 0:
+    any larger), with at most ``max_swaps`` swaps per layer begun and not yet completed. A
+    margin keeps near-ties from swapping back and forth, each swap a read under a budget.
 
     Without ``cache`` a swap is immediate (the gate's member set changes at once; the model
     keeps every expert resident). With ``cache`` (an :class:`~moeserve.memory.cache.ExpertCache`
@@ -414,9 +417,11 @@ class CommitteeScheduler:
     """
 
     def __init__(self, model: MoEModel, gate: CommitteeGate, *, decay: float = 0.9, max_swaps: int = 1,
-                 cache: ExpertCache | None = None, step_every: int = 0) -> None:
+                 cache: ExpertCache | None = None, step_every: int = 0, margin: float = 0.0) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if not (math.isfinite(margin) and margin >= 0.0):
+            raise ValueError(f"margin must be >= 0, got {margin}")
         if max_swaps < 0 or step_every < 0:
             raise ValueError(f"max_swaps and step_every must be >= 0, got {max_swaps} and {step_every}")
         self.model = model
@@ -425,6 +430,7 @@ class CommitteeScheduler:
         self.max_swaps = max_swaps
         self.cache = cache
         self.step_every = step_every
+        self.margin = margin
         self.ema = torch.zeros(len(model.layers), model.num_experts, dtype=torch.float64)
         self._profiler = GateMassProfiler(len(model.layers), model.num_experts)
         self.incoming: dict[int, set[int]] = {layer: set() for layer in range(len(model.layers))}
@@ -469,7 +475,7 @@ class CommitteeScheduler:
                     break
                 joining = max(outside, key=lambda e: (float(row[e]), -e))
                 leaving = min(members, key=lambda e: (float(row[e]), -e))
-                if float(row[joining]) <= float(row[leaving]):
+                if float(row[joining]) <= (1.0 + self.margin) * float(row[leaving]):
                     break
                 at_once = self.cache is None or self.cache.is_resident(layer, joining)
                 if not at_once and len(members) <= self.gate.top_k:
