@@ -657,7 +657,8 @@ def bench_offload(
 def serverless_plan(
     trace: Annotated[Path, typer.Option("--trace", help="A moeserve-trace/1 file whose routing drives the expert-load forecast.")],
     throughput: Annotated[float, typer.Option("--throughput", help="Required throughput, tokens/s.")],
-    shape: Annotated[str, typer.Option(help="Expert shape: tiny-moe (the reference model) or a published one (deepseek-v2-lite, mixtral-8x7b).")] = "tiny-moe",
+    model: Annotated[Path | None, typer.Argument(help="A HF checkpoint folder whose expert shape to plan for (instead of --shape).")] = None,
+    shape: Annotated[str | None, typer.Option(help="Expert shape: tiny-moe (the reference model, the default) or a published one (deepseek-v2-lite, mixtral-8x7b).")] = None,
     batch_tokens: Annotated[int, typer.Option(help="Tokens per batch sent through the MoE layers.")] = 256,
     trials: Annotated[int, typer.Option(help="Optimiser trials.")] = 200,
     max_throughput_loss: Annotated[float | None, typer.Option(help="Also require throughput within this fraction of the LambdaML-style design.")] = 0.15,
@@ -673,11 +674,13 @@ def serverless_plan(
     from moeserve.serverless.perf import cached_calibration
     from moeserve.serverless.plan import CostModel
     from moeserve.serverless.plan import render_table as render_plan_table
-    from moeserve.serverless.shapes import shape_by_name
+    from moeserve.serverless.shapes import checkpoint_shape, shape_by_name
     from moeserve.traces.format import load_trace
 
     try:
-        expert_shape = shape_by_name(shape)
+        if model is not None and shape is not None:
+            raise MoeserveError("give a checkpoint folder or --shape, not both")
+        expert_shape = checkpoint_shape(model) if model is not None else shape_by_name(shape or "tiny-moe")
         cost_model = (
             CostModel(calibration=cached_calibration(expert_shape, calibration, recalibrate)) if calibrate_here else CostModel()
         )
@@ -695,14 +698,19 @@ def serverless_plan(
     payload = report.to_dict()
     if as_json:
         print(json.dumps(payload))
-        return
-    plan = payload["plan"]
-    console.print(render_plan_table(report.search.evaluation))
-    console.print(
-        f"modelled: saving vs CPU cluster {payload['saving_vs_cpu_cluster']:.1%}, vs LambdaML-style "
-        f"{payload['saving_vs_lambdaml']:.1%}, throughput loss vs LambdaML-style {payload['throughput_loss_vs_lambdaml']:.1%}"
-        f" (plan found by: {plan['best_found_by']})"
-    )
+    else:
+        plan = payload["plan"]
+        console.print(render_plan_table(report.search.evaluation))
+        console.print(
+            f"modelled: saving vs CPU cluster {payload['saving_vs_cpu_cluster']:.1%}, vs LambdaML-style "
+            f"{payload['saving_vs_lambdaml']:.1%}, throughput loss vs LambdaML-style {payload['throughput_loss_vs_lambdaml']:.1%}"
+            f" (plan found by: {plan['best_found_by']})"
+        )
+    violations = report.search.evaluation.violations
+    if violations:
+        # The best plan found (printed above) breaks a constraint: the target cannot be met.
+        shown = "; ".join(violations[:3]) + (f"; and {len(violations) - 3} more" if len(violations) > 3 else "")
+        _fail(MoeserveError(f"no feasible plan for this target; the best one found breaks: {shown}"))
 
 
 @serverless_app.command("export")

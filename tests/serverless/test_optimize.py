@@ -159,3 +159,47 @@ def test_a_plan_of_one_function_per_layer_evaluates_the_same_as_the_optimiser_re
     assert again.cost_per_token == pytest.approx(found.evaluation.cost_per_token)
     single = DeploymentPlan((LayerPlan((FunctionPlan(tuple(range(16)), 1024),), 1, "direct"),) * 4)
     assert evaluate_plan(single, workload).feasible
+
+
+def test_an_expert_larger_than_the_largest_function_is_refused_with_the_numbers():
+    huge = ExpertShape("huge", 16384, 65536, 64, 6, 2)  # 12,288 MB of float32 weights per expert
+    with pytest.raises(ValueError, match=r"one expert of huge needs 12,\d{3} MB .* above Lambda's 10,240 MB maximum"):
+        plan_deployment(_skewed_trace(huge, 2, 16), huge, throughput_tokens_per_s=1.0, trials=5)
+
+
+def test_cli_plan_for_an_unreachable_throughput_prints_the_best_plan_then_fails_naming_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from moeserve.cli import app
+    from moeserve.traces.format import save_trace
+
+    trace_path = save_trace(_skewed_trace(reference_shape(), 2, 32), tmp_path / "trace.npz")
+    result = CliRunner().invoke(
+        app,
+        ["serverless", "plan", "--trace", str(trace_path), "--throughput", "1e12", "--no-calibrate", "--trials", "10",
+         "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert json.loads(result.stdout.splitlines()[0])["plan"]["evaluation"]["feasible"] is False
+    assert "no feasible plan for this target" in result.output and "below the 1e+12 target" in result.output
+
+
+def test_cli_plan_takes_a_checkpoint_folder_for_its_expert_shape(tmp_path):
+    from typer.testing import CliRunner
+
+    from moeserve.cli import app
+    from moeserve.models.loader import REFERENCE_MODEL
+    from moeserve.traces.format import save_trace
+
+    trace_path = save_trace(_skewed_trace(reference_shape(), 2, 32), tmp_path / "trace.npz")
+    args = ["serverless", "plan", str(REFERENCE_MODEL), "--trace", str(trace_path), "--throughput", "100",
+            "--no-calibrate", "--trials", "10", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    shape = json.loads(result.stdout)["shape"]
+    expected = reference_shape()
+    assert (shape["hidden_size"], shape["intermediate_size"], shape["num_experts"], shape["top_k"], shape["num_layers"]) == (
+        expected.hidden_size, expected.intermediate_size, expected.num_experts, expected.top_k, expected.num_layers
+    )  # fmt: skip
+    both = CliRunner().invoke(app, args[:2] + [str(REFERENCE_MODEL), "--shape", "tiny-moe"] + args[3:])
+    assert both.exit_code == 2 and "not both" in both.output

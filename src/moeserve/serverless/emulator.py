@@ -104,7 +104,7 @@ from moeserve.serverless.plan import (
     evaluate_plan,
 )
 from moeserve.serverless.prices import BYTES_PER_MB
-from moeserve.serverless.shapes import ExpertShape
+from moeserve.serverless.shapes import ExpertShape, checkpoint_shape
 
 NETWORK_MODES = ("modelled", "none")
 BILL_TOLERANCE = 0.10
@@ -1596,16 +1596,7 @@ def emulate_plan(
     source: ExpertWeightsSource
     if checkpoint is not None:
         weights = CheckpointWeights(checkpoint)
-        spec = weights.store.layer_spec(weights.store.layers[0])
-        config_top_k = int(json.loads((checkpoint / "config.json").read_text()).get("num_experts_per_tok", 0))
-        found = ExpertShape(
-            checkpoint.name if checkpoint != REFERENCE_MODEL else reference_shape().name,
-            spec.hidden_size,
-            spec.intermediate_size,
-            spec.num_experts,
-            config_top_k or (shape.top_k if shape else 1),
-            weights.num_layers,
-        )
+        found = checkpoint_shape(checkpoint, reference_shape().name if checkpoint == REFERENCE_MODEL else None)
         if shape is not None and (shape.hidden_size, shape.intermediate_size, shape.num_experts) != (
             found.hidden_size,
             found.intermediate_size,

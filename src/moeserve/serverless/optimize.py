@@ -50,10 +50,12 @@ from moeserve.serverless.plan import (
     LayerPlan,
     PlanEvaluation,
     Workload,
+    activation_bytes_per_token,
     evaluate_plan,
     function_figures,
     workload_from_predictor,
 )
+from moeserve.serverless.prices import BYTES_PER_MB
 from moeserve.serverless.shapes import ExpertShape
 from moeserve.traces.format import Trace
 
@@ -404,6 +406,21 @@ class DeploymentReport:
         }
 
 
+def check_expert_fits(shape: ExpertShape, model: CostModel) -> None:
+    """``ValueError`` naming the numbers when one expert of ``shape`` (float32 weights, one token's
+    activations, the runtime) needs more memory than the largest Lambda function has: no plan exists."""
+    limit = model.prices.lambda_prices.memory_max_mb
+    needed = math.ceil(
+        model.constants.runtime_overhead_mb + (shape.expert_bytes + activation_bytes_per_token(shape)) / BYTES_PER_MB
+    )
+    if needed > limit:
+        raise ValueError(
+            f"one expert of {shape.name} needs {needed:,} MB of function memory ({shape.expert_bytes / BYTES_PER_MB:,.0f} "
+            f"MB of float32 weights + {model.constants.runtime_overhead_mb:,.0f} MB runtime), above Lambda's "
+            f"{limit:,} MB maximum: no function can hold it"
+        )
+
+
 def plan_deployment(
     trace: Trace,
     shape: ExpertShape,
@@ -434,12 +451,13 @@ def plan_deployment(
     evaluated with ``baseline_model`` (default ``model``; give the float32 calibration's model
     when ``model`` was calibrated at another wire dtype).
     """
+    model = model or CostModel()
+    check_expert_fits(shape, model)
     if predictor is None:
         predictor = PREDICTORS.get("bayesian")()
     predictor.fit(trace, batch_tokens)
     source = f"{predictor.name} predictor fitted on {trace.meta.model} trace ({trace.num_tokens} tokens)"
     workload = workload_from_predictor(predictor, shape, batch_tokens, throughput_tokens_per_s, source=source)
-    model = model or CostModel()
     baseline_model = baseline_model or model
     baseline_plan, baseline = lambdaml_baseline(workload, baseline_model)
     cluster = cpu_cluster_baseline(workload, baseline_model)

@@ -268,6 +268,12 @@ class FunctionFigures:
     """Handler seconds of one invocation at the quantile load (timeout check)."""
 
 
+def activation_bytes_per_token(shape: ExpertShape) -> int:
+    """Handler memory per token in flight, as the plan counts it: float32 rows of width D + 2I
+    (the token and its gate/up projection), twice (temporaries)."""
+    return 2 * (shape.hidden_size + 2 * shape.intermediate_size) * 4
+
+
 def function_figures(
     model: CostModel,
     shape: ExpertShape,
@@ -315,7 +321,7 @@ def function_figures(
         if batch_tokens is None
         else assignments_per_row(shape, np.asarray(expected, dtype=np.float64)[:, None], batch_tokens)
     )  # [G, 1]
-    activation_bytes = 2 * (shape.hidden_size + 2 * shape.intermediate_size) * 4
+    activation_bytes = activation_bytes_per_token(shape)
     needed = np.ceil(
         constants.runtime_overhead_mb
         + (group[:, 0] * shape.expert_bytes + peak_tokens[:, 0] * activation_bytes) / BYTES_PER_MB

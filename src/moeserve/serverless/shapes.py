@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from moeserve.registry import Registry
 
@@ -130,6 +131,26 @@ def reference_shape(bytes_per_parameter: int = 4) -> ExpertShape:
         int(config["num_experts_per_tok"]),
         int(config["num_hidden_layers"]),
         bytes_per_parameter,
+    )
+
+
+def checkpoint_shape(folder: str | Path, name: str | None = None) -> ExpertShape:
+    """Expert shape of a HF checkpoint folder, from its safetensors (through the ExpertStore: D, I,
+    experts per layer, MoE layers) and ``config.json`` (``num_experts_per_tok``; 1 if absent).
+    ``name`` defaults to the folder's name. Errors name the folder (``ExpertStore``'s)."""
+    from moeserve.memory.store import ExpertStore
+
+    folder = Path(folder)
+    store = ExpertStore(folder)
+    spec = store.layer_spec(store.layers[0])
+    config = json.loads((folder / "config.json").read_text("utf-8"))
+    return ExpertShape(
+        name or folder.name,
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.num_experts,
+        int(config.get("num_experts_per_tok", 0)) or 1,
+        len(store.layers),
     )
 
 
