@@ -717,6 +717,7 @@ def serverless_plan(
 def serverless_export(
     plan: Annotated[Path, typer.Argument(help="Plan JSON (the output of `serverless plan --json`, or a saved plan file).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for template.yaml, the handler package and README.md.")],
+    model: Annotated[Path | None, typer.Option("--model", help="Also write this checkpoint's expert weights (read one function's experts at a time).")] = None,
     weights_seed: Annotated[int | None, typer.Option(help="Also write random expert weights of the plan's shape (seeded) for a test deployment.")] = None,
     bundle_weights: Annotated[bool, typer.Option(help="Put the weights inside the function package instead of an S3 bucket.")] = False,
     timeout: Annotated[int, typer.Option(help="Function timeout in seconds (<= 900).")] = 60,
@@ -728,7 +729,18 @@ def serverless_export(
 
     try:
         plan_file = load_plan_json(plan)
-        weights = None
+        weights: Any = None
+        if model is not None and weights_seed is not None:
+            raise MoeserveError("give --model or --weights-seed, not both")
+        if model is not None:
+            from moeserve.serverless.shapes import checkpoint_shape, shape_mismatch
+            from moeserve.serverless.weights import CheckpointWeights
+
+            found = checkpoint_shape(model)
+            mismatch = shape_mismatch(plan_file.shape, found, model) if plan_file.shape is not None else None
+            if mismatch or len(plan_file.plan.layers) > found.num_layers:
+                raise MoeserveError(mismatch or f"the plan has {len(plan_file.plan.layers)} MoE layers, {model} {found.num_layers}")
+            weights = CheckpointWeights(model)
         if weights_seed is not None:
             if plan_file.shape is None:
                 raise MoeserveError(f"{plan}: the plan records no expert shape; cannot make weights for it")

@@ -304,3 +304,33 @@ def test_weights_files_round_trip_and_an_older_layout_is_refused_by_name(tmp_pat
         ht.load_weights(str(tmp_path / "old.npz"))
     with pytest.raises(ValueError, match=r"gate and up must both be \[2, I, D\]"):
         ht.ExpertWeights.from_projections(np.array([5, 1]), gate, up[:, :2], down)
+
+
+def test_cli_export_writes_a_checkpoints_experts_one_function_at_a_time(tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from moeserve.cli import app
+    from moeserve.memory.store import ExpertStore
+    from moeserve.models.loader import REFERENCE_MODEL
+    from moeserve.serverless.shapes import reference_shape
+
+    shape = reference_shape()
+    halves = (tuple(range(0, 16, 2)), tuple(range(1, 16, 2)))
+    plan = DeploymentPlan(tuple(LayerPlan(tuple(FunctionPlan(h, 512) for h in halves), 1, "direct") for _ in range(4)))
+    plan_path = save_plan_json(PlanFile(plan, shape), tmp_path / "plan.json")
+    result = CliRunner().invoke(app, ["serverless", "export", str(plan_path), "--out", str(tmp_path / "sam"),
+                                      "--model", str(REFERENCE_MODEL)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    store = ExpertStore(REFERENCE_MODEL)
+    written = ht.load_weights(str(tmp_path / "sam" / "weights" / "layer2" / "function1.npz"))
+    assert written.experts.tolist() == list(halves[1])
+    expert = store.read_expert(store.layers[2], 5, torch.float32)  # slot 2 of function 1
+    intermediate = shape.intermediate_size
+    np.testing.assert_array_equal(written.gate_up[2][:, :intermediate], expert.gate_up[:intermediate].numpy().T)
+    np.testing.assert_array_equal(written.gate_up[2][:, intermediate:], expert.gate_up[intermediate:].numpy().T)
+    np.testing.assert_array_equal(written.down[2], expert.down.numpy().T)
+    other = save_plan_json(PlanFile(plan, TINY), tmp_path / "other.json")
+    refused = CliRunner().invoke(app, ["serverless", "export", str(other), "--out", str(tmp_path / "x"),
+                                       "--model", str(REFERENCE_MODEL)])  # fmt: skip
+    assert refused.exit_code == 2 and "the plan is for tiny" in refused.output

@@ -70,7 +70,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from rich.table import Table
@@ -104,7 +104,8 @@ from moeserve.serverless.plan import (
     evaluate_plan,
 )
 from moeserve.serverless.prices import BYTES_PER_MB
-from moeserve.serverless.shapes import ExpertShape, checkpoint_shape
+from moeserve.serverless.shapes import ExpertShape, checkpoint_shape, shape_mismatch
+from moeserve.serverless.weights import CheckpointWeights, ExpertWeightsSource, RandomWeights
 
 NETWORK_MODES = ("modelled", "none")
 BILL_TOLERANCE = 0.10
@@ -283,65 +284,6 @@ def trace_replay(trace: Any, shape: ExpertShape, tokens: int, layers: int, seed:
     return ReplayInputs(
         hidden, ids, weights, None, f"{trace.meta.model} trace, first {tokens} tokens{note}; random inputs"
     )
-
-
-# -- expert weights ------------------------------------------------------------------------------
-
-
-class ExpertWeightsSource(Protocol):
-    """Where a function's expert weights come from (a checkpoint, or random of the planned shape)."""
-
-    description: str
-
-    def function_weights(self, layer: int, experts: Sequence[int]) -> handler_template.ExpertWeights: ...
-
-
-class CheckpointWeights:
-    """Experts read one at a time from a checkpoint's safetensors files (``memory.store.ExpertStore``), as float32."""
-
-    def __init__(self, folder: str | Path) -> None:
-        from moeserve.memory.store import ExpertStore
-
-        self.store = ExpertStore(folder)
-        self.description = f"real weights from {folder}"
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.store.layers)
-
-    def function_weights(self, layer: int, experts: Sequence[int]) -> handler_template.ExpertWeights:
-        import torch
-
-        decoder_layer = self.store.layers[layer]
-        tensors = [self.store.read_expert(decoder_layer, e, torch.float32) for e in experts]
-        intermediate = tensors[0].down.shape[1]
-        return handler_template.ExpertWeights.from_projections(
-            experts=np.array(experts, dtype=np.int64),
-            gate=np.stack([t.gate_up[:intermediate].numpy() for t in tensors]),
-            up=np.stack([t.gate_up[intermediate:].numpy() for t in tensors]),
-            down=np.stack([t.down.numpy() for t in tensors]),
-        )
-
-
-class RandomWeights:
-    """Random float32 experts of ``shape`` (scaled 1/sqrt(fan-in)), the same for a (seed, layer, expert) wherever drawn."""
-
-    def __init__(self, shape: ExpertShape, seed: int = 0) -> None:
-        self.shape = shape
-        self.seed = seed
-        self.description = f"random weights of the planned {shape.name} shapes (no checkpoint given)"
-
-    def function_weights(self, layer: int, experts: Sequence[int]) -> handler_template.ExpertWeights:
-        d, i = self.shape.hidden_size, self.shape.intermediate_size
-        gate, up, down = [], [], []
-        for expert in experts:
-            rng = np.random.default_rng([self.seed, layer, expert])
-            gate.append(rng.standard_normal((i, d), dtype=np.float32) / np.float32(math.sqrt(d)))
-            up.append(rng.standard_normal((i, d), dtype=np.float32) / np.float32(math.sqrt(d)))
-            down.append(rng.standard_normal((d, i), dtype=np.float32) / np.float32(math.sqrt(i)))
-        return handler_template.ExpertWeights.from_projections(
-            np.array(experts, dtype=np.int64), np.stack(gate), np.stack(up), np.stack(down)
-        )
 
 
 def handler_duration_s(
@@ -1597,16 +1539,9 @@ def emulate_plan(
     if checkpoint is not None:
         weights = CheckpointWeights(checkpoint)
         found = checkpoint_shape(checkpoint, reference_shape().name if checkpoint == REFERENCE_MODEL else None)
-        if shape is not None and (shape.hidden_size, shape.intermediate_size, shape.num_experts) != (
-            found.hidden_size,
-            found.intermediate_size,
-            found.num_experts,
-        ):
-            raise EmulatorError(
-                f"the plan is for {shape.name} (D={shape.hidden_size}, I={shape.intermediate_size}, "
-                f"E={shape.num_experts}); {checkpoint} has D={found.hidden_size}, I={found.intermediate_size}, "
-                f"E={found.num_experts}"
-            )
+        mismatch = shape_mismatch(shape, found, checkpoint) if shape is not None else None
+        if mismatch:
+            raise EmulatorError(mismatch)
         shape, source = found, weights
     else:
         assert shape is not None

@@ -44,6 +44,7 @@ from moeserve.serverless.perf import CHANNELS
 from moeserve.serverless.plan import DeploymentPlan, FunctionPlan, LayerPlan
 from moeserve.serverless.prices import ARCHITECTURES, default_prices
 from moeserve.serverless.shapes import ExpertShape
+from moeserve.serverless.weights import ExpertWeightsSource
 
 PLAN_FORMAT = "moeserve-serverless-plan"
 PLAN_FORMAT_VERSION = 1
@@ -232,29 +233,41 @@ def _check_plan(plan: DeploymentPlan, timeout_s: int, reserve_concurrency: bool)
 
 
 def _write_weights(
-    plan: DeploymentPlan, weights: Sequence[LayerExpertWeights], root: Path
+    plan: DeploymentPlan, weights: Sequence[LayerExpertWeights] | ExpertWeightsSource, root: Path
 ) -> tuple[list[Path], dict[tuple[int, int], str]]:
-    if len(weights) != len(plan.layers):
-        raise ValueError(f"expert_weights has {len(weights)} layers, the plan {len(plan.layers)}")
+    """Each function's ``.npz`` under ``root``, one function's experts in memory at a time."""
+    if isinstance(weights, Sequence):
+        if len(weights) != len(plan.layers):
+            raise ValueError(f"expert_weights has {len(weights)} layers, the plan {len(plan.layers)}")
+        weights = _LayerArrays(weights)
     files, keys = [], {}
-    for index, (layer, layer_weights) in enumerate(zip(plan.layers, weights, strict=True)):
+    for index, layer in enumerate(plan.layers):
         for g, function in enumerate(layer.functions):
-            ids = np.array(function.experts, dtype=np.int64)
-            if ids.max() >= layer_weights.gate.shape[0]:
-                raise ValueError(
-                    f"layer {index}: plan names expert {ids.max()}, weights hold {layer_weights.gate.shape[0]}"
-                )
+            function_weights = weights.function_weights(index, function.experts)
             key = _weights_key(index, g)
             target = root / key
             target.parent.mkdir(parents=True, exist_ok=True)
-            function_weights = handler_template.ExpertWeights.from_projections(
-                ids, layer_weights.gate[ids], layer_weights.up[ids], layer_weights.down[ids]
-            )
             with target.open("wb") as handle:
                 handler_template.save_weights(handle, function_weights)
             files.append(target)
             keys[(index, g)] = key
     return files, keys
+
+
+class _LayerArrays:
+    """:class:`LayerExpertWeights` per layer as an :class:`~moeserve.serverless.weights.ExpertWeightsSource`."""
+
+    description = "expert weights given in memory"
+
+    def __init__(self, layers: Sequence[LayerExpertWeights]) -> None:
+        self.layers = layers
+
+    def function_weights(self, layer: int, experts: Sequence[int]) -> handler_template.ExpertWeights:
+        arrays = self.layers[layer]
+        ids = np.array(experts, dtype=np.int64)
+        if ids.max() >= arrays.gate.shape[0]:
+            raise ValueError(f"layer {layer}: plan names expert {ids.max()}, weights hold {arrays.gate.shape[0]}")
+        return handler_template.ExpertWeights.from_projections(ids, arrays.gate[ids], arrays.up[ids], arrays.down[ids])
 
 
 def build_template(
@@ -432,7 +445,7 @@ def _readme(
 def export_plan(
     plan: DeploymentPlan | PlanFile,
     out_dir: str | Path,
-    expert_weights: Sequence[LayerExpertWeights] | None = None,
+    expert_weights: Sequence[LayerExpertWeights] | ExpertWeightsSource | None = None,
     *,
     architecture: str | None = None,
     timeout_s: int = 60,
@@ -441,8 +454,9 @@ def export_plan(
 ) -> ExportResult:
     """Write the SAM application for ``plan`` into ``out_dir`` (created; existing files overwritten).
 
-    ``expert_weights``: one :class:`LayerExpertWeights` per plan layer; each function's experts
-    are written to ``weights/layer{l}/function{g}.npz`` (in the package with ``bundle_weights``,
+    ``expert_weights``: one :class:`LayerExpertWeights` per plan layer, or a source that gives one
+    function's experts at a time (e.g. :class:`~moeserve.serverless.weights.CheckpointWeights`
+    for a checkpoint of any size); each function's experts are written to ``weights/layer{l}/function{g}.npz`` (in the package with ``bundle_weights``,
     which must then fit Lambda's 250 MB unzipped package beside numpy; ``ValueError`` otherwise).
     ``architecture`` defaults to the plan file's (else x86_64). ``timeout_s`` in 1..900.
     Raises ``ValueError`` for memory outside Lambda's range. Nothing is deployed.

@@ -154,6 +154,19 @@ def checkpoint_shape(folder: str | Path, name: str | None = None) -> ExpertShape
     )
 
 
+def shape_mismatch(planned: ExpertShape, found: ExpertShape, where: str | Path) -> str | None:
+    """Why the experts ``found`` in ``where`` cannot serve a plan for ``planned`` (None when D, I and E agree)."""
+    if (planned.hidden_size, planned.intermediate_size, planned.num_experts) == (
+        found.hidden_size, found.intermediate_size, found.num_experts
+    ):  # fmt: skip
+        return None
+    return (
+        f"the plan is for {planned.name} (D={planned.hidden_size}, I={planned.intermediate_size}, "
+        f"E={planned.num_experts}); {where} has D={found.hidden_size}, I={found.intermediate_size}, "
+        f"E={found.num_experts}"
+    )
+
+
 def shape_by_name(name: str) -> ExpertShape:
     """A registered shape, or the reference model's for ``"tiny-moe"``; ``KeyError`` lists the names."""
     if name == "tiny-moe":
