@@ -710,6 +710,10 @@ def serverless_plan(
     if violations:
         # The best plan found (printed above) breaks a constraint: the target cannot be met.
         shown = "; ".join(violations[:3]) + (f"; and {len(violations) - 3} more" if len(violations) > 3 else "")
+        raised = report.workload.throughput_tokens_per_s
+        if raised > throughput:
+            shown += (f" (the {throughput:g} tokens/s asked for was raised to {raised:.1f} by --max-throughput-loss "
+                      f"{max_throughput_loss:g}: within that of the LambdaML-style design's throughput; pass a larger one)")
         _fail(MoeserveError(f"no feasible plan for this target; the best one found breaks: {shown}"))
 
 

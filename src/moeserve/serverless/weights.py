@@ -1,7 +1,8 @@
-"""Where a serverless function's expert weights come from: a checkpoint, random weights of a
-planned shape, or arrays in memory. Each source gives one function's experts at a time in the
-handler's layout (:class:`~moeserve.serverless.handler_template.ExpertWeights`), so the emulator
-and ``serverless export`` never hold more than one function's weights at once.
+"""Where a serverless function's expert weights come from: a checkpoint, or random weights of a
+planned shape (``serverless export`` also wraps arrays already in memory). A source gives one
+function's experts at a time in the handler's layout
+(:class:`~moeserve.serverless.handler_template.ExpertWeights`), so the emulator and ``serverless
+export`` read a checkpoint one function's experts at a time, whatever its size.
 """
 
 from __future__ import annotations
