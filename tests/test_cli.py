@@ -78,6 +78,8 @@ def test_generate_in_bfloat16_is_exact_under_a_budget_and_a_bad_dtype_is_named()
     assert cached["token_ids"] == resident["token_ids"]  # exact caching holds in bf16 too
     bad = run("generate", "--dtype", "float16", "--max-new-tokens", "2", check=False)
     assert bad.returncode == 2 and "--dtype must be float32 or bfloat16" in bad.stderr
+    parallel = run(*args, "--expert-parallel", "2", check=False)
+    assert parallel.returncode == 2 and "--expert-parallel runs float32 only" in parallel.stderr
 
 
 def test_expert_memory_below_minimum_names_it():

@@ -134,6 +134,8 @@ def _start_expert_parallel(moe_model, processes: int, thread_count: int, cache, 
     """Move the model's routed experts to worker processes (sync); shared by generate and serve."""
     if cache is not None or gate is not None:
         raise MoeserveError("--expert-parallel does not combine with --expert-memory or --committee yet")
+    if moe_model.layers and moe_model.layers[0].experts.dtype != _torch_dtype("float32"):
+        raise MoeserveError("--expert-parallel runs float32 only (its expert workers compute in float32); drop --dtype")
     from moeserve.ep.serving import start_expert_parallel
     from moeserve.models.reference import reference_split_tokens
 
