@@ -50,9 +50,9 @@ from moeserve.serverless.plan import (
     LayerPlan,
     PlanEvaluation,
     Workload,
-    activation_bytes_per_token,
     evaluate_plan,
     function_figures,
+    memory_needed_mb,
     workload_from_predictor,
 )
 from moeserve.serverless.prices import BYTES_PER_MB
@@ -410,9 +410,7 @@ def check_expert_fits(shape: ExpertShape, model: CostModel) -> None:
     """``ValueError`` naming the numbers when one expert of ``shape`` (float32 weights, one token's
     activations, the runtime) needs more memory than the largest Lambda function has: no plan exists."""
     limit = model.prices.lambda_prices.memory_max_mb
-    needed = math.ceil(
-        model.constants.runtime_overhead_mb + (shape.expert_bytes + activation_bytes_per_token(shape)) / BYTES_PER_MB
-    )
+    needed = int(memory_needed_mb(shape, 1, 1, model.constants))
     if needed > limit:
         raise ValueError(
             f"one expert of {shape.name} needs {needed:,} MB of function memory ({shape.expert_bytes / BYTES_PER_MB:,.0f} "

@@ -268,10 +268,16 @@ class FunctionFigures:
     """Handler seconds of one invocation at the quantile load (timeout check)."""
 
 
-def activation_bytes_per_token(shape: ExpertShape) -> int:
-    """Handler memory per token in flight, as the plan counts it: float32 rows of width D + 2I
-    (the token and its gate/up projection), twice (temporaries)."""
-    return 2 * (shape.hidden_size + 2 * shape.intermediate_size) * 4
+def memory_needed_mb(shape: ExpertShape, experts: np.ndarray | float, tokens: np.ndarray | float,
+                     constants: PerfConstants) -> np.ndarray:
+    """MB a function needs: the runtime, ``experts`` float32 experts of ``shape``, and ``tokens``
+    in flight (float32 rows of width D + 2I, the token and its gate/up projection, twice for
+    temporaries). Rounded up; broadcasts."""
+    activation_bytes = 2 * (shape.hidden_size + 2 * shape.intermediate_size) * 4
+    return np.ceil(
+        constants.runtime_overhead_mb
+        + (np.asarray(experts) * shape.expert_bytes + np.asarray(tokens) * activation_bytes) / BYTES_PER_MB
+    ).astype(np.int64)
 
 
 def function_figures(
@@ -321,11 +327,7 @@ def function_figures(
         if batch_tokens is None
         else assignments_per_row(shape, np.asarray(expected, dtype=np.float64)[:, None], batch_tokens)
     )  # [G, 1]
-    activation_bytes = activation_bytes_per_token(shape)
-    needed = np.ceil(
-        constants.runtime_overhead_mb
-        + (group[:, 0] * shape.expert_bytes + peak_tokens[:, 0] * activation_bytes) / BYTES_PER_MB
-    ).astype(np.int64)  # [G]
+    needed = memory_needed_mb(shape, group[:, 0], peak_tokens[:, 0], constants)  # [G]
 
     def handler_seconds(tokens: np.ndarray) -> np.ndarray:
         singles = expected_single_token_experts(tokens, group)
