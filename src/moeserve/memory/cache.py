@@ -70,8 +70,10 @@ import torch
 
 from moeserve.errors import MoeserveError
 from moeserve.memory.cache_sim import PolicyContractError
+from moeserve.memory.host_tier import ExpertShape, HostTier
 from moeserve.memory.policies import EVICTION_POLICIES, EvictionPolicy
 from moeserve.memory.store import ExpertStore
+from moeserve.memory.transfer import SlotCopier, slot_copier
 from moeserve.moe.types import RouterOutput
 
 StepLog = list[tuple[int, tuple[int, ...]]]
@@ -221,6 +223,22 @@ class CacheStats:
     """Hits per MoE layer."""
     layer_misses: tuple[int, ...] = field(repr=False)
     """Misses per MoE layer."""
+    device: str = "cpu"
+    """Where the resident slots live (``cpu``, ``cuda:0``)."""
+    copier: str = "synchronous"
+    """How experts reach the slots: ``synchronous`` (copy_ on the calling thread) or ``cuda-stream``."""
+    host_tier: str = "none"
+    """``none`` (disk -> slots), ``pinned`` (disk -> pinned host -> GPU slots) or ``ram`` (disk -> plain
+    host memory -> slots on the CPU: a second RAM tier, which saves reads, not copies)."""
+    host_hits: int = 0
+    """Loads served from the host tier without reading the checkpoint (included in ``loads``)."""
+    host_evictions: int = 0
+    host_resident_bytes: int = 0
+    """Bytes of the experts the host tier holds now (checkpoint dtype)."""
+    max_host_resident_bytes: int = 0
+    """High-water mark of ``host_resident_bytes``."""
+    host_budget_bytes: int = 0
+    """The host tier's budget (0 without one)."""
 
     @property
     def requests(self) -> int:
@@ -231,6 +249,11 @@ class CacheStats:
     def hit_rate(self) -> float:
         """Hits / requests (NaN before the first request)."""
         return self.hits / self.requests if self.requests else float("nan")
+
+    @property
+    def disk_loads(self) -> int:
+        """Loads that read the checkpoint (``loads - host_hits``)."""
+        return self.loads - self.host_hits
 
     @property
     def stalled_uses(self) -> int:
@@ -276,6 +299,15 @@ class CacheStats:
             "prefetch_recall": plain(self.prefetch_recall),
             "layer_hits": list(self.layer_hits),
             "layer_misses": list(self.layer_misses),
+            "device": self.device,
+            "copier": self.copier,
+            "host_tier": self.host_tier,
+            "host_hits": self.host_hits,
+            "disk_loads": self.disk_loads,
+            "host_evictions": self.host_evictions,
+            "host_resident_bytes": self.host_resident_bytes,
+            "max_host_resident_bytes": self.max_host_resident_bytes,
+            "host_budget_bytes": self.host_budget_bytes,
         }
 
 
@@ -294,6 +326,7 @@ class _Counters:
     predicted: int = 0
     predicted_actual: int = 0
     predicted_correct: int = 0
+    host_hits: int = 0
     layer_hits: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
 
@@ -312,6 +345,7 @@ class _SlotPool:
 
     def __init__(
         self,
+        index: int,
         policy: EvictionPolicy,
         capacity: int,
         key_owner: list[tuple[int, int]],
@@ -320,6 +354,7 @@ class _SlotPool:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
+        self.index = index
         self.policy = policy
         self.capacity = capacity
         self.key_owner = key_owner
@@ -374,6 +409,8 @@ class CachedLayerExperts:
         self._device = pool.device
         self._gate_up_slots = pool.gate_up  # shared with the pool (and, when global, other layers)
         self._down_slots = pool.down
+        self._pool_index = pool.index
+        self._wait_ready = cache.copier.wait_ready
         self.expert2slot: list[int] = [-1] * num_experts
         """Slot of each resident expert, -1 when absent; kept by the cache."""
         self.groups: list[list[int]] = []
@@ -400,6 +437,8 @@ class CachedLayerExperts:
             self._cache.request(self.layer_index, expert)
             slot = self.expert2slot[expert]
         assert slot >= 0, f"expert {expert} of layer {self.layer_index} is not resident after its request"
+        # Synchronous copier: nothing to do. CUDA: the compute stream waits for the slot's copy, if pending.
+        self._wait_ready(self._pool_index, (slot,))
         return slot
 
     def gate_up(self, expert: int) -> torch.Tensor:
@@ -423,12 +462,16 @@ class ExpertCache:
     order: MoE-layer index i (``MoELayer.layer_index``, the first argument of ``observe``) is
     decoder layer ``layers[i]``. Experts are resident in ``dtype`` on ``device`` (default: the
     stored dtype, CPU); ``budget_bytes`` counts them in that dtype. ``top_k`` is the experts per
-    token, which sets the minimum budget.
+    token, which sets the minimum budget. ``host_budget_bytes`` adds a host tier
+    (:class:`~moeserve.memory.host_tier.HostTier`) of that many bytes, counted in the stored
+    dtype, between the checkpoint and the slots: pinned when ``device`` is CUDA, plain RAM
+    otherwise; None reads the checkpoint straight into the slots (or their staging buffers).
 
     Raises :class:`ExpertBudgetError` when the budget cannot hold one layer's top-k experts
-    (per layer: top-k in every layer), ``KeyError`` for an unknown policy or a layer the store
-    has no experts for, and ``ValueError`` for a policy that cannot run live (``needs_stream``
-    without a ``future``), or a shared cache over layers whose experts differ in shape.
+    (per layer: top-k in every layer) or the host budget one expert, ``KeyError`` for an unknown
+    policy or a layer the store has no experts for, and ``ValueError`` for a policy that cannot
+    run live (``needs_stream`` without a ``future``), or a shared cache over layers whose
+    experts differ in shape.
     """
 
     def __init__(
@@ -444,6 +487,7 @@ class ExpertCache:
         device: torch.device | str = "cpu",
         future: StepLog | None = None,
         record_steps: bool = False,
+        host_budget_bytes: int | None = None,
     ) -> None:
         if not layers:
             raise ValueError("an expert cache needs at least one MoE layer")
@@ -460,7 +504,10 @@ class ExpertCache:
         """Every step served, when constructed with ``record_steps=True`` (a ``future`` for belady)."""
         self._init_layers(dtype)
         self._init_capacity()
+        self._init_host_tier(host_budget_bytes)
         self._init_pools(future)
+        self.copier: SlotCopier = slot_copier(self.device)
+        """Copies experts into slots: synchronously, or on a side CUDA stream (:mod:`moeserve.memory.transfer`)."""
         self._init_views()
         self._init_readers()
         self._counters = _Counters(len(self.decoder_layers))
@@ -526,6 +573,25 @@ class ExpertCache:
         self.capacities = [min(slots, self.total_experts)]
         self.min_budget_bytes = minimum
 
+    def _init_host_tier(self, host_budget_bytes: int | None) -> None:
+        """The host tier, when given a budget of at least one expert as stored (the largest)."""
+        self._stored_shapes: list[ExpertShape] = [
+            ((2 * spec.intermediate_size, spec.hidden_size), (spec.hidden_size, spec.intermediate_size), spec.torch_dtype)
+            for spec in self._specs
+        ]
+        self.host_tier: HostTier | None = None
+        """Experts kept in host memory between the checkpoint and the slots (None: reads go straight to the slots)."""
+        if host_budget_bytes is None:
+            return
+        stored = max(3 * spec.intermediate_size * spec.hidden_size * spec.torch_dtype.itemsize for spec in self._specs)
+        if host_budget_bytes < stored:
+            raise ExpertBudgetError(
+                f"host memory budget of {host_budget_bytes} bytes ({format_bytes(host_budget_bytes)}) holds no "
+                f"expert: the host tier keeps experts as stored, and the minimum is one expert = {stored} bytes "
+                f"({format_bytes(stored)})"
+            )
+        self.host_tier = HostTier(host_budget_bytes, pin=self.device.type == "cuda")
+
     def _init_pools(self, future: StepLog | None) -> None:
         policy_class = EVICTION_POLICIES.get(self.policy_name)
         if policy_class.needs_stream and (policy_class.online or future is None):
@@ -545,6 +611,7 @@ class ExpertCache:
             ]
             capacity = self.capacities[pool_index]
             pool = _SlotPool(
+                index=pool_index,
                 policy=policy_class(capacity, num_streams=len(members)),
                 capacity=capacity,
                 key_owner=key_owner,
@@ -571,10 +638,11 @@ class ExpertCache:
         """One provider per MoE layer, in MoE-layer order."""
 
     def _init_readers(self) -> None:
-        """Per layer: read straight into the slot, or through a staging buffer in the stored dtype."""
+        """Per layer: read straight into the slot, or through a staging buffer in the stored dtype
+        (none with a host tier: its buffers are where reads land)."""
         self._staging: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for spec, dtype in zip(self._specs, self._dtypes, strict=True):
-            direct = dtype == spec.torch_dtype and self.device.type == "cpu"
+            direct = self.host_tier is not None or (dtype == spec.torch_dtype and self.device.type == "cpu")
             self._staging.append(
                 None
                 if direct
@@ -586,7 +654,7 @@ class ExpertCache:
         self.staging_bytes = sum(
             sum(t.numel() * t.element_size() for t in pair) for pair in self._staging if pair is not None
         )
-        """Bytes of staging buffers (outside the budget; 0 when experts are resident as stored)."""
+        """Bytes of staging buffers (outside the budget; 0 when experts are resident as stored or with a host tier)."""
 
     def _init_prefetch(self) -> None:
         self._lock = threading.Condition()  # guards residency; notified when a prefetch read ends
@@ -845,6 +913,7 @@ class ExpertCache:
             slot = pool.key2slot.pop(key)
             pool.prefetched.discard(key)
             pool.free.append(slot)
+            self.copier.slot_freed(pool.index, slot)
             layer_index, expert = pool.key_owner[key]
             self.views[layer_index].expert2slot[expert] = -1
         self._counters.evictions += count
@@ -853,18 +922,42 @@ class ExpertCache:
     def _read(
         self, layer_index: int, expert: int, slot: int, staging: tuple[torch.Tensor, torch.Tensor] | None
     ) -> None:
-        """Read one expert into ``slot`` (through ``staging``, owned by the calling thread, if any)."""
+        """Load one expert into ``slot``: through the host tier when there is one, else from the
+        checkpoint straight into the slot or through ``staging`` (owned by the calling thread)."""
         pool = self._pool_of[layer_index]
         decoder_layer = self.decoder_layers[layer_index]
-        if staging is None:
-            self.store.read_expert_into(decoder_layer, expert, pool.gate_up[slot], pool.down[slot])
+        target = (pool.gate_up[slot], pool.down[slot])
+        host_hit = False
+        if self.host_tier is not None:
+            host_hit = self._read_through_host(layer_index, expert, pool.index, slot)
+        elif staging is None:
+            self.store.read_expert_into(decoder_layer, expert, *target)
         else:
             self.store.read_expert_into(decoder_layer, expert, *staging)
-            pool.gate_up[slot].copy_(staging[0])
-            pool.down[slot].copy_(staging[1])
-        nbytes = self.store.expert_nbytes(decoder_layer, expert)
+            self.copier.copy(pool.index, slot, target, staging)  # a pageable source is consumed on return
+        # Only now the cache's lock: the forward thread may hold it while it waits for a host buffer.
         with self._lock:
-            self._counters.bytes_read += nbytes
+            if host_hit:
+                self._counters.host_hits += 1
+            else:
+                self._counters.bytes_read += self.store.expert_nbytes(decoder_layer, expert)
+
+    def _read_through_host(self, layer_index: int, expert: int, pool_index: int, slot: int) -> bool:
+        """Copy the expert from its host buffer into the slot, reading the checkpoint into one first
+        when the host tier does not hold it. True: a host hit."""
+        assert self.host_tier is not None
+        pool = self._pool_of[layer_index]
+        key = (layer_index, expert)
+        buffer, hit = self.host_tier.acquire(key, self._stored_shapes[layer_index])
+        filled, copy = hit, None
+        try:
+            if not hit:
+                self.store.read_expert_into(self.decoder_layers[layer_index], expert, buffer.gate_up, buffer.down)
+                filled = True
+            copy = self.copier.copy(pool_index, slot, (pool.gate_up[slot], pool.down[slot]), (buffer.gate_up, buffer.down))
+        finally:
+            self.host_tier.release(key, buffer, copy, filled)
+        return hit
 
     def _check_future(self, pool: _SlotPool, keys: list[int], time: int) -> None:
         assert pool.future is not None
@@ -908,6 +1001,7 @@ class ExpertCache:
 
     def _snapshot(self) -> CacheStats:
         counters = self._counters
+        host = None if self.host_tier is None else self.host_tier.stats()
         hits, misses = sum(counters.layer_hits), sum(counters.layer_misses)
         return CacheStats(
             steps=counters.steps,
@@ -929,6 +1023,14 @@ class ExpertCache:
             predicted_correct=counters.predicted_correct,
             layer_hits=tuple(counters.layer_hits),
             layer_misses=tuple(counters.layer_misses),
+            device=str(self.device),
+            copier=self.copier.name,
+            host_tier="none" if self.host_tier is None else self.host_tier.kind,
+            host_hits=counters.host_hits,
+            host_evictions=0 if host is None else host.evictions,
+            host_resident_bytes=0 if host is None else host.resident_bytes,
+            max_host_resident_bytes=0 if host is None else host.max_resident_bytes,
+            host_budget_bytes=0 if host is None else host.budget_bytes,
         )
 
     def reset_stats(self) -> None:
@@ -939,6 +1041,8 @@ class ExpertCache:
         self.wait_for_prefetch()
         self._counters = _Counters(len(self.decoder_layers))
         self._max_resident_bytes = self._resident_bytes
+        if self.host_tier is not None:
+            self.host_tier.reset_stats()
 
     def close(self) -> None:
         """Drop every slot (the cache holds nothing afterwards; its views must not be used again)."""
@@ -948,6 +1052,9 @@ class ExpertCache:
         if self._loader is not None:
             self._loader.shutdown(wait=True, cancel_futures=True)
             self._loader = None
+        self.copier.close()
+        if self.host_tier is not None:
+            self.host_tier.close()
         for pool in self._pools:
             pool.release()
         for view in self.views:
@@ -957,7 +1064,11 @@ class ExpertCache:
 
     def __repr__(self) -> str:
         scope = "per-layer" if self.per_layer else "shared"
+        host = "" if self.host_tier is None else (
+            f", host tier={self.host_tier.kind} {format_bytes(self.host_tier.budget_bytes)}"
+        )
         return (
-            f"ExpertCache({scope}, policy={self.policy_name!r}, budget={format_bytes(self.budget_bytes)}, "
-            f"capacity={self.capacity} of {self.total_experts} experts, resident={format_bytes(self._resident_bytes)})"
+            f"ExpertCache({scope}, policy={self.policy_name!r}, device={self.device}, "
+            f"budget={format_bytes(self.budget_bytes)}, capacity={self.capacity} of {self.total_experts} experts, "
+            f"resident={format_bytes(self._resident_bytes)}{host})"
         )

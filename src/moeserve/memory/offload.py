@@ -10,7 +10,10 @@ routing observer. ``remove_expert_cache`` undoes it by reading every expert back
 The ``exact`` guarantee: with any online policy, logits are bit-identical to the all-resident
 model on CPU, where both run the same per-expert backend on the same weights, loaded from the
 same bytes (tested). On CUDA the resident model would use ``grouped_mm`` and the cache a
-per-expert loop, so outputs match only to rounding; the GPU tiers are not implemented yet.
+per-expert loop, so outputs match only to rounding unless the resident model runs the same
+``loop`` backend (the GPU test compares it so). ``host_memory`` adds the host tier (pinned
+host memory in front of a GPU; a second RAM tier on CPU), which changes where bytes come
+from, never the bytes: outputs stay bit-identical.
 
 This module knows which attributes hold a family block's experts (transformers 5 fused
 ``experts.gate_up_proj`` [E, 2I, D] and ``experts.down_proj`` [E, D, I], kept by
@@ -64,6 +67,7 @@ def apply_expert_cache(
     record_steps: bool = False,
     prefetch: bool | PrefetchConfig = False,
     cold_reads: bool = False,
+    host_memory: Budget | None = None,
 ) -> ExpertCache:
     """Serve ``model``'s routed experts from a new cache of ``budget`` and free the resident copies.
 
@@ -73,14 +77,17 @@ def apply_expert_cache(
     ``prefetch`` (True, or a :class:`~moeserve.memory.prefetch.PrefetchConfig`) adds a
     :class:`~moeserve.memory.prefetch.NextLayerPrefetcher`; it needs an online policy.
     ``cold_reads``: ask that expert loads read the storage device, not the page cache
-    (:class:`~moeserve.memory.store.ExpertStore`; advisory).
+    (:class:`~moeserve.memory.store.ExpertStore`; advisory). ``host_memory`` (as ``budget``; a
+    fraction is of the experts' bytes as the checkpoint stores them) adds a host tier between
+    the checkpoint and the slots (:mod:`moeserve.memory.host_tier`); None: none. The cache's
+    device is the model's (its slots go where its experts were).
 
     The model must be all-resident, dropless-gated (capacity gating computes every expert every
     step, so caching would reload them all) and its checkpoint folder must hold the experts it
     was loaded from. Raises before touching the model: ``ValueError`` for a model that already
     has a cache or is capacity-gated, :class:`~moeserve.errors.CheckpointError` when the
     checkpoint's MoE layers differ from the model's, :class:`~moeserve.memory.cache.ExpertBudgetError`
-    for a budget under the minimum.
+    for a budget (or host budget) under the minimum.
     """
     # 1. Check the model, then build the cache (nothing changes if this raises).
     for layer in model.layers:
@@ -115,6 +122,7 @@ def apply_expert_cache(
         device=device,
         future=future,
         record_steps=record_steps,
+        host_budget_bytes=None if host_memory is None else as_expert_memory(host_memory).resolve(store.total_expert_bytes()),
     )
     # 2. Switch every layer to the cache, then free the experts the model held.
     for layer, decoder_id in zip(model.layers, model.decoder_layer_ids, strict=True):
