@@ -84,6 +84,19 @@ DTYPE_HELP = (
 )
 
 
+DEVICE_HELP = (
+    "Where the model computes: cpu, or cuda (the current GPU; cuda:N another). With --expert-memory on cuda the "
+    "resident experts are GPU slots filled by copies on a side CUDA stream that overlap compute."
+)
+HOST_MEMORY_HELP = (
+    "With --expert-memory: a host-memory tier between the checkpoint and the resident experts, this big (a fraction "
+    "of all experts' bytes as the checkpoint stores them, 25%, or a size, 4GiB; at least one expert), LRU. A resident "
+    "miss is copied from it when it holds the expert, else read from disk into it first. On cuda it is pinned memory "
+    "copied to the GPU asynchronously; on cpu a second RAM tier (it saves disk or page-cache reads, not copies). "
+    "Default: none (disk -> staging -> resident experts)."
+)
+
+
 def _torch_dtype(name: str):
     """The torch dtype of a --dtype option; a clear error for anything but float32 or bfloat16."""
     import torch
@@ -96,20 +109,24 @@ def _torch_dtype(name: str):
 
 def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: str, prefetch: bool,
                    committee: Path | None, check: Callable[[Any], object] | None = None, committee_swaps: int = 0,
-                   dtype: str = "float32"):
+                   dtype: str = "float32", device: str = "cpu", host_memory: str | None = None):
     """Load a model and apply the memory options shared by generate and serve: (model, cache, committee gate).
 
     ``committee_swaps`` > 0 adds the committee's online scheduler (stepped after every forward pass).
+    ``device``: where the model (and the cache's slots) go; ``host_memory``: the cache's host tier.
     """
     from moeserve.config import ExpertCacheConfig
     from moeserve.models.loader import load_model
 
-    if expert_memory is None and (prefetch or cache_policy != "lru"):
-        raise MoeserveError("--prefetch and --cache-policy need --expert-memory")
+    if expert_memory is None and (prefetch or cache_policy != "lru" or host_memory is not None):
+        raise MoeserveError("--prefetch, --cache-policy and --host-memory need --expert-memory")
+    if host_memory is not None:
+        _check_host_memory(host_memory)
     if committee_swaps < 0 or (committee_swaps and committee is None):
         raise MoeserveError(f"--committee-swaps needs --committee and a count >= 0, got {committee_swaps}")
     # With a budget the experts are read only by the cache: a model whose experts exceed memory loads.
-    moe_model = load_model(model, dtype=_torch_dtype(dtype), moe=moe_config, load_experts=expert_memory is None)
+    moe_model = load_model(model, dtype=_torch_dtype(dtype), moe=moe_config, load_experts=expert_memory is None,
+                           device=device)
     if check is not None:
         check(moe_model)
     gate = None
@@ -122,12 +139,23 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
         from moeserve.memory.offload import apply_expert_cache
 
         cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy)
-        cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch)
+        cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch,
+                                   host_memory=host_memory)
     if gate is not None and committee_swaps:
         from moeserve.memory.committee import CommitteeScheduler
 
         gate.scheduler = CommitteeScheduler(moe_model, gate, max_swaps=committee_swaps, cache=cache, step_every=1)
     return moe_model, cache, gate
+
+
+def _check_host_memory(text: str) -> None:
+    """--host-memory parses as a fraction or a size (its minimum, one expert, is checked by the cache)."""
+    from moeserve.memory.cache import parse_expert_memory
+
+    try:
+        parse_expert_memory(text)
+    except ValueError as error:
+        raise MoeserveError(f"--host-memory: {error}") from None
 
 
 def _start_expert_parallel(moe_model, processes: int, thread_count: int, cache, gate):
@@ -164,6 +192,8 @@ def generate(
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (sync all-to-all per layer over gloo); no --routing.")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
+    host_memory: Annotated[str | None, typer.Option(help=HOST_MEMORY_HELP)] = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -179,12 +209,14 @@ def generate(
     try:
         if expert_parallel is not None and routing:
             raise MoeserveError("--routing is not available with --expert-parallel (the experts run in other processes)")
+        if expert_parallel is not None and device != "cpu":
+            raise MoeserveError("--expert-parallel runs on the CPU (gloo workers); drop --device")
         thread_count = apply_thread_count(threads)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
             check=lambda m: prompt_token_ids(m, prompt, sampling),  # context errors before anything is printed
-            committee_swaps=committee_swaps, dtype=dtype,
+            committee_swaps=committee_swaps, dtype=dtype, device=device, host_memory=host_memory,
         )
         if expert_parallel is not None:
             service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
@@ -237,6 +269,12 @@ def generate(
             f"{cache_stats.hit_rate:.3f}, {cache_stats.loads} loads, {cache_stats.bytes_read / 2**20:.1f} MiB read, "
             f"max resident {cache_stats.max_resident_bytes / 2**20:.1f} MiB, {cache_stats.stalled_uses} stalled uses"
         )
+        if cache_stats.host_tier != "none":
+            console.print(
+                f"host tier ({cache_stats.host_tier}, {cache_stats.host_budget_bytes / 2**20:.1f} MiB budget): "
+                f"{cache_stats.host_hits} of {cache_stats.loads} loads served from it, max held "
+                f"{cache_stats.max_host_resident_bytes / 2**20:.1f} MiB"
+            )
     if gate is not None:
         console.print(f"committee: gate mass served exactly {gate.telemetry()['served_exactly']:.4f}")
     if stats is not None:
@@ -291,6 +329,8 @@ def serve(
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (this process is the attention worker; sync all-to-all per layer over gloo).")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
+    host_memory: Annotated[str | None, typer.Option(help=HOST_MEMORY_HELP)] = None,
     threads: ThreadsOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (critical, error, warning, info, debug).")] = "info",
 ) -> None:
@@ -308,9 +348,11 @@ def serve(
     service = None
     try:
         thread_count = apply_thread_count(threads)
+        if expert_parallel is not None and device != "cpu":
+            raise MoeserveError("--expert-parallel runs on the CPU (gloo workers); drop --device")
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
-            committee_swaps=committee_swaps, dtype=dtype,
+            committee_swaps=committee_swaps, dtype=dtype, device=device, host_memory=host_memory,
         )
         engine_config = EngineConfig(
             scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens,
@@ -622,6 +664,8 @@ def bench_offload(
     cold_reads: Annotated[bool, typer.Option("--cold-reads", help="Ask the kernel to drop the checkpoint's pages from the page cache before the run and after each expert read (posix_fadvise DONTNEED), so loads go to the disk as where a model does not fit RAM. Advisory (a file system or another process may keep them).")] = False,
     committee_swaps: Annotated[int, typer.Option(help="With --committee: run the online scheduler, up to N asynchronous member swaps per layer per step; 0: the calibrated members stay.")] = 0,
     warmup_tokens: Annotated[int, typer.Option(help="Before each row's timed generation, generate this many tokens from another prompt and count only what follows (a warm cache, as in a server that has served requests); 0: cold start.")] = 0,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP + " The resident baseline then runs its own backend (grouped_mm), so 'identical' may differ by rounding.")] = "cpu",
+    host_memory: Annotated[str | None, typer.Option(help="Give the policy rows' caches a host tier this big (as generate's --host-memory: a fraction of all experts' bytes as stored, 100%, or a size); pinned memory on cuda, a second RAM tier on cpu. Default: none.")] = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -631,6 +675,8 @@ def bench_offload(
 
     try:
         apply_thread_count(threads)
+        if host_memory is not None:
+            _check_host_memory(host_memory)
         if large is not None:
             from moeserve.models.random_init import build_large_random_model
 
@@ -648,6 +694,8 @@ def bench_offload(
             temperature=temperature,
             warmup_tokens=warmup_tokens,
             committee_swaps=committee_swaps,
+            device=device,
+            host_memory=host_memory,
         )
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)

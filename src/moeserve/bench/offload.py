@@ -11,6 +11,12 @@ committee row per budget; ``--large`` builds and uses a random-weight Mixtral of
 (the baseline too) and counts only the generation after it, as a server whose cache already
 holds what earlier requests left: steady state instead of a cold start. The RSS column is read
 while each row's cache is in place, right after its timed generation.
+
+``device`` puts the model (and the caches' slots) on ``cuda``; the resident baseline then runs
+its own backend (``grouped_mm``) and the caches a per-expert loop, so "identical" may be no by
+rounding there. ``host_memory`` gives the policy rows' caches (and the committee's) a host
+tier: their rows report its hits (loads that read no disk), the disk loads and the most it
+held; the LRU and Belady rows that measure hit rates run without one (it does not change them).
 """
 
 from __future__ import annotations
@@ -63,6 +69,16 @@ class OffloadRow:
     """Share of generated positions whose token equals the resident run's (1.0 for exact policies)."""
     served_exactly: float | None = None
     """Committee rows: share of routed gate mass served by the expert the router chose."""
+    host_tier: str = "none"
+    """``none``, ``ram`` (a second RAM tier, CPU) or ``pinned`` (before a GPU)."""
+    host_budget_bytes: int = 0
+    host_hits: int = 0
+    """Loads served from the host tier (no disk read)."""
+    disk_loads: int = 0
+    """Loads that read the checkpoint."""
+    bytes_read: int = 0
+    """Checkpoint bytes read during the timed generation."""
+    max_host_resident_bytes: int = 0
 
 
 @dataclass
@@ -76,6 +92,8 @@ class OffloadBenchResult:
     temperature: float = 0.0
     warmup_tokens: int = 0
     committee_swaps: int = 0
+    device: str = "cpu"
+    host_memory: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -88,6 +106,8 @@ class OffloadBenchResult:
             "temperature": self.temperature,
             "warmup_tokens": self.warmup_tokens,
             "committee_swaps": self.committee_swaps,
+            "device": self.device,
+            "host_memory": self.host_memory,
             "results": [asdict(row) for row in self.rows],
         }
 
@@ -132,6 +152,8 @@ def run_offload_bench(
     temperature: float = 0.0,
     warmup_tokens: int = 0,
     committee_swaps: int = 0,
+    device: str = "cpu",
+    host_memory: str | None = None,
 ) -> OffloadBenchResult:
     """Run the baseline and every (budget, policy) configuration; see the module docstring.
 
@@ -140,13 +162,14 @@ def run_offload_bench(
     RAM cannot also cache the checkpoint. ``temperature`` > 0 samples (seeded) instead of greedy decoding.
     ``warmup_tokens``: see the module docstring. ``committee_swaps`` > 0 runs the committee rows
     with the online scheduler (up to that many asynchronous member swaps per layer per step).
+    ``device`` and ``host_memory``: see the module docstring.
     """
     if warmup_tokens < 0:
         raise ValueError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
     for policy in policies:
         if EVICTION_POLICIES.get(policy).needs_stream or not EVICTION_POLICIES.get(policy).online:
             raise ValueError(f"policy {policy!r} cannot run live (it needs the whole stream or the future)")
-    model = load_model(model_path)
+    model = load_model(model_path, device=device)
     warm_up(model)
     baseline_ids, baseline_tps, baseline_rss = _measured_generation(model, None, prompt, new_tokens, temperature,
                                                                     warmup_tokens)
@@ -158,7 +181,7 @@ def run_offload_bench(
     )
     result = OffloadBenchResult(str(model.path), new_tokens, torch.get_num_threads(), expert_bytes,
                                 cold_reads=cold_reads, temperature=temperature, warmup_tokens=warmup_tokens,
-                                committee_swaps=committee_swaps)
+                                committee_swaps=committee_swaps, device=str(model.device), host_memory=host_memory)
     result.rows.append(
         OffloadRow("100%", "resident", False, baseline_tps, expert_bytes, expert_bytes, baseline_rss,
                    None, None, 0, 0, True, 1.0)
@@ -180,7 +203,8 @@ def run_offload_bench(
         finally:
             remove_expert_cache(model, cache)
         for policy in policies:
-            cache = apply_expert_cache(model, budget, policy, prefetch=prefetch, cold_reads=cold_reads)
+            cache = apply_expert_cache(model, budget, policy, prefetch=prefetch, cold_reads=cold_reads,
+                                       host_memory=host_memory)
             try:
                 ids, tokens_per_s, rss = _measured_generation(model, cache, prompt, new_tokens, temperature,
                                                               warmup_tokens)
@@ -190,12 +214,24 @@ def run_offload_bench(
             result.rows.append(
                 OffloadRow(budget, policy, prefetch, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
                            rss, _rate(stats.hit_rate), belady_hit_rate, stats.stalled_uses,
-                           stats.loads, ids == baseline_ids, _agreement(ids, baseline_ids))
+                           stats.loads, ids == baseline_ids, _agreement(ids, baseline_ids), **_tier_figures(stats))
             )
         if calibration is not None:
             result.rows.append(_committee_row(model, budget, expert_bytes, calibration, prompt, new_tokens, baseline_ids,
-                                              cold_reads, temperature, warmup_tokens, committee_swaps))
+                                              cold_reads, temperature, warmup_tokens, committee_swaps, host_memory))
     return result
+
+
+def _tier_figures(stats) -> dict:
+    """The OffloadRow fields a cache's host tier and disk reads fill."""
+    return {
+        "host_tier": stats.host_tier,
+        "host_budget_bytes": stats.host_budget_bytes,
+        "host_hits": stats.host_hits,
+        "disk_loads": stats.disk_loads,
+        "bytes_read": stats.bytes_read,
+        "max_host_resident_bytes": stats.max_host_resident_bytes,
+    }
 
 
 def _agreement(ids: list[int], reference: list[int]) -> float:
@@ -214,7 +250,8 @@ def _calibration_tokens(model, count: int) -> torch.Tensor:
 
 def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Tensor, prompt: str,
                    new_tokens: int, baseline_ids: list[int], cold_reads: bool = False,
-                   temperature: float = 0.0, warmup_tokens: int = 0, committee_swaps: int = 0) -> OffloadRow:
+                   temperature: float = 0.0, warmup_tokens: int = 0, committee_swaps: int = 0,
+                   host_memory: str | None = None) -> OffloadRow:
     """The committee under the same budget: members sized to it, served through the LRU cache."""
     from moeserve.memory.cache import parse_expert_memory
     from moeserve.memory.committee import (
@@ -228,7 +265,7 @@ def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Ten
     plan = plan_committee(model, calibration, fraction)
     gate = apply_committee(model, plan.members_by_layer())
     try:
-        cache = apply_expert_cache(model, budget, "lru", cold_reads=cold_reads)
+        cache = apply_expert_cache(model, budget, "lru", cold_reads=cold_reads, host_memory=host_memory)
         scheduler = None
         if committee_swaps:
             scheduler = CommitteeScheduler(model, gate, max_swaps=committee_swaps, cache=cache, step_every=1)
@@ -245,7 +282,7 @@ def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Ten
         remove_committee(model, gate)
     return OffloadRow(budget, "committee", False, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
                       rss, _rate(stats.hit_rate), None, stats.stalled_uses, stats.loads,
-                      ids == baseline_ids, _agreement(ids, baseline_ids), served)
+                      ids == baseline_ids, _agreement(ids, baseline_ids), served, **_tier_figures(stats))
 
 
 def _rate(value: float) -> float | None:
@@ -254,9 +291,11 @@ def _rate(value: float) -> float | None:
 
 
 def render_table(result: OffloadBenchResult) -> Table:
-    table = Table(title=f"{result.model}: {result.new_tokens} greedy tokens, {result.threads} thread(s)")
+    host = "" if result.host_memory is None else f", host tier {result.host_memory}"
+    table = Table(title=f"{result.model}: {result.new_tokens} greedy tokens, {result.threads} thread(s), "
+                        f"{result.device}{host}")
     for column in ("budget", "policy", "tokens/s", "max resident MiB", "RSS MiB", "hit rate", "belady",
-                   "stalled uses", "identical", "agreement"):
+                   "stalled uses", "host hits", "disk MiB", "identical", "agreement"):
         table.add_column(column, justify="right")
     for row in result.rows:
         table.add_row(
@@ -268,6 +307,8 @@ def render_table(result: OffloadBenchResult) -> Table:
             "-" if row.hit_rate is None else f"{row.hit_rate:.3f}",
             "-" if row.belady_hit_rate is None else f"{row.belady_hit_rate:.3f}",
             str(row.stalled_uses),
+            "-" if row.host_tier == "none" else str(row.host_hits),
+            f"{row.bytes_read / 2**20:.1f}",
             "yes" if row.identical_to_resident else "no",
             f"{row.token_agreement:.3f}",
         )

@@ -46,7 +46,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     """Next token id from logits [V]: argmax at temperature 0, else temperature + top-p sampling."""
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
+    # On the CPU: the generator is a CPU one (the same draws whatever device computed the logits).
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # [V]
     if top_p < 1.0:
         sorted_probs, sorted_ids = torch.sort(probs, descending=True)
         # Keep tokens until the mass before them reaches top_p (the first token always stays).
@@ -107,8 +108,9 @@ def warm_up(model: MoEModel) -> None:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model.hf_model(input_ids=torch.tensor([[0, 1, 2]]), past_key_values=cache, use_cache=True)
-    model.hf_model(input_ids=torch.tensor([[3]]), past_key_values=cache, use_cache=True)
+    device = model.device
+    model.hf_model(input_ids=torch.tensor([[0, 1, 2]], device=device), past_key_values=cache, use_cache=True)
+    model.hf_model(input_ids=torch.tensor([[3]], device=device), past_key_values=cache, use_cache=True)
 
 
 @torch.inference_mode()
@@ -132,7 +134,8 @@ def generate(
     eos = tokenizer.eos_token_id
     streamer = TextStreamer(tokenizer)
     cache = DynamicCache(config=model.config)
-    input_ids = torch.tensor([prompt_ids])  # [1, S]
+    device = model.device
+    input_ids = torch.tensor([prompt_ids], device=device)  # [1, S]
     new_ids: list[int] = []
     finish_reason = "length"
     start = time.perf_counter()
@@ -150,7 +153,7 @@ def generate(
             piece = streamer.push(new_ids)
             if piece:
                 on_text(piece)
-        input_ids = torch.tensor([[token]])
+        input_ids = torch.tensor([[token]], device=device)
     seconds = time.perf_counter() - start
     if on_text is not None:
         rest = streamer.finish(new_ids)

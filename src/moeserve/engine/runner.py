@@ -69,7 +69,7 @@ class SlotKVCache:
             keys[rows, :, :length] = key
             values[rows, :, :length] = value
         else:  # decode: one new position per request, each its own
-            slots = torch.arange(self._first_slot, self._first_slot + self._rows)
+            slots = torch.arange(self._first_slot, self._first_slot + self._rows, device=key.device)
             keys[slots, :, self._positions] = key[:, :, 0]
             values[slots, :, self._positions] = value[:, :, 0]
         return keys[rows, :, : self._attend], values[rows, :, : self._attend]
@@ -95,6 +95,8 @@ class ModelRunner:
         transformers' decoder, which is also the reference the tests compare it with."""
         self.lm_head = model.hf_model.get_output_embeddings()
         self.dtype = next(model.hf_model.parameters()).dtype
+        self.device = model.device
+        """Where the step's inputs and masks are built (the model's device)."""
         self.cache = SlotKVCache(num_slots, context)
         self.context = context
         self._generators: dict[str, torch.Generator] = {}
@@ -118,32 +120,39 @@ class ModelRunner:
         self._generators.pop(request.request_id, None)
 
     def _prefill(self, batch: Batch) -> torch.Tensor:
-        lengths = torch.tensor([r.num_prompt_tokens for r in batch.requests])  # [B]
-        longest = int(lengths.max())
+        prompt_lengths = [r.num_prompt_tokens for r in batch.requests]
+        longest = max(prompt_lengths)
         rows = len(batch.requests)
         input_ids = torch.zeros(rows, longest, dtype=torch.long)  # [B, S], right-padded
         for row, request in enumerate(batch.requests):
             input_ids[row, : request.num_prompt_tokens] = torch.tensor(request.prompt_ids)
-        positions = torch.arange(longest).expand(rows, longest)  # [B, S]
-        key_index = torch.arange(longest)  # [L] with L == S
+        device = self.device
+        input_ids = input_ids.to(device)  # built on the CPU, moved in one copy
+        lengths = torch.tensor(prompt_lengths, device=device)  # [B]
+        positions = torch.arange(longest, device=device).expand(rows, longest)  # [B, S]
+        key_index = torch.arange(longest, device=device)  # [L] with L == S
         # Query s sees keys <= s of its own prompt; padded queries still see key 0 (no empty rows).
         allowed = (key_index[None, None, :] <= positions[:, :, None]) & (key_index[None, None, :] < lengths[:, None, None])
         self.cache.begin_step(batch.first_slot, rows, None, longest)
         hidden = self._forward(input_ids, positions, allowed)  # [B, S, D]
-        return hidden[torch.arange(rows), lengths - 1]  # [B, D]
+        return hidden[torch.arange(rows, device=device), lengths - 1]  # [B, D]
 
     def _decode(self, batch: Batch) -> torch.Tensor:
-        input_ids = torch.tensor([[r.output_ids[-1]] for r in batch.requests])  # [B, 1]
-        positions = torch.tensor([r.num_tokens - 1 for r in batch.requests])  # [B]
-        attend = int(positions.max()) + 1
-        allowed = torch.arange(attend)[None, None, :] <= positions[:, None, None]  # [B, 1, L]
+        device = self.device
+        input_ids = torch.tensor([[r.output_ids[-1]] for r in batch.requests], device=device)  # [B, 1]
+        last_positions = [r.num_tokens - 1 for r in batch.requests]
+        positions = torch.tensor(last_positions, device=device)  # [B]
+        attend = max(last_positions) + 1
+        allowed = torch.arange(attend, device=device)[None, None, :] <= positions[:, None, None]  # [B, 1, L]
         self.cache.begin_step(batch.first_slot, len(batch.requests), positions, attend)
         hidden = self._forward(input_ids, positions[:, None], allowed)  # [B, 1, D]
         return hidden[:, 0]
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         # An additive mask [B, 1, S, L] works with every attention implementation (eager and sdpa).
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min
+        )
         if self.lean is not None:
             return self.lean(input_ids, positions, mask[:, None], self.cache)
         out = self.decoder(

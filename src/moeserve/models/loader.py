@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from moeserve.config import MoEConfig
-from moeserve.errors import CheckpointError
+from moeserve.errors import CheckpointError, MoeserveError
 from moeserve.memory.safetensors_file import checkpoint_weight_files, read_header, read_tensor
 from moeserve.models.block import MoEBlock
 from moeserve.models.families import FAMILIES, Family
@@ -57,6 +57,11 @@ class MoEModel:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (its input embeddings'): inputs must be put there."""
+        return self.hf_model.get_input_embeddings().weight.device
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -323,6 +328,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     load_tokenizer: bool = True,
     load_experts: bool = True,
+    device: torch.device | str = "cpu",
 ) -> MoEModel:
     """Load the HF-format MoE checkpoint in ``path`` (None: the reference model) for moeserve.
 
@@ -331,9 +337,15 @@ def load_model(
     memory, to be served through an expert cache, which must be applied before the model runs
     (:func:`moeserve.memory.offload.apply_expert_cache`; until then its MoE layers raise).
 
+    ``device`` (``cpu``, ``cuda``, ``cuda:1``; see :func:`resolve_device`): the weights are read
+    on the CPU, then moved there; without the experts, their empty placeholders move too, so an
+    expert cache applied afterwards puts its slots there.
+
     Raises CheckpointError for an unsupported family, a folder without weights, a truncated
-    or corrupt safetensors file, or weights that do not match config.json.
+    or corrupt safetensors file, or weights that do not match config.json; MoeserveError (before
+    reading anything) for a device this machine does not have.
     """
+    target = resolve_device(device)
     folder = resolve_model_path(path)
     _, family = read_config(folder)
     files = check_weight_files(folder)
@@ -346,6 +358,8 @@ def load_model(
     layers, decoder_ids = install_moe_layers(hf_model, family, moe_config, unloaded)
     if load_experts:  # the other path reads every tensor into memory of its own already
         own_checkpoint_weights(hf_model, layers)
+    if target.type != "cpu":
+        _move_to_device(hf_model, layers, decoder_ids, target)
     tokenizer = _load_tokenizer(folder) if load_tokenizer else None
     return MoEModel(
         path=folder,
@@ -356,6 +370,43 @@ def load_model(
         layers=layers,
         decoder_layer_ids=decoder_ids,
     )
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` checked against this machine: ``cpu``, or ``cuda[:N]`` when torch sees that GPU
+    (``cuda`` becomes the current CUDA device). MoeserveError, naming why, for anything else."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise MoeserveError(f"device must be cpu or cuda (cuda:N), got {device!r}") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise MoeserveError(f"device must be cpu or cuda (cuda:N), got {device!r}")
+    if not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise MoeserveError(
+            f"device {str(device)!r}: torch sees no CUDA device on this machine (torch {torch.__version__}, {build}); "
+            "use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if resolved.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if resolved.index >= count:
+        raise MoeserveError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return resolved
+
+
+def _move_to_device(hf_model: Any, layers: list[MoELayer], decoder_ids: list[int], device: torch.device) -> None:
+    """Move every weight to ``device`` and point each MoE layer at its moved experts (re-choosing its backend)."""
+    hf_model.to(device)  # parameters keep their identity; their data moves
+    for layer, decoder_id in zip(layers, decoder_ids, strict=True):
+        experts = layer.experts
+        if isinstance(experts, UnloadedExperts):
+            layer.replace_experts(UnloadedExperts(experts.count, experts.weight_dtype, device))
+            continue
+        moved = hf_model.model.layers[decoder_id].mlp.experts
+        layer.replace_experts(ResidentExperts(gate_up_proj=moved.gate_up_proj.data, down_proj=moved.down_proj.data))
 
 
 def _load_tokenizer(folder: Path):
