@@ -54,7 +54,7 @@ def greedy_logits(
     steps: list[torch.Tensor] = []
     with torch.inference_mode():
         kv_cache = DynamicCache(config=model.config)
-        input_ids = torch.tensor([prompt_ids])  # [1, S]
+        input_ids = torch.tensor([prompt_ids], device=model.device)  # [1, S]
         for _ in range(NEW_TOKENS + 1):
             logits = model.hf_model(input_ids=input_ids, past_key_values=kv_cache, use_cache=True).logits
             steps.append(logits.clone())
