@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from typer.testing import CliRunner
 
@@ -20,6 +21,10 @@ def test_bench_ep_json_reports_both_modes_and_their_ratio() -> None:
         assert figures["throughput_tokens_per_s"] > 0
         assert figures["latency_p50_s"] > 0
         assert 0 < figures["mean_balancedness"] <= 1
+        # Processor time / wall time of each process: it ran some of the time, and never on more
+        # processors than the machine has (gloo's threads count).
+        assert 0 < figures["attention_cpu_fraction"] <= (os.cpu_count() or 1)
+        assert 0 < figures["mean_expert_cpu_fraction"] <= (os.cpu_count() or 1)
     assert payload["median_async_over_sync"] > 0
     assert payload["same_tokens_every_repeat"] is True
     layers = payload["repeats"][0]["modes"]["async"]["metrics"]["layers"]

@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 
 from moeserve.sim.calibrate import (
+    MESSAGE_HEADER_BYTES,
     Calibration,
     CalibrationShape,
     calibrate_costs,
+    fit_collective_latency,
+    fit_message_latency,
     load_calibration,
+    measure_gloo,
     save_calibration,
 )
 from moeserve.sim.ep import (
@@ -193,18 +197,21 @@ def test_calibration_measures_positive_costs_and_round_trips_through_json(tmp_pa
     )
     calibration = calibrate_costs(shape)
     costs = calibration.costs
-    assert {"expert_per_token_s", "message_latency_s", "collective_latency_s", "attention_switch_s"} <= set(
-        costs.measured
-    )
+    assert {
+        "expert_per_token_s", "message_latency_s", "message_cpu_s", "collective_latency_s", "attention_switch_s"
+    } <= set(costs.measured)
+    assert calibration.shape.processes == 2
     assert "bytes_per_token" not in costs.measured
     assert costs.bytes_per_token == 4 * 32 + 8
     assert 1 <= calibration.effective_cores <= (os.cpu_count() or 1)
     assert calibration.samples["parallel_speedup"][0] == [1.0, 1.0]
-    for name in ("expert_per_token_s", "attention_per_token_s", "message_latency_s", "bandwidth_bytes_per_s"):
+    for name in ("expert_per_token_s", "attention_per_token_s", "message_cpu_s", "collective_latency_s",
+                 "bandwidth_bytes_per_s"):
         assert math.isfinite(getattr(costs, name)) and getattr(costs, name) > 0
     assert len(calibration.samples["expert"]) == 6 and all(len(row) == 3 for row in calibration.samples["expert"])
     assert [row[0] for row in calibration.samples["attention"]] == [4.0, 32.0]
-    assert [row[0] for row in calibration.samples["message"]] == [64.0, 64.0 + 64 * (4 * 32 + 8)]
+    assert [row[0] for row in calibration.samples["message_round_trip"]] == [64.0, 64.0 + 64 * (4 * 32 + 8)]
+    assert [row[0] for row in calibration.samples["exchange"]] == [1.0, 64.0]  # rows x 1 expert worker
     path = tmp_path / "costs.json"
     save_calibration(calibration, path)
     assert load_calibration(path) == calibration
@@ -360,3 +367,62 @@ def test_calibration_shape_covering_adds_the_workloads_call_sizes():
     assert 32 * 6 * 2 // 4 in spread.row_counts  # every attention worker's rows meet on 4 expert workers
     with pytest.raises(ValueError, match="micro_batches must be an integer >= 1"):
         shape.covering(requests=8, prompt_tokens=4, attention_workers=1, expert_workers=1, micro_batches=0)
+
+
+def test_message_processor_time_is_charged_at_both_ends_in_async_only() -> None:
+    """One layer, two workers, top-1, 3 tokens to expert 0 and 1 to expert 1; each message costs 1 s of
+    processor time at each end and nothing else. Async: the attention worker sends 2 dispatches and
+    takes 2 combines (4 s) before its rows leave; worker 0 runs 5 + 3 plus one dispatch taken and
+    one combine sent (2 s): done at 4 + 10 = 14. Sync pays its measured collectives instead: 8."""
+    costs = SimCosts(
+        expert_overhead_s=5.0,
+        expert_per_token_s=1.0,
+        attention_overhead_s=0.0,
+        attention_per_token_s=0.0,
+        message_latency_s=0.0,
+        message_cpu_s=1.0,
+        collective_latency_s=0.0,
+        bytes_per_token=0,
+    )
+    routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)
+    makespans = {}
+    for mode in ("sync", "async"):
+        config = EPSimConfig(
+            attention_workers=1,
+            expert_workers=2,
+            mode=mode,
+            tokens_per_attention_worker=4,
+            micro_batches_per_worker=1,
+            hold_tokens_per_expert=0.0,
+            passes=1,
+        )
+        makespans[mode] = simulate_ep(routing, 2, config, costs, expert2rank=np.array([[0, 1]])).makespan_s
+    assert makespans == {"sync": pytest.approx(8.0), "async": pytest.approx(14.0)}
+
+
+def test_collective_and_message_fits_recover_the_simulators_costs() -> None:
+    latency, bandwidth, bytes_per_row, workers = 2e-3, 1e8, 520, 3
+    rows = [3, 48, 192, 768]
+    exchange = [3 * latency + (n + -(-n // workers)) * bytes_per_row / bandwidth for n in rows]
+    assert fit_collective_latency(rows, exchange, workers, bytes_per_row, bandwidth) == pytest.approx(latency)
+    cpu, flight = 2e-4, 5e-5
+    message_rows = [0, 16, 128, 1024]
+    round_trip = [
+        2 * (workers + 1) * cpu + 2 * (flight + (MESSAGE_HEADER_BYTES + n * bytes_per_row) / bandwidth)
+        for n in message_rows
+    ]
+    fitted_latency, fitted_bandwidth = fit_message_latency(message_rows, round_trip, workers, cpu, bytes_per_row)
+    assert fitted_latency == pytest.approx(flight, rel=1e-6)
+    assert fitted_bandwidth == pytest.approx(bandwidth, rel=1e-6)
+
+
+def test_measure_gloo_times_the_transport_and_the_sync_exchange_among_three_processes() -> None:
+    timings = measure_gloo([0, 16], exchange_rows=[2, 32], hidden=32, repeats=3, processes=3)
+    assert timings.processes == 3
+    assert len(timings.round_trip_s) == 2 and all(value > 0 for value in timings.round_trip_s)
+    assert len(timings.exchange_s) == 2 and all(value > 0 for value in timings.exchange_s)
+    assert 0 < timings.message_cpu_s < min(timings.round_trip_s)
+    with pytest.raises(ValueError, match="at least 2 processes"):
+        measure_gloo([0], processes=1)
+    with pytest.raises(ValueError, match="processes must be an integer >= 2"):
+        CalibrationShape(processes=1)

@@ -47,6 +47,10 @@ class ModeFigures:
     mean_rows_per_expert_call: float
     attention_expert_wait_s: float
     mean_expert_idle_fraction: float
+    attention_cpu_fraction: float
+    """Processor time of the attention worker's process / the mode's wall time."""
+    mean_expert_cpu_fraction: float
+    """Mean over expert workers of their process's processor time / wall time."""
     metrics: dict[str, Any]
     """The full :class:`~moeserve.ep.metrics.EPMetricsSnapshot` as a dict (per-layer figures)."""
 
@@ -72,6 +76,8 @@ class ModeFigures:
             mean_rows_per_expert_call=_nanmean(rows),
             attention_expert_wait_s=metrics.attention_expert_wait_s,
             mean_expert_idle_fraction=_nanmean(list(metrics.expert_idle_fraction)),
+            attention_cpu_fraction=metrics.attention_cpu_s / result.wall_s if result.wall_s else math.nan,
+            mean_expert_cpu_fraction=_nanmean(list(metrics.expert_cpu_fraction)),
             metrics=metrics.to_dict(),
         )
 
@@ -205,6 +211,8 @@ def render_table(result: EPBenchResult) -> Table:
         ("rows per expert-worker call", "mean_rows_per_expert_call", "{:.1f}", 1.0),
         ("attention worker waiting on experts (s)", "attention_expert_wait_s", "{:.3f}", 1.0),
         ("expert workers idle (share of wall)", "mean_expert_idle_fraction", "{:.2f}", 1.0),
+        ("attention worker's processor time (share of wall)", "attention_cpu_fraction", "{:.2f}", 1.0),
+        ("expert workers' processor time (share of wall)", "mean_expert_cpu_fraction", "{:.2f}", 1.0),
     ]
     for label, name, pattern, scale in figures:
         cells = []

@@ -274,7 +274,7 @@ def serve_async(
         flush_after_s=flush_after_s,
     )
     stopping = False
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     while True:
         # Take everything that has arrived; block only when there is nothing to run.
         while not stopping and (inbox.ready() or queues.empty()):
@@ -326,3 +326,4 @@ def serve_async(
     outbox.send_final(Stopped(sender=rank), 0)
     outbox.flush()
     stats.wall_s += time.perf_counter() - started
+    stats.cpu_s += time.process_time() - cpu_started

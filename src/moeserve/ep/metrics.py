@@ -34,6 +34,9 @@ class AttentionStats:
     """async: time micro-batches held the compute slot (attention, router, dispatch sends)."""
     receive_s: float = 0.0
     """async: time taking arrived combines without blocking."""
+    cpu_s: float = 0.0
+    """Processor time of the whole attention-worker process (every thread, gloo's included) over the
+    timed requests: with ``wall_s`` it says whether the process ran or waited."""
 
     def __post_init__(self) -> None:
         self.worker_rows = [[0] * self.num_workers for _ in range(self.num_layers)]
@@ -73,6 +76,8 @@ class ExpertStats:
     idle_s: float = 0.0
     """Time blocked waiting for work."""
     wall_s: float = 0.0
+    cpu_s: float = 0.0
+    """Processor time of the whole worker process (every thread) over the same span as ``wall_s``."""
     queue_tokens: list[float] = field(default_factory=list)
     """async: tokens waiting over all layers (rows / top_k) at each scheduling decision."""
 
@@ -114,6 +119,10 @@ class EPMetricsSnapshot:
     """async: time micro-batches held the attention worker's compute slot (NaN in sync)."""
     expert_idle_fraction: tuple[float, ...]
     """[W] share of each expert worker's wall time spent waiting for work."""
+    attention_cpu_s: float
+    """Processor time of the attention worker's process over the timed requests."""
+    expert_cpu_fraction: tuple[float, ...]
+    """[W] processor time of each expert worker's process / its wall time (1.0: it ran all the time)."""
     mean_queue_tokens: float
     """async: mean tokens queued over all layers at scheduling decisions (NaN in sync)."""
     max_queue_tokens: float
@@ -130,6 +139,7 @@ class EPMetricsSnapshot:
         document = asdict(self)
         document["layers"] = [asdict(layer) for layer in self.layers]
         document["expert_idle_fraction"] = list(self.expert_idle_fraction)
+        document["expert_cpu_fraction"] = list(self.expert_cpu_fraction)
         document["mean_balancedness"] = self.mean_balancedness
         document["mean_barrier_wait_s"] = self.mean_barrier_wait_s
         return _json_safe(document)
@@ -169,6 +179,8 @@ def metrics_snapshot(mode: str, attention: AttentionStats, experts: list[ExpertS
         expert_idle_fraction=tuple(
             stats.idle_s / stats.wall_s if stats.wall_s else math.nan for stats in experts
         ),
+        attention_cpu_s=attention.cpu_s,
+        expert_cpu_fraction=tuple(stats.cpu_s / stats.wall_s if stats.wall_s else math.nan for stats in experts),
         mean_queue_tokens=_nanmean(queue_tokens),
         max_queue_tokens=float(max(queue_tokens)) if queue_tokens else math.nan,
     )

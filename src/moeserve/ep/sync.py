@@ -76,7 +76,7 @@ def serve_sync(
     """Expert-worker loop of the sync mode: serve layer calls until the attention worker says stop."""
     width = control_width(num_experts)
     nothing = [0] * world_size
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     while True:
         received = torch.empty(world_size, width, dtype=torch.int64)  # [R, 2+E]
         waited = time.perf_counter()
@@ -100,3 +100,4 @@ def serve_sync(
         layer.busy_s += done - computing
         layer.barrier_wait_s += time.perf_counter() - done
     stats.wall_s += time.perf_counter() - started
+    stats.cpu_s += time.process_time() - cpu_started

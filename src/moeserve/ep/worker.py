@@ -172,12 +172,13 @@ def _run_mode(
 
     def run(record: RequestRecord, prompt_tokens: int) -> float:
         bodies = [record.body(workload, part, prompt_tokens) for part in parts]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if isinstance(exchange, AsyncAttention):
             exchange.run(bodies)
         else:
             with torch.inference_mode():
                 bodies[0]()
+        exchange.stats.cpu_s += time.process_time() - cpu_start
         return time.perf_counter() - start
 
     if config.warmup:

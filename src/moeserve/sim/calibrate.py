@@ -17,11 +17,14 @@ uses by default):
    through ``threading.Event`` (``attention_switch_s``).
 4. **Processors left to us**: the aggregate speed-up of k concurrent CPU-bound processes over
    one (``effective_cores``; a shared machine gives fewer than it has).
-5. **Messages between two real processes**: torch.distributed gloo (TCP on loopback), a second
-   process echoing uint8 tensors of the byte sizes the runtime's messages have (64-byte header
-   plus ``8 + 4 D`` bytes per row); the median round trip halved, fitted as ``latency +
-   bytes / bandwidth``. ``collective_latency_s`` (sync) is set to the message latency: the
-   runtime's sync collectives wake a peer blocked in them, as a message does.
+5. **Messages and the sync exchange among real processes** (as many as the run has,
+   ``shape.processes``): torch.distributed gloo (TCP on loopback). Messages: rank 0 sends uint8
+   tensors of the byte sizes the runtime's messages have (64-byte header plus ``8 + 4 D`` bytes
+   per row) to every other rank at once, each sends it straight back; the median round trip
+   halved, fitted as ``latency + bytes / bandwidth``. ``collective_latency_s`` (sync) is fitted
+   from the sync mode's own layer exchange (three ``all_to_all_single`` over all ranks) timed at
+   the message sizes: every rank takes part in each collective, so on a machine with fewer
+   cores than processes it costs far more than one message.
 
 The result is a :class:`Calibration`: the fitted :class:`~moeserve.sim.ep.SimCosts` (its
 ``measured`` names the fields measured here) plus the raw medians, the shape and the machine,
@@ -77,11 +80,17 @@ class CalibrationShape:
     token_counts: tuple[int, ...] = (4, 16, 64, 256, 512)
     """Tokens per attention-side layer call to time."""
     message_rows: tuple[int, ...] = (0, 16, 128, 1024)
-    """Rows per message to time (0: a header-only message)."""
+    """Rows per message to time (0: a header-only message); times the expert workers, the rows of
+    the sync exchanges timed."""
+    processes: int = 2
+    """Processes of the real run (attention plus expert workers): messages and the sync exchange
+    are timed among this many gloo ranks."""
     repeats: int = 25
     """Timed rounds over all points (median per point taken) after one warm-up round."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 2:
+            raise ValueError(f"processes must be an integer >= 2, got {self.processes!r}")
         for name in ("hidden", "intermediate", "experts_per_worker", "top_k", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -142,7 +151,9 @@ class Calibration:
     aggregate speed-up of k concurrent CPU-bound processes over one (0: not measured). The
     simulator's ``cores`` for a run on this machine."""
     samples: dict[str, list[list[float]]] = field(default_factory=dict)
-    """Raw medians: ``expert`` [rows, active, s], ``attention`` [tokens, s], ``message`` [bytes, s one way]."""
+    """Raw medians: ``expert`` [rows, active, s], ``attention`` [tokens, s],
+    ``message_round_trip`` [bytes, s of a fan-out round], ``message_cpu`` [s per message end],
+    ``exchange`` [rows, s of one sync layer exchange]."""
 
     def to_dict(self) -> dict[str, Any]:
         costs = asdict(self.costs)
@@ -197,9 +208,9 @@ def load_calibration(path: str | Path) -> Calibration:
 def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: bool = True) -> Calibration:
     """Measure :class:`SimCosts` for ``shape`` on this machine (see the module docstring).
 
-    Steps: 0. the thread hand-off; 1. gloo messages between two processes (first, before this process's torch thread
-    pool is busy, and only if ``measure_messages``; otherwise the GPU-class defaults stay and
-    are not named in ``measured``); 2. expert invocations; 3. attention-side layer calls; 4. fit;
+    Steps: 0. the thread hand-off; 1. gloo messages and the sync exchange among ``shape.processes``
+    processes (first, before this process's torch thread pool is busy, and only if
+    ``measure_messages``; otherwise the GPU-class defaults stay and are not named in ``measured``); 2. expert invocations; 3. attention-side layer calls; 4. fit;
     5. the aggregate speed-up of concurrent processes (``effective_cores``).
     Takes about 5-15 s on a loaded 2-core machine.
     """
@@ -213,6 +224,7 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
     defaults = SimCosts()
     latency, bandwidth = defaults.message_latency_s, defaults.bandwidth_bytes_per_s
     collective = defaults.collective_latency_s
+    message_cpu = defaults.message_cpu_s
     measured = [
         "expert_call_overhead_s",
         "expert_overhead_s",
@@ -225,17 +237,23 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
     measured.append("attention_switch_s")
     if measure_messages:
         sizes = [MESSAGE_HEADER_BYTES + rows * shape.bytes_per_row for rows in shape.message_rows]
-        one_way, collective = measure_gloo_one_way(sizes, 3 * shape.repeats)
-        samples["message"] = [[float(size), seconds] for size, seconds in zip(sizes, one_way, strict=True)]
-        samples["collective_back_to_back"] = [[collective]]
-        latency, bandwidth = _fit_message(np.array(sizes, dtype=np.float64), np.array(one_way))
-        # The real sync mode's collectives find the expert workers asleep in them (blocked since the
-        # last layer), so each costs a wake-up like a message; a back-to-back all_to_all_single,
-        # with both ranks awake, measured 0.25-0.44 ms against 1.3-1.9 ms for a message on this
-        # machine under load, and made the 4-process sync prediction 2-3x too fast. It is kept
-        # in the samples only.
-        collective = latency
-        measured += ["message_latency_s", "collective_latency_s", "bandwidth_bytes_per_s"]
+        workers = shape.processes - 1
+        exchange_rows = sorted({max(1, rows) * workers for rows in shape.message_rows})
+        gloo = measure_gloo(list(shape.message_rows), exchange_rows, shape.hidden, 3 * shape.repeats, shape.processes)
+        samples["message_round_trip"] = [
+            [float(size), seconds] for size, seconds in zip(sizes, gloo.round_trip_s, strict=True)
+        ]
+        samples["message_cpu"] = [[gloo.message_cpu_s]]
+        samples["exchange"] = [[float(rows), seconds] for rows, seconds in zip(exchange_rows, gloo.exchange_s, strict=True)]
+        message_cpu = gloo.message_cpu_s
+        latency, bandwidth = fit_message_latency(
+            list(shape.message_rows), gloo.round_trip_s, workers, message_cpu, shape.bytes_per_row
+        )
+        # The sync exchange is measured among the run's processes, not derived from one message:
+        # every rank takes part in each collective, and on 2 cores four processes' collectives
+        # cost ~25x one message (a message-derived latency made 4-process sync 2.5x too fast).
+        collective = fit_collective_latency(exchange_rows, gloo.exchange_s, workers, shape.bytes_per_row, bandwidth)
+        measured += ["message_latency_s", "message_cpu_s", "collective_latency_s", "bandwidth_bytes_per_s"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -258,6 +276,7 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
         attention_per_token_s=max(per_token, 1e-12),
         attention_switch_s=switch,
         message_latency_s=latency,
+        message_cpu_s=message_cpu,
         collective_latency_s=collective,
         bandwidth_bytes_per_s=bandwidth,
         bytes_per_token=shape.bytes_per_row,
@@ -471,73 +490,228 @@ def _fit_message(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
     return max(latency, 1e-9), 1.0 / max(per_byte, 1e-15)
 
 
-def _echo(port: int, sizes: list[int], rounds: int) -> None:
-    """Rank 1: receive each message and send it straight back."""
+def _gloo_peer(port: int, rank: int, processes: int, folder: str, message_rows: list[int], capacity: int,
+               exchange_rows: list[int], hidden: int, rounds: int) -> None:
+    """Ranks 1..R-1 of :func:`measure_gloo`: answer each Dispatch with a Combine of its rows through the
+    runtime's transport, report the processor time that took, then play an expert worker's side of
+    the sync exchange (no compute between receiving the rows and sending them back)."""
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
-    buffers = [torch.empty(size, dtype=torch.uint8) for size in sizes]
+    from moeserve.ep.messages import Combine, Dispatch, Shutdown, Stopped
+    from moeserve.ep.serialize import Doorbell, InboxSet, Outbox
+
+    torch.set_num_threads(1)
+    doorbell = Doorbell(folder, rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=processes)
     try:
+        inbox = InboxSet(doorbell, [0], capacity, TRANSPORT_DEPTH, 120.0)
+        outbox = Outbox(rank=rank, depth=TRANSPORT_DEPTH, doorbell=doorbell)
+        dist.barrier()  # every rank's receives are posted
+        answered, cpu_started = 0, time.process_time()
+        while True:
+            message = inbox.receive()
+            if isinstance(message, Shutdown):
+                break
+            assert isinstance(message, Dispatch), f"calibration peer got {message!r}"
+            outbox.send(Combine(message.micro_batch, message.layer, rank, message.rows), 0)
+            answered += 1
+        cpu = time.process_time() - cpu_started
+        outbox.send_final(Stopped(sender=rank), 0)
+        outbox.flush()
+        dist.send(torch.tensor([cpu, float(answered)], dtype=torch.float64), dst=0)
+        nothing = [0] * processes
+        control = torch.zeros(processes, CONTROL_WIDTH, dtype=torch.int64)
         for _ in range(rounds):
-            for buffer in buffers:
-                dist.recv(buffer, src=0)
-                dist.send(buffer, dst=0)
-        control = torch.zeros(2, CONTROL_WIDTH, dtype=torch.int64)
-        for _ in range(rounds):
-            dist.all_to_all_single(torch.empty_like(control), control)
+            for total in exchange_rows:
+                count = _worker_rows(total, processes - 1)[rank - 1]
+                dist.all_to_all_single(torch.empty_like(control), control)
+                rows = torch.empty(count, hidden)
+                from_attention = [count] + [0] * (processes - 1)
+                dist.all_to_all_single(rows, torch.empty(0, hidden), from_attention, nothing)
+                dist.all_to_all_single(torch.empty(0, hidden), rows, nothing, from_attention)
     finally:
         dist.destroy_process_group()
+        doorbell.close()
 
 
-def measure_gloo_one_way(sizes: list[int], repeats: int = 15) -> tuple[list[float], float]:
-    """Median one-way seconds of a ``size``-byte gloo send, per size: round trips to an echoing process, halved;
-    and the median seconds of one small ``all_to_all_single`` between the two (the sync mode's
-    control exchange: both ranks enter it, one waits for the other).
+TRANSPORT_DEPTH = 2
+"""Receives each rank keeps posted in the calibration's message rounds (one in flight, one final)."""
 
-    Starts a second process (fork) and a two-rank gloo group on loopback; this process must not
-    already be in a default process group (``RuntimeError`` otherwise). Sizes are timed
-    round-robin (one round trip of each per round) after a warm-up round. On a loaded machine the
-    one-way time is bimodal: ~0.2 ms when the peer's core is free, ~2 ms when it waits for the
-    scheduler; the median over many rounds says which is typical now.
+
+def _worker_rows(total: int, workers: int) -> list[int]:
+    """``total`` rows split as evenly as possible over ``workers`` (the first ones get the remainder)."""
+    return [total // workers + (1 if index < total % workers else 0) for index in range(workers)]
+
+
+@dataclass(frozen=True)
+class GlooTimings:
+    """What :func:`measure_gloo` measured among R processes on this machine."""
+
+    processes: int
+    round_trip_s: list[float]
+    """Per message row count: median seconds for rank 0 to send a Dispatch to every other rank and
+    take every answering Combine back."""
+    message_cpu_s: float
+    """Processor time one message costs at one end (sending or taking it), both sides' mean."""
+    exchange_s: list[float]
+    """Per total row count: median seconds of one sync-mode layer exchange (three collectives)."""
+
+
+def measure_gloo(
+    message_rows: list[int], exchange_rows: list[int] | None = None, hidden: int = 128, repeats: int = 15,
+    processes: int = 2,
+) -> GlooTimings:
+    """Time gloo (TCP on loopback) among ``processes`` ranks: this process is rank 0, the others forked here.
+
+    1. **Messages, through the runtime's own transport** (:mod:`moeserve.ep.serialize`: one
+       gloo send into receives posted ahead, and a doorbell ring): per row count, rank 0 sends a
+       Dispatch of that many rows of ``hidden`` float32 to every other rank at once, and each
+       answers with a Combine of the same rows; the median round trip. Every process's
+       processor time over these rounds (its gloo threads included) gives the processor time
+       per message end: rank 0's over ``2 x (R - 1)`` ends a round, the others' over two.
+    2. **The sync exchange** (``moeserve.ep.sync``): per total row count N, the three
+       ``all_to_all_single`` of one layer call over all ranks (a control row per rank, N rows
+       split evenly from rank 0 to the others, and the same rows back), with nothing computed
+       in between; the median seconds. Every rank takes part in each collective, so its cost
+       grows with the number of processes (on 2 cores: about 1.2 ms for 2 processes, 3.3 ms
+       for 3, 7.9 ms for 4 at 192 rows, against about 0.3 ms for a message round trip).
+
+    Points are timed round-robin after a warm-up round. On a loaded machine the times are
+    bimodal (a peer gets a core at once or waits for the scheduler); the median over many rounds
+    says which is typical now. This process must not already be in a default process group
+    (``RuntimeError`` otherwise); ``processes`` must be >= 2 (``ValueError``).
     """
     import multiprocessing
+    import shutil
+    import tempfile
 
     import torch
     import torch.distributed as dist
 
+    from moeserve.ep.messages import Combine, Dispatch, Shutdown, Stopped
+    from moeserve.ep.serialize import Doorbell, InboxSet, Outbox, message_capacity
+
+    if processes < 2:
+        raise ValueError(f"measure_gloo needs at least 2 processes, got {processes}")
     if dist.is_initialized():
-        raise RuntimeError("measure_gloo_one_way needs a process outside any torch.distributed group")
+        raise RuntimeError("measure_gloo needs a process outside any torch.distributed group")
+    exchange_rows = list(exchange_rows or [])
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
     rounds = repeats + 1
-    process = multiprocessing.get_context("fork").Process(target=_echo, args=(port, sizes, rounds), daemon=True)
-    process.start()
-    times = np.zeros((repeats, len(sizes)))  # [repeats, sizes]
+    capacity = message_capacity(max(message_rows), hidden)
+    folder = tempfile.mkdtemp(prefix="moeserve-calibrate-")
+    doorbell = Doorbell(folder, 0)
+    context = multiprocessing.get_context("fork")
+    peers = [
+        context.Process(
+            target=_gloo_peer,
+            args=(port, rank, processes, folder, message_rows, capacity, exchange_rows, hidden, rounds),
+            daemon=True,
+        )
+        for rank in range(1, processes)
+    ]
+    for peer in peers:
+        peer.start()
+    others = list(range(1, processes))
+    round_trip = np.zeros((repeats, len(message_rows)))  # [repeats, row counts]
+    exchange = np.zeros((repeats, len(exchange_rows)))  # [repeats, row counts]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=processes)
         try:
-            payloads = [torch.zeros(size, dtype=torch.uint8) for size in sizes]
+            inbox = InboxSet(doorbell, others, capacity, TRANSPORT_DEPTH, 120.0)
+            outbox = Outbox(rank=0, depth=TRANSPORT_DEPTH, doorbell=doorbell)
+            dist.barrier()  # every rank's receives are posted
+            messages = [
+                Dispatch(0, 0, torch.zeros(rows, hidden), torch.zeros(rows, dtype=torch.int64)) for rows in message_rows
+            ]
+            cpu_started = time.process_time()
             for round_index in range(rounds):
-                for index, payload in enumerate(payloads):
+                for index, message in enumerate(messages):
                     start = time.perf_counter()
-                    dist.send(payload, dst=1)
-                    dist.recv(payload, src=1)
+                    for rank in others:
+                        outbox.send(message, rank)
+                    for _ in others:
+                        assert isinstance(inbox.receive(), Combine)
                     if round_index:
-                        times[round_index - 1, index] = (time.perf_counter() - start) / 2
-            control = torch.zeros(2, CONTROL_WIDTH, dtype=torch.int64)
-            collective = []
+                        round_trip[round_index - 1, index] = time.perf_counter() - start
+                outbox.flush()
+            rank0_cpu = (time.process_time() - cpu_started) / (rounds * len(messages) * 2 * len(others))
+            for rank in others:
+                outbox.send_final(Shutdown(), rank)
+            stopped = 0
+            while stopped < len(others):
+                stopped += isinstance(inbox.receive(), Stopped)
+            outbox.flush()
+            peer_cpu = []
+            for rank in others:
+                report = torch.zeros(2, dtype=torch.float64)
+                dist.recv(report, src=rank)
+                peer_cpu.append(float(report[0]) / max(1.0, float(report[1])) / 2)
+            nothing = [0] * processes
+            control = torch.zeros(processes, CONTROL_WIDTH, dtype=torch.int64)
             for round_index in range(rounds):
-                start = time.perf_counter()
-                dist.all_to_all_single(torch.empty_like(control), control)
-                if round_index:
-                    collective.append(time.perf_counter() - start)
+                for index, total in enumerate(exchange_rows):
+                    rows = torch.zeros(total, hidden)  # [N, D]
+                    splits = [0, *_worker_rows(total, processes - 1)]
+                    start = time.perf_counter()
+                    dist.all_to_all_single(torch.empty_like(control), control)
+                    dist.all_to_all_single(torch.empty(0, hidden), rows, nothing, splits)
+                    dist.all_to_all_single(torch.empty_like(rows), torch.empty(0, hidden), splits, nothing)
+                    if round_index:
+                        exchange[round_index - 1, index] = time.perf_counter() - start
         finally:
             dist.destroy_process_group()
     finally:
-        process.join(timeout=10)
-        if process.is_alive():
-            process.terminate()
-            process.join(timeout=5)
-    return [float(value) for value in np.median(times, axis=0)], float(np.median(collective))
+        torch.set_num_threads(threads)
+        doorbell.close()
+        for peer in peers:
+            peer.join(timeout=10)
+            if peer.is_alive():
+                peer.terminate()
+                peer.join(timeout=5)
+        shutil.rmtree(folder, ignore_errors=True)
+    return GlooTimings(
+        processes=processes,
+        round_trip_s=[float(value) for value in np.median(round_trip, axis=0)],
+        message_cpu_s=(rank0_cpu + float(np.mean(peer_cpu))) / 2,
+        exchange_s=[float(value) for value in np.median(exchange, axis=0)] if exchange_rows else [],
+    )
+
+
+def fit_message_latency(
+    message_rows: list[int], round_trip_s: list[float], workers: int, message_cpu_s: float, bytes_per_row: int
+) -> tuple[float, float]:
+    """(``message_latency_s``, ``bandwidth_bytes_per_s``) from measured fan-out round trips, in the simulator's terms.
+
+    The simulator charges each message ``message_cpu_s`` of processor time at both ends and, in
+    between, a latency plus its bytes over the link. A fan-out round to W workers then takes
+    ``2 (W + 1) c`` of processing on the critical path (rank 0's W sends and W takes, one worker's
+    take and send) plus two one-way flights, so one flight is ``(round trip - 2 (W + 1) c) / 2``
+    (at least 0), fitted as ``latency + bytes / bandwidth`` with bytes = header + rows x bytes per row.
+    """
+    sizes = np.array([MESSAGE_HEADER_BYTES + rows * bytes_per_row for rows in message_rows], dtype=np.float64)
+    flights = np.maximum(0.0, (np.array(round_trip_s) - 2 * (workers + 1) * message_cpu_s) / 2)
+    return _fit_message(sizes, flights)
+
+
+def fit_collective_latency(
+    exchange_rows: list[int], exchange_s: list[float], workers: int, bytes_per_row: int, bandwidth: float
+) -> float:
+    """``collective_latency_s`` from measured sync exchanges, in the simulator's own terms.
+
+    The simulator charges one sync layer exchange of N rows over W expert workers (one attention
+    worker) as three collective latencies plus the busiest links' bytes: the dispatch's N rows
+    leaving the attention worker and the combine's largest worker block coming back, ``t = 3 L +
+    (N + ceil(N / W)) * bytes_per_row / bandwidth``. The median over row counts of the L this
+    gives, at least 1 ns.
+    """
+    latencies = [
+        (seconds - (rows + -(-rows // workers)) * bytes_per_row / bandwidth) / 3
+        for rows, seconds in zip(exchange_rows, exchange_s, strict=True)
+    ]
+    return max(float(np.median(latencies)), 1e-9)

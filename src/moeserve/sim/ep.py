@@ -21,7 +21,9 @@ them, so the simulator can be checked against the real runtime at the same descr
 Costs (:class:`SimCosts`): an expert-worker invocation costs ``call + a + b * tokens`` per
 expert that has tokens (so tiny batches pay the fixed overhead), an attention layer ``c + d *
 tokens`` (async: plus a hand-off per micro-batch layer call), and a message ``latency + bytes /
-bandwidth``. Costs are the assumed GPU-class defaults or measured on this machine
+bandwidth`` plus, in async, ``message_cpu_s`` of processor time at each end (charged to the
+sending and the receiving worker's computations; sync's collectives are charged as measured
+wholes, ``collective_latency_s``). Costs are the assumed GPU-class defaults or measured on this machine
 (:mod:`moeserve.sim.calibrate`). With ``cores`` > 0 all computations share that many processors
 first-come first-served (the real runs here put every worker process on the same cores). Each worker has one outgoing link: its messages leave one
 after another (a FIFO link resource), so a dispatch or combine of N bytes from one worker takes
@@ -85,6 +87,12 @@ class SimCosts:
     switches micro-batches by launching on another stream."""
     message_latency_s: float = 10e-6
     """Fixed time of one point-to-point message between an attention and an expert worker (async)."""
+    message_cpu_s: float = 0.0
+    """async: processor time one message costs at each end (encoding or decoding it, system calls,
+    the doorbell, the transport's event-loop thread), taken from the worker's compute: the
+    attention worker pays it for every dispatch it sends and combine it takes, an expert worker
+    for every dispatch it takes and combine it sends. 0 by default: on a GPU server a NIC and a
+    CPU core beside the GPU do this work."""
     collective_latency_s: float = 10e-6
     """Fixed time of one all-to-all over all workers (sync: the split sizes, the dispatch and the
     combine are one each); by default the same as a message."""
@@ -664,10 +672,18 @@ class _AsyncSimulation:
         if not self.attention_free[attention_worker] or not ready:
             return
         index = ready.popleft()
-        duration = self.costs.attention_time(len(self.micro_batches[index].rows)) + self.costs.attention_switch_s
+        micro_batch = self.micro_batches[index]
+        duration = self.costs.attention_time(len(micro_batch.rows)) + self.costs.attention_switch_s
+        if self.costs.message_cpu_s:  # its dispatches now and the combines it will take back
+            duration += 2 * self._targets(micro_batch) * self.costs.message_cpu_s
         self.attention_free[attention_worker] = False
         self.attention_busy += duration
         self._push(self._compute(duration), _ATTENTION_DONE, index)
+
+    def _targets(self, micro_batch: _MicroBatch) -> int:
+        """Expert workers that get rows of ``micro_batch`` at its current layer."""
+        ids = self.routing[micro_batch.rows, micro_batch.layer, :].astype(np.int64).ravel()  # [b*K]
+        return int(np.unique(self.expert2rank[micro_batch.layer][ids[ids != UNKNOWN_EXPERT]]).size)
 
     def _on_attention_done(self, index: int) -> None:
         micro_batch = self.micro_batches[index]
@@ -726,7 +742,8 @@ class _AsyncSimulation:
         tokens_per_expert = np.bincount(
             np.concatenate([entry[1] for entry in entries]), minlength=self.num_experts
         )
-        duration = self.costs.expert_time(tokens_per_expert)
+        # Taking each queued dispatch and sending its combine back cost processor time too.
+        duration = self.costs.expert_time(tokens_per_expert) + 2 * len(entries) * self.costs.message_cpu_s
         self.invocations += int((tokens_per_expert > 0).sum())
         self.invoked_tokens += int(tokens_per_expert.sum())
         state.busy += duration
