@@ -3,11 +3,22 @@
 Shape legend: E experts in a layer, k experts per token (top-k), D hidden size, I expert
 intermediate size, S slots (experts the cache can hold at once).
 
-Tiers (CPU-only machine): resident slot tensors <- the checkpoint's safetensors files, read one
-expert at a time through :class:`~moeserve.memory.store.ExpertStore` straight into a slot (or
-through one staging buffer per layer when the resident dtype or device differs from the stored
-one). Slots are allocated on first use and reused, never freed while the cache lives, so the
-memory the cache holds is at most ``S * expert bytes <= budget``.
+Tiers. Resident slot tensors (on the cache's device) <- the checkpoint's safetensors files, read
+one expert at a time through :class:`~moeserve.memory.store.ExpertStore` straight into a slot
+(CPU, stored dtype) or through one staging buffer per layer when the resident dtype or device
+differs from the stored one. With ``host_budget_bytes`` a host tier
+(:class:`~moeserve.memory.host_tier.HostTier`, its own byte budget, LRU) sits in between:
+slots <- host buffers <- checkpoint. A slot miss is copied from the host tier when it holds the
+expert (a *host hit*: no disk read), else read from disk into a host buffer first; host buffers
+replace the staging buffers. On a CUDA device the host buffers are pinned, and every copy into a
+slot runs on a side CUDA stream (:class:`~moeserve.memory.transfer.CudaStreamCopier`): the
+compute stream waits on the copy's event just before the slot is used, and a copy into an
+evicted slot waits for compute enqueued before the eviction; no host synchronisation on the
+forward's path. On a CPU device the host tier is plain RAM (a second RAM tier: it saves disk or
+page-cache reads, not the copy into the slot) and copies are synchronous
+(:class:`~moeserve.memory.transfer.SynchronousCopier`, the reference). Slots are allocated on
+first use and reused, never freed while the cache lives, so the memory the cache holds is at
+most ``S * expert bytes <= budget``; the host tier's buffers stay within their own budget.
 
 How a step is served (``exact``: outputs are bit-identical to every expert resident):
 
@@ -51,9 +62,11 @@ stalls, as does every synchronous load. Predictions are scored against the layer
 (precision and recall in :class:`CacheStats`). Online policies only.
 
 This module knows nothing of transformers models or where MoE layers sit in them
-(:mod:`moeserve.memory.offload` wires a cache into a model), nor of how experts are predicted,
-GPUs' side streams or pinned host memory. One forward at a time; the background loader is the
-only other thread, and every change of residency happens under the cache's lock.
+(:mod:`moeserve.memory.offload` wires a cache into a model), nor of how experts are predicted;
+streams and events are the copier's business (:mod:`moeserve.memory.transfer`), host buffers
+the host tier's. One forward at a time; the background loader is the only other thread, and
+every change of residency happens under the cache's lock. The forward thread may wait for a host
+buffer while holding that lock, so a thread holding a host buffer never takes it (``_read``).
 """
 
 from __future__ import annotations
