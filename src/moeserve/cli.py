@@ -138,9 +138,9 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
     if expert_memory is not None:
         from moeserve.memory.offload import apply_expert_cache
 
-        cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy)
+        cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy, host_memory=host_memory)
         cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch,
-                                   host_memory=host_memory)
+                                   host_memory=cache_config.host_memory)
     if gate is not None and committee_swaps:
         from moeserve.memory.committee import CommitteeScheduler
 

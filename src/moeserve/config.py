@@ -60,7 +60,14 @@ class ExpertCacheConfig:
     """Eviction policy from ``moeserve.memory.policies.EVICTION_POLICIES`` (an online one)."""
     per_layer: bool = False
     """Give every MoE layer its own equal share instead of one pool for all layers."""
+    host_memory: str | None = None
+    """Host tier between the checkpoint and the resident experts: a fraction of all expert bytes as
+    stored ("100%") or a size ("4GiB"); None: no host tier. Needs ``memory``."""
 
     def __post_init__(self) -> None:
         if self.memory is not None and not self.memory.strip():
             raise ValueError("expert memory budget is empty; give a fraction like 25% or a size like 2GiB")
+        if self.host_memory is not None and (self.memory is None or not self.host_memory.strip()):
+            raise ValueError(
+                f"host memory {self.host_memory!r} needs an expert memory budget and a fraction like 50% or a size like 4GiB"
+            )

@@ -126,11 +126,11 @@ class CudaStreamCopier:
         self._ready.pop((pool, slot), None)
 
     def wait_ready(self, pool: int, slots: Sequence[int]) -> None:
-        compute = torch.cuda.current_stream(self.device)
-        self._compute = compute
         for slot in slots:
             ready = self._ready.pop((pool, slot), None)
-            if ready is not None:
+            if ready is not None:  # else: compute already waited for the slot's last copy
+                compute = torch.cuda.current_stream(self.device)
+                self._compute = compute
                 compute.wait_event(ready)
 
     def close(self) -> None:
