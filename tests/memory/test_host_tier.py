@@ -219,6 +219,16 @@ def test_host_budget_below_one_expert_is_refused_naming_the_minimum(model):
     assert all(isinstance(layer.experts, ResidentExperts) for layer in model.layers)  # untouched
 
 
+def test_expert_cache_config_needs_an_expert_budget_for_a_host_tier():
+    from moeserve.config import ExpertCacheConfig
+
+    with pytest.raises(ValueError, match="host memory '50%' needs an expert memory budget"):
+        ExpertCacheConfig(host_memory="50%")
+    with pytest.raises(ValueError, match="host memory"):
+        ExpertCacheConfig(memory="25%", host_memory=" ")
+    assert ExpertCacheConfig(memory="25%", host_memory="50%").host_memory == "50%"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_one_clear_error():
     with pytest.raises(MoeserveError, match="torch sees no CUDA device"):
