@@ -1033,6 +1033,7 @@ def simulate_ep(
                 experts_per_worker=-(-loaded.meta.num_experts // expert_workers),
                 top_k=loaded.meta.top_k,
                 processes=attention_workers + expert_workers,
+                layers=loaded.num_layers,
             )
             if requests:  # time the sizes this workload's calls have, not only the small default grid
                 shape = shape.covering(requests, prompt_tokens, attention_workers, expert_workers, micro_batches)

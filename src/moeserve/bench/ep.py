@@ -45,6 +45,8 @@ class ModeFigures:
     mean_queue_age_s: float
     mean_balancedness: float
     mean_rows_per_expert_call: float
+    mean_expert_call_s: float
+    """Wall seconds per expert-worker invocation (mean over layers)."""
     attention_expert_wait_s: float
     mean_expert_idle_fraction: float
     attention_cpu_fraction: float
@@ -74,6 +76,7 @@ class ModeFigures:
             mean_queue_age_s=_nanmean(ages),
             mean_balancedness=metrics.mean_balancedness,
             mean_rows_per_expert_call=_nanmean(rows),
+            mean_expert_call_s=_nanmean([layer.mean_call_s for layer in metrics.layers]),
             attention_expert_wait_s=metrics.attention_expert_wait_s,
             mean_expert_idle_fraction=_nanmean(list(metrics.expert_idle_fraction)),
             attention_cpu_fraction=metrics.attention_cpu_s / result.wall_s if result.wall_s else math.nan,
@@ -209,6 +212,7 @@ def render_table(result: EPBenchResult) -> Table:
         ("mu-queue age of oldest entry, mean (ms)", "mean_queue_age_s", "{:.2f}", 1e3),
         ("balancedness (mean/max rows per worker)", "mean_balancedness", "{:.3f}", 1.0),
         ("rows per expert-worker call", "mean_rows_per_expert_call", "{:.1f}", 1.0),
+        ("time per expert-worker call (ms)", "mean_expert_call_s", "{:.2f}", 1e3),
         ("attention worker waiting on experts (s)", "attention_expert_wait_s", "{:.3f}", 1.0),
         ("expert workers idle (share of wall)", "mean_expert_idle_fraction", "{:.2f}", 1.0),
         ("attention worker's processor time (share of wall)", "attention_cpu_fraction", "{:.2f}", 1.0),

@@ -105,6 +105,8 @@ class LayerMetrics:
     queue_age_max_s: float
     mean_rows_per_call: float
     """Rows per expert-worker invocation of this layer (re-batching makes it larger in async)."""
+    mean_call_s: float
+    """Wall seconds per expert-worker invocation of this layer (its experts' compute, as timed around it)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ def metrics_snapshot(mode: str, attention: AttentionStats, experts: list[ExpertS
         per_worker = [stats.layers[layer] for stats in experts]
         calls = sum(item.calls for item in per_worker)
         rows = sum(item.rows for item in per_worker)
+        busy = sum(item.busy_s for item in per_worker)
         depths = [value for item in per_worker for value in item.queue_rows]
         ages = [value for item in per_worker for value in item.queue_age_s]
         sync_calls = max((item.calls for item in per_worker), default=0)
@@ -168,6 +171,7 @@ def metrics_snapshot(mode: str, attention: AttentionStats, experts: list[ExpertS
                 queue_age_mean_s=_nanmean(ages),
                 queue_age_max_s=float(max(ages)) if ages else math.nan,
                 mean_rows_per_call=rows / calls if calls else math.nan,
+                mean_call_s=busy / calls if calls else math.nan,
             )
         )
     queue_tokens = [value for stats in experts for value in stats.queue_tokens]

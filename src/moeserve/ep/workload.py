@@ -147,7 +147,7 @@ EMBEDDING_ROWS = 1024
 """Distinct random input embeddings of the trace workload (token row t uses t % EMBEDDING_ROWS)."""
 
 
-def _rms(hidden: torch.Tensor) -> torch.Tensor:
+def rms_norm(hidden: torch.Tensor) -> torch.Tensor:
     return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
@@ -177,11 +177,11 @@ class SyntheticMoEModel(nn.Module):
         flat = rows.reshape(-1)  # [b*t]
         hidden = self.embedding.index_select(0, flat % EMBEDDING_ROWS)  # [b*t, D]
         for layer, mixer in enumerate(self.mixers):
-            hidden = hidden + torch.nn.functional.linear(_rms(hidden), mixer)
+            hidden = hidden + torch.nn.functional.linear(rms_norm(hidden), mixer)
             routing = RouterOutput(
                 topk_ids=self.experts[flat, layer], topk_weights=self.weights[flat, layer]
             )  # [b*t, k] each
-            hidden = hidden + self.moe[layer](_rms(hidden), routing)
+            hidden = hidden + self.moe[layer](rms_norm(hidden), routing)
         return hidden.view(b, t, -1)[:, -1]  # [b, D]
 
 
