@@ -3,12 +3,12 @@
 ``calibrate_costs(shape)`` times, on one torch thread (what each ``moeserve bench ep`` worker
 uses by default):
 
-1. **Expert worker invocation** at the workload's expert shape: rows [n, D] for experts drawn
-   from ``shape.experts_per_worker`` held SwiGLU experts [D -> I -> D] are grouped by expert
-   (argsort, bincount, index_select), run by the registered CPU experts backend that
-   ``moeserve.moe.backends.resolve_backend`` picks (the one ``moeserve.ep`` expert workers use),
-   and put back in arrival order. A least-squares fit of the median times over a grid of
-   (rows, active experts) gives ``t = call + a * active_experts + b * rows``.
+1. **Expert worker invocation** at the workload's expert shape, through the runtime's own
+   ``moeserve.ep.experts.ExpertShard.run`` (group rows by expert, run the registered CPU
+   backend ``resolve_backend`` picks, as ``moeserve.ep`` expert workers do, restore arrival
+   order) over a synthetic shard of ``shape.experts_per_worker`` experts per layer. A
+   least-squares fit of the median times over a grid of (rows, active experts) gives ``t =
+   call + a * active_experts + b * rows``.
 2. **Attention-side layer call** over T tokens, what the trace workload's attention worker runs
    per MoE layer, through the runtime's own code: an RMS norm and a D x D mixer (the workload's
    stand-in for attention), the routing lookup, ``moeserve.ep.dispatch.plan_dispatch`` over the
@@ -314,39 +314,27 @@ def _median_times(functions: list[Callable[[], Any]], repeats: int) -> list[floa
 
 
 def _time_experts(shape: CalibrationShape) -> list[list[float]]:
-    """[rows, active experts, median s] of one expert-worker invocation per grid point."""
+    """[rows, active experts, median s] of one expert-worker invocation per grid point: the
+    runtime's own :meth:`moeserve.ep.experts.ExpertShard.run` (group by expert, run the CPU
+    backend, restore arrival order) over a synthetic shard of ``shape.layers`` layers with
+    ``experts_per_worker`` experts each, every call on the next layer's weights."""
     import torch
 
-    from moeserve.moe.backends import BACKENDS, resolve_backend
-    from moeserve.moe.types import ExpertGroups
+    from moeserve.ep.experts import ExpertShard, ShardLayer, synthetic_expert
 
     generator = torch.Generator().manual_seed(0)
     held, hidden, intermediate = shape.experts_per_worker, shape.hidden, shape.intermediate
-    layers = shape.layers
-    gate_up = torch.randn(layers, held, 2 * intermediate, hidden, generator=generator) * hidden**-0.5  # [L, E, 2I, D]
-    down = torch.randn(layers, held, hidden, intermediate, generator=generator) * intermediate**-0.5  # [L, E, D, I]
-
-    class _Held:
-        """One worker's experts; each invocation (``next_call``) moves to the next layer's weights."""
-
-        dtype, device, num_experts = torch.float32, torch.device("cpu"), held
-        layer = 0
-
-        def next_call(self) -> None:
-            self.layer = (self.layer + 1) % layers
-
-        def gate_up(self, expert: int) -> torch.Tensor:
-            return gate_up[self.layer, expert]
-
-        def down(self, expert: int) -> torch.Tensor:
-            return down[self.layer, expert]
-
-        def stacked(self) -> None:
-            return None
-
-    backend = BACKENDS.get(resolve_backend("auto", torch.device("cpu"), torch.float32, stacked=False))()
-    provider = _Held()
-    act = torch.nn.functional.silu
+    shard = ExpertShard(
+        [
+            ShardLayer(
+                num_experts=held,
+                held={expert: synthetic_expert(0, layer, expert, hidden, intermediate) for expert in range(held)},
+            )
+            for layer in range(shape.layers)
+        ],
+        torch.nn.functional.silu,
+    )
+    position = [0]
     points: list[list[float]] = []
     calls: list[Callable[[], Any]] = []
     for rows in shape.row_counts:
@@ -355,23 +343,8 @@ def _time_experts(shape: CalibrationShape) -> list[list[float]]:
             expert_ids = torch.randint(0, active, (rows,), generator=generator)  # [n]
 
             def invoke(x: torch.Tensor = x, expert_ids: torch.Tensor = expert_ids) -> torch.Tensor:
-                # What an expert worker does per invocation: group by expert, run, restore order.
-                provider.next_call()
-                order = torch.argsort(expert_ids, stable=True)  # [n]
-                counts = torch.bincount(expert_ids, minlength=held)  # [E]
-                groups = ExpertGroups(
-                    rows=x.index_select(0, order),
-                    row2token=torch.zeros(0, dtype=torch.int64),
-                    row_weights=torch.zeros(0),
-                    expert_counts=counts,
-                    capacity=None,
-                    dropped=torch.zeros((), dtype=torch.int64),
-                    assignments=x.shape[0],
-                )
-                grouped = backend(groups, provider, act)  # [n, D]
-                out = torch.empty_like(grouped)
-                out[order] = grouped
-                return out
+                layer = position[0] = (position[0] + 1) % shape.layers
+                return shard.run(layer, x, expert_ids)  # [n, D]
 
             active_count = int((torch.bincount(expert_ids, minlength=held) > 0).sum())
             points.append([float(rows), float(active_count)])
