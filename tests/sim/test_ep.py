@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from moeserve.sim.calibrate import (
     CalibrationShape,
     calibrate_costs,
     fit_collective_latency,
+    fit_message_cpu,
     fit_message_latency,
     load_calibration,
     measure_gloo,
@@ -398,6 +400,19 @@ def test_message_processor_time_is_charged_at_both_ends_in_async_only() -> None:
         )
         makespans[mode] = simulate_ep(routing, 2, config, costs, expert2rank=np.array([[0, 1]])).makespan_s
     assert makespans == {"sync": pytest.approx(8.0), "async": pytest.approx(14.0)}
+    # Per byte instead (1 byte per row, 0.5 s a byte): the attention worker sends 3 + 1 rows and takes
+    # them back (4 s); worker 0 takes and returns 3 rows (3 s): 4 + 8 + 3 = 15.
+    per_byte = dataclasses.replace(costs, message_cpu_s=0.0, message_cpu_per_byte_s=0.5, bytes_per_token=1)
+    config = EPSimConfig(
+        attention_workers=1,
+        expert_workers=2,
+        mode="async",
+        tokens_per_attention_worker=4,
+        micro_batches_per_worker=1,
+        hold_tokens_per_expert=0.0,
+        passes=1,
+    )
+    assert simulate_ep(routing, 2, config, per_byte, expert2rank=np.array([[0, 1]])).makespan_s == pytest.approx(15.0)
 
 
 def test_collective_and_message_fits_recover_the_simulators_costs() -> None:
@@ -411,9 +426,13 @@ def test_collective_and_message_fits_recover_the_simulators_costs() -> None:
         2 * (workers + 1) * cpu + 2 * (flight + (MESSAGE_HEADER_BYTES + n * bytes_per_row) / bandwidth)
         for n in message_rows
     ]
-    fitted_latency, fitted_bandwidth = fit_message_latency(message_rows, round_trip, workers, cpu, bytes_per_row)
+    cpus = [cpu] * len(message_rows)
+    fitted_latency, fitted_bandwidth = fit_message_latency(message_rows, round_trip, workers, cpus, bytes_per_row)
     assert fitted_latency == pytest.approx(flight, rel=1e-6)
     assert fitted_bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    per_end = [cpu + n * bytes_per_row * 1e-10 for n in message_rows]
+    fixed, per_byte = fit_message_cpu(message_rows, per_end, bytes_per_row)
+    assert fixed == pytest.approx(cpu, rel=1e-6) and per_byte == pytest.approx(1e-10, rel=1e-6)
 
 
 def test_measure_gloo_times_the_transport_and_the_sync_exchange_among_three_processes() -> None:
@@ -421,7 +440,8 @@ def test_measure_gloo_times_the_transport_and_the_sync_exchange_among_three_proc
     assert timings.processes == 3
     assert len(timings.round_trip_s) == 2 and all(value > 0 for value in timings.round_trip_s)
     assert len(timings.exchange_s) == 2 and all(value > 0 for value in timings.exchange_s)
-    assert 0 < timings.message_cpu_s < min(timings.round_trip_s)
+    assert len(timings.message_cpu_s) == 2
+    assert all(0 < cpu < trip for cpu, trip in zip(timings.message_cpu_s, timings.round_trip_s, strict=True))
     with pytest.raises(ValueError, match="at least 2 processes"):
         measure_gloo([0], processes=1)
     with pytest.raises(ValueError, match="processes must be an integer >= 2"):

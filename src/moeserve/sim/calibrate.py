@@ -159,7 +159,7 @@ class Calibration:
     simulator's ``cores`` for a run on this machine."""
     samples: dict[str, list[list[float]]] = field(default_factory=dict)
     """Raw medians: ``expert`` [rows, active, s], ``attention`` [tokens, s],
-    ``message_round_trip`` [bytes, s of a fan-out round], ``message_cpu`` [s per message end],
+    ``message_round_trip`` [bytes, s of a fan-out round], ``message_cpu`` [bytes, s per message end],
     ``exchange`` [rows, s of one sync layer exchange]."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,7 +231,7 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
     defaults = SimCosts()
     latency, bandwidth = defaults.message_latency_s, defaults.bandwidth_bytes_per_s
     collective = defaults.collective_latency_s
-    message_cpu = defaults.message_cpu_s
+    message_cpu, message_cpu_per_byte = defaults.message_cpu_s, defaults.message_cpu_per_byte_s
     measured = [
         "expert_call_overhead_s",
         "expert_overhead_s",
@@ -250,17 +250,22 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
         samples["message_round_trip"] = [
             [float(size), seconds] for size, seconds in zip(sizes, gloo.round_trip_s, strict=True)
         ]
-        samples["message_cpu"] = [[gloo.message_cpu_s]]
+        samples["message_cpu"] = [
+            [float(size), seconds] for size, seconds in zip(sizes, gloo.message_cpu_s, strict=True)
+        ]
         samples["exchange"] = [[float(rows), seconds] for rows, seconds in zip(exchange_rows, gloo.exchange_s, strict=True)]
-        message_cpu = gloo.message_cpu_s
+        message_cpu, message_cpu_per_byte = fit_message_cpu(list(shape.message_rows), gloo.message_cpu_s, shape.bytes_per_row)
         latency, bandwidth = fit_message_latency(
-            list(shape.message_rows), gloo.round_trip_s, workers, message_cpu, shape.bytes_per_row
+            list(shape.message_rows), gloo.round_trip_s, workers, gloo.message_cpu_s, shape.bytes_per_row
         )
         # The sync exchange is measured among the run's processes, not derived from one message:
         # every rank takes part in each collective, and on 2 cores four processes' collectives
         # cost ~25x one message (a message-derived latency made 4-process sync 2.5x too fast).
         collective = fit_collective_latency(exchange_rows, gloo.exchange_s, workers, shape.bytes_per_row, bandwidth)
-        measured += ["message_latency_s", "message_cpu_s", "collective_latency_s", "bandwidth_bytes_per_s"]
+        measured += [
+            "message_latency_s", "message_cpu_s", "message_cpu_per_byte_s", "collective_latency_s",
+            "bandwidth_bytes_per_s",
+        ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -284,6 +289,7 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
         attention_switch_s=switch,
         message_latency_s=latency,
         message_cpu_s=message_cpu,
+        message_cpu_per_byte_s=message_cpu_per_byte,
         collective_latency_s=collective,
         bandwidth_bytes_per_s=bandwidth,
         bytes_per_token=shape.bytes_per_row,
@@ -393,8 +399,16 @@ def _time_attention(shape: CalibrationShape) -> list[list[float]]:
     return [[float(tokens), seconds] for tokens, seconds in zip(shape.token_counts, medians, strict=True)]
 
 
+RELATIVE_FIT_FLOOR_S = 1e-6
+"""Targets below this count as this in the relative-error fits (a time of 0 has no relative error)."""
+
+
 def _nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> list[float]:
-    """Coefficients >= 0 of ``design @ x ~ target``: least squares, dropping negative columns until none."""
+    """Coefficients >= 0 of ``design @ x ~ target``: least squares on relative errors (each point
+    weighs the same, so a grid of calls from 1 to 200,000 rows does not fit only its largest),
+    dropping negative columns until none are left."""
+    scale = 1.0 / np.maximum(target, RELATIVE_FIT_FLOOR_S)  # [points]
+    design, target = design * scale[:, None], target * scale
     columns = list(range(design.shape[1]))
     coefficients = np.zeros(design.shape[1])
     while columns:
@@ -503,18 +517,21 @@ def _gloo_peer(port: int, rank: int, processes: int, folder: str, message_rows: 
         inbox = InboxSet(doorbell, [0], capacity, TRANSPORT_DEPTH, 120.0)
         outbox = Outbox(rank=rank, depth=TRANSPORT_DEPTH, doorbell=doorbell)
         dist.barrier()  # every rank's receives are posted
-        answered, cpu_started = 0, time.process_time()
+        index_of = {rows: index for index, rows in enumerate(message_rows)}
+        cpu = torch.zeros(len(message_rows), dtype=torch.float64)  # [sizes] seconds over all rounds
+        mark = time.process_time()
         while True:
             message = inbox.receive()
             if isinstance(message, Shutdown):
                 break
             assert isinstance(message, Dispatch), f"calibration peer got {message!r}"
             outbox.send(Combine(message.micro_batch, message.layer, rank, message.rows), 0)
-            answered += 1
-        cpu = time.process_time() - cpu_started
+            now = time.process_time()  # taking this message and sending its answer: two ends
+            cpu[index_of[message.rows.shape[0]]] += now - mark
+            mark = now
         outbox.send_final(Stopped(sender=rank), 0)
         outbox.flush()
-        dist.send(torch.tensor([cpu, float(answered)], dtype=torch.float64), dst=0)
+        dist.send(cpu / (2 * rounds), dst=0)  # per message end
         nothing = [0] * processes
         control = torch.zeros(processes, CONTROL_WIDTH, dtype=torch.int64)
         for _ in range(rounds):
@@ -547,8 +564,9 @@ class GlooTimings:
     round_trip_s: list[float]
     """Per message row count: median seconds for rank 0 to send a Dispatch to every other rank and
     take every answering Combine back."""
-    message_cpu_s: float
-    """Processor time one message costs at one end (sending or taking it), both sides' mean."""
+    message_cpu_s: list[float]
+    """Per message row count: processor time one message costs at one end (sending or taking it),
+    the mean of rank 0's and the other ranks' figures."""
     exchange_s: list[float]
     """Per total row count: median seconds of one sync-mode layer exchange (three collectives)."""
 
@@ -624,29 +642,30 @@ def measure_gloo(
             messages = [
                 Dispatch(0, 0, torch.zeros(rows, hidden), torch.zeros(rows, dtype=torch.int64)) for rows in message_rows
             ]
-            cpu_started = time.process_time()
+            rank0_cpu = np.zeros(len(messages))  # [sizes] seconds over all rounds
             for round_index in range(rounds):
                 for index, message in enumerate(messages):
-                    start = time.perf_counter()
+                    start, cpu_started = time.perf_counter(), time.process_time()
                     for rank in others:
                         outbox.send(message, rank)
                     for _ in others:
                         assert isinstance(inbox.receive(), Combine)
+                    outbox.flush()
+                    rank0_cpu[index] += time.process_time() - cpu_started
                     if round_index:
                         round_trip[round_index - 1, index] = time.perf_counter() - start
-                outbox.flush()
-            rank0_cpu = (time.process_time() - cpu_started) / (rounds * len(messages) * 2 * len(others))
+            rank0_cpu /= rounds * 2 * len(others)  # per message end
             for rank in others:
                 outbox.send_final(Shutdown(), rank)
             stopped = 0
             while stopped < len(others):
                 stopped += isinstance(inbox.receive(), Stopped)
             outbox.flush()
-            peer_cpu = []
+            peer_cpu = np.zeros(len(messages))  # [sizes] mean over the other ranks, per message end
             for rank in others:
-                report = torch.zeros(2, dtype=torch.float64)
+                report = torch.zeros(len(messages), dtype=torch.float64)
                 dist.recv(report, src=rank)
-                peer_cpu.append(float(report[0]) / max(1.0, float(report[1])) / 2)
+                peer_cpu += report.numpy() / len(others)
             nothing = [0] * processes
             control = torch.zeros(processes, CONTROL_WIDTH, dtype=torch.int64)
             for round_index in range(rounds):
@@ -673,24 +692,34 @@ def measure_gloo(
     return GlooTimings(
         processes=processes,
         round_trip_s=[float(value) for value in np.median(round_trip, axis=0)],
-        message_cpu_s=(rank0_cpu + float(np.mean(peer_cpu))) / 2,
+        message_cpu_s=[float(value) for value in (rank0_cpu + peer_cpu) / 2],
         exchange_s=[float(value) for value in np.median(exchange, axis=0)] if exchange_rows else [],
     )
 
 
+def fit_message_cpu(message_rows: list[int], message_cpu_s: list[float], bytes_per_row: int) -> tuple[float, float]:
+    """(``message_cpu_s``, ``message_cpu_per_byte_s``) of the simulator from measured processor time
+    per message end at each row count: ``c + bytes * c_byte`` with bytes = rows x bytes per row,
+    fitted on relative errors."""
+    sizes = np.array([rows * bytes_per_row for rows in message_rows], dtype=np.float64)
+    fixed, per_byte = _nonnegative_least_squares(np.stack([np.ones(sizes.size), sizes], axis=1), np.array(message_cpu_s))
+    return fixed, per_byte
+
+
 def fit_message_latency(
-    message_rows: list[int], round_trip_s: list[float], workers: int, message_cpu_s: float, bytes_per_row: int
+    message_rows: list[int], round_trip_s: list[float], workers: int, message_cpu_s: list[float], bytes_per_row: int
 ) -> tuple[float, float]:
     """(``message_latency_s``, ``bandwidth_bytes_per_s``) from measured fan-out round trips, in the simulator's terms.
 
-    The simulator charges each message ``message_cpu_s`` of processor time at both ends and, in
-    between, a latency plus its bytes over the link. A fan-out round to W workers then takes
-    ``2 (W + 1) c`` of processing on the critical path (rank 0's W sends and W takes, one worker's
-    take and send) plus two one-way flights, so one flight is ``(round trip - 2 (W + 1) c) / 2``
-    (at least 0), fitted as ``latency + bytes / bandwidth`` with bytes = header + rows x bytes per row.
+    The simulator charges each message its processor time ``c`` (``message_cpu_s`` here, per row
+    count) at both ends and, in between, a latency plus its bytes over the link. A fan-out round
+    to W workers then takes ``2 (W + 1) c`` of processing on the critical path (rank 0's W sends
+    and W takes, one worker's take and send) plus two one-way flights, so one flight is ``(round
+    trip - 2 (W + 1) c) / 2`` (at least 0), fitted as ``latency + bytes / bandwidth`` with bytes =
+    header + rows x bytes per row.
     """
     sizes = np.array([MESSAGE_HEADER_BYTES + rows * bytes_per_row for rows in message_rows], dtype=np.float64)
-    flights = np.maximum(0.0, (np.array(round_trip_s) - 2 * (workers + 1) * message_cpu_s) / 2)
+    flights = np.maximum(0.0, (np.array(round_trip_s) - 2 * (workers + 1) * np.array(message_cpu_s)) / 2)
     return _fit_message(sizes, flights)
 
 

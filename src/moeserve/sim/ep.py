@@ -21,8 +21,8 @@ them, so the simulator can be checked against the real runtime at the same descr
 Costs (:class:`SimCosts`): an expert-worker invocation costs ``call + a + b * tokens`` per
 expert that has tokens (so tiny batches pay the fixed overhead), an attention layer ``c + d *
 tokens`` (async: plus a hand-off per micro-batch layer call), and a message ``latency + bytes /
-bandwidth`` plus, in async, ``message_cpu_s`` of processor time at each end (charged to the
-sending and the receiving worker's computations; sync's collectives are charged as measured
+bandwidth`` plus, in async, ``message_cpu_s + bytes * message_cpu_per_byte_s`` of processor
+time at each end (charged to the sending and the receiving worker's computations; sync's collectives are charged as measured
 wholes, ``collective_latency_s``). Costs are the assumed GPU-class defaults or measured on this machine
 (:mod:`moeserve.sim.calibrate`). With ``cores`` > 0 all computations share that many processors
 first-come first-served (the real runs here put every worker process on the same cores). Each worker has one outgoing link: its messages leave one
@@ -88,11 +88,13 @@ class SimCosts:
     message_latency_s: float = 10e-6
     """Fixed time of one point-to-point message between an attention and an expert worker (async)."""
     message_cpu_s: float = 0.0
-    """async: processor time one message costs at each end (encoding or decoding it, system calls,
-    the doorbell, the transport's event-loop thread), taken from the worker's compute: the
-    attention worker pays it for every dispatch it sends and combine it takes, an expert worker
-    for every dispatch it takes and combine it sends. 0 by default: on a GPU server a NIC and a
-    CPU core beside the GPU do this work."""
+    """async: fixed processor time one message costs at each end (encoding or decoding it, system
+    calls, the doorbell, the transport's event-loop thread), taken from the worker's compute:
+    the attention worker pays it for every dispatch it sends and combine it takes, an expert
+    worker for every dispatch it takes and combine it sends. 0 by default: on a GPU server a NIC
+    and a CPU core beside the GPU do this work."""
+    message_cpu_per_byte_s: float = 0.0
+    """async: processor time per byte of a message at each end (its copies), added to ``message_cpu_s``."""
     collective_latency_s: float = 10e-6
     """Fixed time of one all-to-all over all workers (sync: the split sizes, the dispatch and the
     combine are one each); by default the same as a message."""
@@ -133,6 +135,10 @@ class SimCosts:
     def attention_time(self, tokens: int) -> float:
         """Seconds of one attention layer over a batch of ``tokens`` tokens."""
         return self.attention_overhead_s + tokens * self.attention_per_token_s
+
+    def message_cpu_time(self, assignments: int) -> float:
+        """Processor seconds one message carrying ``assignments`` token activations costs at one end."""
+        return self.message_cpu_s + assignments * self.bytes_per_token * self.message_cpu_per_byte_s
 
     def transfer_time(self, assignments: int) -> float:
         """Seconds of one message carrying ``assignments`` token activations."""
@@ -674,16 +680,18 @@ class _AsyncSimulation:
         index = ready.popleft()
         micro_batch = self.micro_batches[index]
         duration = self.costs.attention_time(len(micro_batch.rows)) + self.costs.attention_switch_s
-        if self.costs.message_cpu_s:  # its dispatches now and the combines it will take back
-            duration += 2 * self._targets(micro_batch) * self.costs.message_cpu_s
+        if self.costs.message_cpu_s or self.costs.message_cpu_per_byte_s:
+            # Its dispatches now and the combines it will take back, one of each per target.
+            duration += 2 * sum(self.costs.message_cpu_time(count) for count in self._target_rows(micro_batch))
         self.attention_free[attention_worker] = False
         self.attention_busy += duration
         self._push(self._compute(duration), _ATTENTION_DONE, index)
 
-    def _targets(self, micro_batch: _MicroBatch) -> int:
-        """Expert workers that get rows of ``micro_batch`` at its current layer."""
+    def _target_rows(self, micro_batch: _MicroBatch) -> list[int]:
+        """Rows ``micro_batch`` sends each expert worker it reaches at its current layer."""
         ids = self.routing[micro_batch.rows, micro_batch.layer, :].astype(np.int64).ravel()  # [b*K]
-        return int(np.unique(self.expert2rank[micro_batch.layer][ids[ids != UNKNOWN_EXPERT]]).size)
+        counts = np.bincount(self.expert2rank[micro_batch.layer][ids[ids != UNKNOWN_EXPERT]])  # [W']
+        return [int(count) for count in counts if count]
 
     def _on_attention_done(self, index: int) -> None:
         micro_batch = self.micro_batches[index]
@@ -743,7 +751,9 @@ class _AsyncSimulation:
             np.concatenate([entry[1] for entry in entries]), minlength=self.num_experts
         )
         # Taking each queued dispatch and sending its combine back cost processor time too.
-        duration = self.costs.expert_time(tokens_per_expert) + 2 * len(entries) * self.costs.message_cpu_s
+        duration = self.costs.expert_time(tokens_per_expert) + sum(
+            2 * self.costs.message_cpu_time(entry[1].size) for entry in entries
+        )
         self.invocations += int((tokens_per_expert > 0).sum())
         self.invoked_tokens += int(tokens_per_expert.sum())
         state.busy += duration
