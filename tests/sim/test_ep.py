@@ -15,7 +15,7 @@ from moeserve.sim.calibrate import (
     Calibration,
     CalibrationShape,
     calibrate_costs,
-    fit_collective_latency,
+    fit_collective,
     fit_message_cpu,
     fit_message_latency,
     load_calibration,
@@ -419,7 +419,9 @@ def test_collective_and_message_fits_recover_the_simulators_costs() -> None:
     latency, bandwidth, bytes_per_row, workers = 2e-3, 1e8, 520, 3
     rows = [3, 48, 192, 768]
     exchange = [3 * latency + (n + -(-n // workers)) * bytes_per_row / bandwidth for n in rows]
-    assert fit_collective_latency(rows, exchange, workers, bytes_per_row, bandwidth) == pytest.approx(latency)
+    fitted_collective, fitted_collective_bandwidth = fit_collective(rows, exchange, workers, bytes_per_row)
+    assert fitted_collective == pytest.approx(latency, rel=1e-6)
+    assert fitted_collective_bandwidth == pytest.approx(bandwidth, rel=1e-6)
     cpu, flight = 2e-4, 5e-5
     message_rows = [0, 16, 128, 1024]
     round_trip = [

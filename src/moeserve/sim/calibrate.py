@@ -20,13 +20,15 @@ uses by default):
 4. **Processors left to us**: the aggregate speed-up of k concurrent CPU-bound processes over
    one (``effective_cores``; a shared machine gives fewer than it has).
 5. **Messages and the sync exchange among real processes** (as many as the run has,
-   ``shape.processes``): torch.distributed gloo (TCP on loopback). Messages: rank 0 sends uint8
-   tensors of the byte sizes the runtime's messages have (64-byte header plus ``8 + 4 D`` bytes
-   per row) to every other rank at once, each sends it straight back; the median round trip
-   halved, fitted as ``latency + bytes / bandwidth``. ``collective_latency_s`` (sync) is fitted
-   from the sync mode's own layer exchange (three ``all_to_all_single`` over all ranks) timed at
-   the message sizes: every rank takes part in each collective, so on a machine with fewer
-   cores than processes it costs far more than one message.
+   ``shape.processes``): torch.distributed gloo (TCP on loopback). Messages go through the
+   runtime's own transport (``moeserve.ep.serialize``): rank 0 sends a Dispatch of each row count
+   to every other rank at once, each answers with a Combine; every process's processor time per
+   message end, fitted as ``message_cpu_s + bytes * message_cpu_per_byte_s``, and what is left
+   of the round trip as ``latency + bytes / bandwidth``. ``collective_latency_s`` and
+   ``collective_bandwidth_bytes_per_s`` (sync) are fitted from the sync mode's own layer exchange
+   (three ``all_to_all_single`` over all ranks) timed at the workload's sizes: every rank takes
+   part in each collective, so on a machine with fewer cores than processes it costs far more
+   than one message. Every fit minimises relative errors.
 
 The result is a :class:`Calibration`: the fitted :class:`~moeserve.sim.ep.SimCosts` (its
 ``measured`` names the fields measured here) plus the raw medians, the shape and the machine,
@@ -230,7 +232,7 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
     samples: dict[str, list[list[float]]] = {}
     defaults = SimCosts()
     latency, bandwidth = defaults.message_latency_s, defaults.bandwidth_bytes_per_s
-    collective = defaults.collective_latency_s
+    collective, collective_bandwidth = defaults.collective_latency_s, defaults.collective_bandwidth_bytes_per_s
     message_cpu, message_cpu_per_byte = defaults.message_cpu_s, defaults.message_cpu_per_byte_s
     measured = [
         "expert_call_overhead_s",
@@ -261,10 +263,10 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
         # The sync exchange is measured among the run's processes, not derived from one message:
         # every rank takes part in each collective, and on 2 cores four processes' collectives
         # cost ~25x one message (a message-derived latency made 4-process sync 2.5x too fast).
-        collective = fit_collective_latency(exchange_rows, gloo.exchange_s, workers, shape.bytes_per_row, bandwidth)
+        collective, collective_bandwidth = fit_collective(exchange_rows, gloo.exchange_s, workers, shape.bytes_per_row)
         measured += [
             "message_latency_s", "message_cpu_s", "message_cpu_per_byte_s", "collective_latency_s",
-            "bandwidth_bytes_per_s",
+            "collective_bandwidth_bytes_per_s", "bandwidth_bytes_per_s",
         ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -291,6 +293,7 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
         message_cpu_s=message_cpu,
         message_cpu_per_byte_s=message_cpu_per_byte,
         collective_latency_s=collective,
+        collective_bandwidth_bytes_per_s=collective_bandwidth,
         bandwidth_bytes_per_s=bandwidth,
         bytes_per_token=shape.bytes_per_row,
         measured=tuple(measured),
@@ -723,19 +726,17 @@ def fit_message_latency(
     return _fit_message(sizes, flights)
 
 
-def fit_collective_latency(
-    exchange_rows: list[int], exchange_s: list[float], workers: int, bytes_per_row: int, bandwidth: float
-) -> float:
-    """``collective_latency_s`` from measured sync exchanges, in the simulator's own terms.
+def fit_collective(exchange_rows: list[int], exchange_s: list[float], workers: int, bytes_per_row: int) -> tuple[float, float]:
+    """(``collective_latency_s``, ``collective_bandwidth_bytes_per_s``) from measured sync exchanges,
+    in the simulator's own terms.
 
     The simulator charges one sync layer exchange of N rows over W expert workers (one attention
     worker) as three collective latencies plus the busiest links' bytes: the dispatch's N rows
     leaving the attention worker and the combine's largest worker block coming back, ``t = 3 L +
-    (N + ceil(N / W)) * bytes_per_row / bandwidth``. The median over row counts of the L this
-    gives, at least 1 ns.
+    (N + ceil(N / W)) * bytes_per_row / bandwidth``; fitted on relative errors (L at least 1 ns;
+    no per-byte term measured: bandwidth 1e15).
     """
-    latencies = [
-        (seconds - (rows + -(-rows // workers)) * bytes_per_row / bandwidth) / 3
-        for rows, seconds in zip(exchange_rows, exchange_s, strict=True)
-    ]
-    return max(float(np.median(latencies)), 1e-9)
+    moved = np.array([(rows + -(-rows // workers)) * bytes_per_row for rows in exchange_rows], dtype=np.float64)
+    design = np.stack([np.full(moved.size, 3.0), moved], axis=1)  # [points, 2]
+    latency, per_byte = _nonnegative_least_squares(design, np.array(exchange_s))
+    return max(latency, 1e-9), 1.0 / max(per_byte, 1e-15)

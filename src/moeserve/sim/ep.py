@@ -100,6 +100,10 @@ class SimCosts:
     combine are one each); by default the same as a message."""
     bandwidth_bytes_per_s: float = 50e9
     """Outgoing link bandwidth of one worker, shared by its messages."""
+    collective_bandwidth_bytes_per_s: float = 0.0
+    """sync: bytes per second of the busiest link in an all-to-all; 0: ``bandwidth_bytes_per_s``
+    (measured separately on this machine, where a collective's bytes and a message's do not
+    cost the same)."""
     bytes_per_token: int = 4096
     """Activation bytes per token and expert assignment (hidden 2048 x bf16)."""
     measured: tuple[str, ...] = ()
@@ -146,7 +150,8 @@ class SimCosts:
 
     def collective_time(self, assignments: int) -> float:
         """Seconds of one all-to-all in which the busiest link carries ``assignments`` token activations."""
-        return self.collective_latency_s + assignments * self.bytes_per_token / self.bandwidth_bytes_per_s
+        bandwidth = self.collective_bandwidth_bytes_per_s or self.bandwidth_bytes_per_s
+        return self.collective_latency_s + assignments * self.bytes_per_token / bandwidth
 
 
 @dataclass(frozen=True)
