@@ -1002,7 +1002,7 @@ def simulate_ep(
     flush_after_ms: Annotated[float, typer.Option(help="async: ... or its oldest entry waited this long (ms).")] = 0.02,
     cores: Annotated[int | None, typer.Option(help="Processors all workers share (0: one each). Default: the calibration's measured effective cores with --costs/--calibrate, else 0.")] = None,
     costs_file: Annotated[Path | None, typer.Option("--costs", help="A moeserve-sim-costs/1 JSON file (from --save-costs) to use instead of the GPU-class defaults.")] = None,
-    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Measure the costs on this machine now (expert backend, attention-side layer, thread hand-off, gloo messages and the sync exchange among attention + expert workers processes, processors left to us).")] = False,
+    calibrate_here: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Measure the costs on this machine now (expert backend, attention-side layer, thread hand-off, gloo messages and the sync exchange among 1 + expert-workers processes, as bench ep runs them; processors left to us).")] = False,
     save_costs: Annotated[Path | None, typer.Option("--save-costs", help="With --calibrate: write the measured costs here.")] = None,
     hidden_size: Annotated[int, typer.Option(help="--calibrate: hidden size D of the measured experts (bench ep's synthetic model: 128).")] = 128,
     intermediate_size: Annotated[int, typer.Option(help="--calibrate: expert intermediate size I (bench ep's synthetic model: 160).")] = 160,
@@ -1032,7 +1032,7 @@ def simulate_ep(
                 intermediate=intermediate_size,
                 experts_per_worker=-(-loaded.meta.num_experts // expert_workers),
                 top_k=loaded.meta.top_k,
-                processes=attention_workers + expert_workers,
+                processes=1 + expert_workers,  # as bench ep runs them: one attention rank
                 layers=loaded.num_layers,
             )
             if requests:  # time the sizes this workload's calls have, not only the small default grid

@@ -209,6 +209,19 @@ def test_host_tier_refuses_an_expert_larger_than_its_budget():
 # -- bad input ------------------------------------------------------------------------------------
 
 
+def test_pinned_buffers_are_charged_what_the_pinned_allocator_takes():
+    """A pinned block is rounded up to a power of two by PyTorch's caching host allocator; plain RAM is not."""
+    shape = ((320, 128), (128, 160), torch.float32)  # the reference model's expert: 245,760 bytes
+    assert HostTier(10**6, pin=False).charged_bytes(shape) == 245_760
+    assert HostTier(10**6, pin=True).charged_bytes(shape) == 262_144
+    assert HostTier(10**6, pin=True).charged_bytes(((8, 4), (4, 4), torch.float32)) == 256  # 192 -> 256
+    tier = HostTier(300_000, pin=False)
+    buffer, hit = tier.acquire("a", shape)
+    assert not hit and buffer.gate_up.shape == (320, 128) and buffer.down.shape == (128, 160)
+    assert buffer.down.data_ptr() == buffer.gate_up.data_ptr() + 320 * 128 * 4  # one allocation, two views
+    tier.release("a", buffer, None)
+
+
 def test_host_budget_below_one_expert_is_refused_naming_the_minimum(model):
     store = ExpertStore(model.path)
     with pytest.raises(ExpertBudgetError, match=f"minimum is one expert = {REFERENCE_EXPERT_BYTES} bytes"):

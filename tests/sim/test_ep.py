@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from moeserve.sim.calibrate import (
-    MESSAGE_HEADER_BYTES,
     Calibration,
     CalibrationShape,
     calibrate_costs,
@@ -422,12 +421,22 @@ def test_collective_and_message_fits_recover_the_simulators_costs() -> None:
     fitted_collective, fitted_collective_bandwidth = fit_collective(rows, exchange, workers, bytes_per_row)
     assert fitted_collective == pytest.approx(latency, rel=1e-6)
     assert fitted_collective_bandwidth == pytest.approx(bandwidth, rel=1e-6)
-    cpu, flight = 2e-4, 5e-5
-    message_rows = [0, 16, 128, 1024]
-    round_trip = [
-        2 * (workers + 1) * cpu + 2 * (flight + (MESSAGE_HEADER_BYTES + n * bytes_per_row) / bandwidth)
-        for n in message_rows
-    ]
+    # The message fit against the simulator itself: one layer, one micro-batch whose tokens send
+    # n rows to each of 3 workers; nothing costs time but messages, so the makespan is the round trip.
+    cpu, flight, message_rows = 2e-4, 5e-5, [1, 16, 128, 1024]
+    costs = SimCosts(
+        expert_overhead_s=0.0, expert_per_token_s=0.0, attention_overhead_s=0.0, attention_per_token_s=0.0,
+        message_latency_s=flight, message_cpu_s=cpu, bandwidth_bytes_per_s=bandwidth, bytes_per_token=bytes_per_row,
+    )  # fmt: skip
+    round_trip = []
+    for rows_per_worker in message_rows:
+        routing = np.tile(np.arange(workers, dtype=np.int16), rows_per_worker).reshape(-1, 1, 1)  # [3n, 1, 1]
+        config = EPSimConfig(
+            attention_workers=1, expert_workers=workers, mode="async", tokens_per_attention_worker=routing.shape[0],
+            micro_batches_per_worker=1, hold_tokens_per_expert=0.0, flush_after_s=0.0, passes=1,
+        )  # fmt: skip
+        result = simulate_ep(routing, workers, config, costs, expert2rank=np.arange(workers)[None, :])
+        round_trip.append(result.makespan_s)
     cpus = [cpu] * len(message_rows)
     fitted_latency, fitted_bandwidth = fit_message_latency(message_rows, round_trip, workers, cpus, bytes_per_row)
     assert fitted_latency == pytest.approx(flight, rel=1e-6)

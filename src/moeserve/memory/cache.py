@@ -596,14 +596,17 @@ class ExpertCache:
         """Experts kept in host memory between the checkpoint and the slots (None: reads go straight to the slots)."""
         if host_budget_bytes is None:
             return
-        stored = max(3 * spec.intermediate_size * spec.hidden_size * spec.torch_dtype.itemsize for spec in self._specs)
+        pin = self.device.type == "cuda"
+        tier = HostTier(max(host_budget_bytes, 1), pin=pin)
+        stored = max(tier.charged_bytes(shape) for shape in self._stored_shapes)
         if host_budget_bytes < stored:
+            kept = "as stored, in pinned blocks of a power of two bytes" if pin else "as stored"
             raise ExpertBudgetError(
                 f"host memory budget of {host_budget_bytes} bytes ({format_bytes(host_budget_bytes)}) holds no "
-                f"expert: the host tier keeps experts as stored, and the minimum is one expert = {stored} bytes "
+                f"expert: the host tier keeps experts {kept}, and the minimum is one expert = {stored} bytes "
                 f"({format_bytes(stored)})"
             )
-        self.host_tier = HostTier(host_budget_bytes, pin=self.device.type == "cuda")
+        self.host_tier = tier
 
     def _init_pools(self, future: StepLog | None) -> None:
         policy_class = EVICTION_POLICIES.get(self.policy_name)

@@ -16,7 +16,11 @@ until ``release``: the thread reads the checkpoint into it (a miss) and copies i
 Each ``release`` hands over that copy's event (None when it completed); a buffer is rewritten
 only after its copies' events complete, the one host synchronisation of the GPU path, taken only
 when a buffer is reused. Bytes: every buffer allocated (held experts and free buffers kept for
-reuse, as pinned allocation is slow) counts, and never exceeds the budget.
+reuse, as pinned allocation is slow) counts, and never exceeds the budget. A buffer is one
+allocation (both tensors are views of it). Pinned, it is charged what the pinned allocator takes
+for it: PyTorch's caching host allocator rounds each block up to a power of two and keeps freed
+blocks for reuse, so a pinned tier never frees a buffer to allocate one of another shape (the
+block would stay with the allocator); it evicts and reuses buffers of the same shape instead.
 
 Thread-safe (its own lock). The cache's forward thread and its background loader each hold at
 most one expert at a time and take no other lock while holding it, so a budget of one expert
@@ -47,6 +51,7 @@ class HostBuffer:
     down: torch.Tensor
     shape: ExpertShape
     nbytes: int
+    """Bytes it counts against the budget (see :meth:`HostTier.charged_bytes`)."""
     copies: list[CopyDone] = field(default_factory=list)
     """Copies from this buffer that may still be running (pruned as they complete)."""
 
@@ -93,6 +98,11 @@ class HostTier:
         self._max_resident_bytes = 0
         self._hits = self._loads = self._evictions = 0
 
+    def charged_bytes(self, shape: ExpertShape) -> int:
+        """Bytes a buffer for ``shape`` counts against the budget (pinned: rounded up to a power of two)."""
+        nbytes = _nbytes(shape)
+        return 1 << (nbytes - 1).bit_length() if self.pin else nbytes
+
     def acquire(self, key: Hashable, shape: ExpertShape) -> tuple[HostBuffer, bool]:
         """Hold ``key``'s expert: (its buffer, True) when held (a hit), else (a buffer to read it into, False).
 
@@ -101,9 +111,12 @@ class HostTier:
         while every buffer is in use and the budget has no room. ``ValueError`` for an expert
         larger than the whole budget.
         """
-        nbytes = _nbytes(shape)
+        nbytes = self.charged_bytes(shape)
         if nbytes > self.budget_bytes:
-            raise ValueError(f"an expert of {nbytes} bytes does not fit the host tier's budget of {self.budget_bytes} bytes")
+            raise ValueError(
+                f"an expert taking {nbytes} bytes{' pinned' if self.pin else ''} does not fit the host tier's budget "
+                f"of {self.budget_bytes} bytes"
+            )
         with self._lock:
             while True:
                 held = self._held.get(key)
@@ -154,23 +167,27 @@ class HostTier:
                 return free.pop()
             if self._allocated_bytes + nbytes <= self.budget_bytes:
                 break
-            other = next((buffers for kept, buffers in self._free.items() if buffers and kept != shape), None)
+            other = None if self.pin else next(
+                (buffers for kept, buffers in self._free.items() if buffers and kept != shape), None
+            )
             if other is not None:  # a free buffer of another shape: give its memory back
                 self._allocated_bytes -= other.pop().nbytes
                 continue
             victim = next((key for key in self._held if key not in self._users), None)  # LRU first
             if victim is None:
+                if not self._users:  # nothing will be released: only free buffers of other shapes (pinned)
+                    raise RuntimeError(
+                        f"the pinned host tier's budget of {self.budget_bytes} bytes is taken by free buffers of "
+                        f"other expert shapes; it needs room for one more of {nbytes} bytes"
+                    )
                 return None
             self._drop(victim)
             self._evictions += 1
         gate_up_shape, down_shape, dtype = shape
+        split = gate_up_shape[0] * gate_up_shape[1]
         with torch.inference_mode(False):
-            buffer = HostBuffer(
-                torch.empty(gate_up_shape, dtype=dtype, pin_memory=self.pin),
-                torch.empty(down_shape, dtype=dtype, pin_memory=self.pin),
-                shape,
-                nbytes,
-            )
+            flat = torch.empty(_nbytes(shape) // dtype.itemsize, dtype=dtype, pin_memory=self.pin)  # one block
+            buffer = HostBuffer(flat[:split].view(gate_up_shape), flat[split:].view(down_shape), shape, nbytes)
         self._allocated_bytes += nbytes
         return buffer
 
@@ -224,6 +241,7 @@ class HostTier:
             self._users.clear()
             self._filling.clear()
             self._allocated_bytes = self._resident_bytes = 0
+
 
 def _nbytes(shape: ExpertShape) -> int:
     (rows, columns), (hidden, inner), dtype = shape

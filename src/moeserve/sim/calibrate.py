@@ -47,6 +47,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,9 @@ class CalibrationShape:
     """Rows per message to time (0: a header-only message); times the expert workers, the rows of
     the sync exchanges timed."""
     processes: int = 2
-    """Processes of the real run (attention plus expert workers): messages and the sync exchange
-    are timed among this many gloo ranks."""
+    """Processes of the real run this calibrates, as ``bench ep`` runs them: one attention worker
+    (rank 0) and ``processes - 1`` expert workers; messages and the sync exchange are timed
+    among this many gloo ranks."""
     layers: int = 1
     """MoE layers whose experts every worker holds: expert invocations rotate over this many
     layers' weights, so a call reads weights the previous calls did not leave in cache, as in a
@@ -252,8 +254,9 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
         samples["message_round_trip"] = [
             [float(size), seconds] for size, seconds in zip(sizes, gloo.round_trip_s, strict=True)
         ]
-        samples["message_cpu"] = [
-            [float(size), seconds] for size, seconds in zip(sizes, gloo.message_cpu_s, strict=True)
+        samples["message_cpu"] = [  # [body bytes, s per message end]: what fit_message_cpu fits
+            [float(rows * shape.bytes_per_row), seconds]
+            for rows, seconds in zip(shape.message_rows, gloo.message_cpu_s, strict=True)
         ]
         samples["exchange"] = [[float(rows), seconds] for rows, seconds in zip(exchange_rows, gloo.exchange_s, strict=True)]
         message_cpu, message_cpu_per_byte = fit_message_cpu(list(shape.message_rows), gloo.message_cpu_s, shape.bytes_per_row)
@@ -496,12 +499,6 @@ def measure_thread_switch(repeats: int = 60) -> float:
 
 
 
-def _fit_message(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
-    """(latency s, bandwidth B/s) of ``seconds ~ latency + sizes / bandwidth``."""
-    latency, per_byte = _nonnegative_least_squares(np.stack([np.ones(sizes.size), sizes], axis=1), seconds)
-    return max(latency, 1e-9), 1.0 / max(per_byte, 1e-15)
-
-
 def _gloo_peer(port: int, rank: int, processes: int, folder: str, message_rows: list[int], capacity: int,
                exchange_rows: list[int], hidden: int, rounds: int) -> None:
     """Ranks 1..R-1 of :func:`measure_gloo`: answer each Dispatch with a Combine of its rows through the
@@ -515,9 +512,11 @@ def _gloo_peer(port: int, rank: int, processes: int, folder: str, message_rows: 
 
     torch.set_num_threads(1)
     doorbell = Doorbell(folder, rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=processes)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=processes, timeout=GLOO_TIMEOUT
+    )
     try:
-        inbox = InboxSet(doorbell, [0], capacity, TRANSPORT_DEPTH, 120.0)
+        inbox = InboxSet(doorbell, [0], capacity, TRANSPORT_DEPTH, GLOO_TIMEOUT.total_seconds())
         outbox = Outbox(rank=rank, depth=TRANSPORT_DEPTH, doorbell=doorbell)
         dist.barrier()  # every rank's receives are posted
         index_of = {rows: index for index, rows in enumerate(message_rows)}
@@ -552,6 +551,8 @@ def _gloo_peer(port: int, rank: int, processes: int, folder: str, message_rows: 
 
 TRANSPORT_DEPTH = 2
 """Receives each rank keeps posted in the calibration's message rounds (one in flight, one final)."""
+GLOO_TIMEOUT = timedelta(seconds=120)
+"""How long a calibration rank waits for a peer (a dead peer ends the calibration with an error)."""
 
 
 def _worker_rows(total: int, workers: int) -> list[int]:
@@ -637,9 +638,11 @@ def measure_gloo(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=processes)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=processes, timeout=GLOO_TIMEOUT
+        )
         try:
-            inbox = InboxSet(doorbell, others, capacity, TRANSPORT_DEPTH, 120.0)
+            inbox = InboxSet(doorbell, others, capacity, TRANSPORT_DEPTH, GLOO_TIMEOUT.total_seconds())
             outbox = Outbox(rank=0, depth=TRANSPORT_DEPTH, doorbell=doorbell)
             dist.barrier()  # every rank's receives are posted
             messages = [
@@ -715,15 +718,24 @@ def fit_message_latency(
     """(``message_latency_s``, ``bandwidth_bytes_per_s``) from measured fan-out round trips, in the simulator's terms.
 
     The simulator charges each message its processor time ``c`` (``message_cpu_s`` here, per row
-    count) at both ends and, in between, a latency plus its bytes over the link. A fan-out round
-    to W workers then takes ``2 (W + 1) c`` of processing on the critical path (rank 0's W sends
-    and W takes, one worker's take and send) plus two one-way flights, so one flight is ``(round
-    trip - 2 (W + 1) c) / 2`` (at least 0), fitted as ``latency + bytes / bandwidth`` with bytes =
-    header + rows x bytes per row.
+    count) at both ends and, in between, a latency plus its bytes over the sender's one link,
+    where messages leave one after another. A fan-out round to W workers then takes ``2 (W + 1)
+    c`` of processing on the critical path (rank 0's W sends and W takes, one worker's take and
+    send), the W dispatches' bytes leaving rank 0 in turn and the last worker's answer coming
+    back: ``round trip = 2 (W + 1) c + 2 latency + (W + 1) bytes / bandwidth`` with bytes = rows x
+    bytes per row (the simulator's message bytes; the 64-byte header is in the latency), fitted on
+    relative errors. Row counts whose processing alone exceeds
+    the round trip (on a machine with fewer cores than processes, processing overlaps) are left
+    out; none left: latency 1 ns and no per-byte cost (bandwidth 1e15).
     """
-    sizes = np.array([MESSAGE_HEADER_BYTES + rows * bytes_per_row for rows in message_rows], dtype=np.float64)
-    flights = np.maximum(0.0, (np.array(round_trip_s) - 2 * (workers + 1) * np.array(message_cpu_s)) / 2)
-    return _fit_message(sizes, flights)
+    sizes = np.array([rows * bytes_per_row for rows in message_rows], dtype=np.float64)
+    flights = np.array(round_trip_s) - 2 * (workers + 1) * np.array(message_cpu_s)  # [sizes]
+    kept = flights > 0
+    if not kept.any():
+        return 1e-9, 1e15
+    design = np.stack([np.full(int(kept.sum()), 2.0), (workers + 1) * sizes[kept]], axis=1)  # [kept, 2]
+    latency, per_byte = _nonnegative_least_squares(design, flights[kept])
+    return max(latency, 1e-9), 1.0 / max(per_byte, 1e-15)
 
 
 def fit_collective(exchange_rows: list[int], exchange_s: list[float], workers: int, bytes_per_row: int) -> tuple[float, float]:
