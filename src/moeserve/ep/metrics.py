@@ -106,7 +106,8 @@ class LayerMetrics:
     mean_rows_per_call: float
     """Rows per expert-worker invocation of this layer (re-batching makes it larger in async)."""
     mean_call_s: float
-    """Wall seconds per expert-worker invocation of this layer (its experts' compute, as timed around it)."""
+    """Wall seconds per expert-worker invocation of this layer (its experts' compute, as timed around
+    it; sync counts a call for every layer call, also one that brought a worker no rows)."""
 
 
 @dataclass(frozen=True)
