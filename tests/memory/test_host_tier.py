@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,24 +26,17 @@ from moeserve.memory.prefetch import PrefetchConfig
 from moeserve.memory.store import ExpertStore
 from moeserve.models.loader import MoEModel, load_model
 from moeserve.moe.types import ResidentExperts, RouterOutput
-from tests.memory.test_cache import (
+from tests.memory.test_cache import (  # noqa: F401 (one_thread: the module's autouse fixture)
     REFERENCE_EXPERT_BYTES,
     ExpertUses,
     assert_bit_identical,
     cached,
     greedy_logits,
+    one_thread,
 )
 
 INLINE = PrefetchConfig(background=False)
 ALL_EXPERTS = 64  # 4 MoE layers x 16 experts in the reference model, stored in fp32 like the model computes
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class BudgetWatch:

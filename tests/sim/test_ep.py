@@ -288,7 +288,8 @@ def test_request_workload_counts_generated_tokens_and_times_decode_steps() -> No
         )
 
 
-def test_shared_cores_serialise_expert_workers_in_sync() -> None:
+def _expert_costs_only(**changes: float) -> SimCosts:
+    """5 s per active expert and 1 s per token on experts, nothing else (unless ``changes`` say so)."""
     costs = SimCosts(
         expert_overhead_s=5.0,
         expert_per_token_s=1.0,
@@ -298,6 +299,11 @@ def test_shared_cores_serialise_expert_workers_in_sync() -> None:
         collective_latency_s=0.0,
         bytes_per_token=0,
     )
+    return dataclasses.replace(costs, **changes)
+
+
+def test_shared_cores_serialise_expert_workers_in_sync() -> None:
+    costs = _expert_costs_only()
     routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)
     makespans = {}
     for cores in (0, 1, 2):
@@ -375,16 +381,7 @@ def test_message_processor_time_is_charged_at_both_ends_in_async_only() -> None:
     processor time at each end and nothing else. Async: the attention worker sends 2 dispatches and
     takes 2 combines (4 s) before its rows leave; worker 0 runs 5 + 3 plus one dispatch taken and
     one combine sent (2 s): done at 4 + 10 = 14. Sync pays its measured collectives instead: 8."""
-    costs = SimCosts(
-        expert_overhead_s=5.0,
-        expert_per_token_s=1.0,
-        attention_overhead_s=0.0,
-        attention_per_token_s=0.0,
-        message_latency_s=0.0,
-        message_cpu_s=1.0,
-        collective_latency_s=0.0,
-        bytes_per_token=0,
-    )
+    costs = _expert_costs_only(message_cpu_s=1.0)
     routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)
     makespans = {}
     for mode in ("sync", "async"):

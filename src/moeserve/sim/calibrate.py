@@ -606,6 +606,7 @@ def measure_gloo(
     import torch
     import torch.distributed as dist
 
+    from moeserve.ep.launch import stop_processes
     from moeserve.ep.messages import Combine, Dispatch, Shutdown, Stopped
     from moeserve.ep.serialize import Doorbell, InboxSet, Outbox, message_capacity
 
@@ -691,9 +692,7 @@ def measure_gloo(
         doorbell.close()
         for peer in peers:
             peer.join(timeout=10)
-            if peer.is_alive():
-                peer.terminate()
-                peer.join(timeout=5)
+        stop_processes(peers)  # any still running after that
         shutil.rmtree(folder, ignore_errors=True)
     return GlooTimings(
         processes=processes,
