@@ -214,6 +214,28 @@ def test_pinned_buffers_are_charged_what_the_pinned_allocator_takes():
     tier.release("a", buffer, None)
 
 
+def test_uniform_blocks_serve_every_shape_within_one_block():
+    """Uniform blocks (the pinned tier's layout, here in plain RAM): a budget of one block of the
+    largest shape serves two shapes in turn by viewing the same block, and never allocates more."""
+    small, large = ((8, 4), (4, 4), torch.float32), ((16, 8), (8, 8), torch.bfloat16)  # 192 and 384 bytes
+    tier = HostTier(384, pin=False, shapes=[small, large], uniform=True)
+    assert tier.block_bytes == 384 and tier.charged_bytes(small) == 384
+    blocks = set()
+    for key, shape in [("a", small), ("b", large), ("c", small), ("a", small)]:
+        buffer, hit = tier.acquire(key, shape)
+        assert not hit and buffer.gate_up.dtype == shape[2]
+        assert buffer.gate_up.shape == shape[0] and buffer.down.shape == shape[1]
+        buffer.gate_up.fill_(1)
+        buffer.down.fill_(2)
+        assert buffer.down.data_ptr() == buffer.gate_up.data_ptr() + buffer.gate_up.numel() * shape[2].itemsize
+        blocks.add(buffer.block.data_ptr())
+        tier.release(key, buffer, None)
+        assert tier.stats().allocated_bytes == 384
+    assert len(blocks) == 1 and tier.stats().evictions == 3
+    with pytest.raises(ValueError, match="does not fit"):
+        HostTier(383, pin=False, shapes=[small, large], uniform=True).acquire("a", small)
+
+
 def test_host_budget_below_one_expert_is_refused_naming_the_minimum(model):
     store = ExpertStore(model.path)
     with pytest.raises(ExpertBudgetError, match=f"minimum is one expert = {REFERENCE_EXPERT_BYTES} bytes"):

@@ -211,7 +211,7 @@ def test_calibration_measures_positive_costs_and_round_trips_through_json(tmp_pa
         assert math.isfinite(getattr(costs, name)) and getattr(costs, name) > 0
     assert len(calibration.samples["expert"]) == 6 and all(len(row) == 3 for row in calibration.samples["expert"])
     assert [row[0] for row in calibration.samples["attention"]] == [4.0, 32.0]
-    assert [row[0] for row in calibration.samples["message_round_trip"]] == [64.0, 64.0 + 64 * (4 * 32 + 8)]
+    assert [row[0] for row in calibration.samples["message_round_trip"]] == [0.0, 64.0 * (4 * 32 + 8)]  # body bytes
     assert [row[0] for row in calibration.samples["exchange"]] == [1.0, 64.0]  # rows x 1 expert worker
     path = tmp_path / "costs.json"
     save_calibration(calibration, path)
@@ -438,6 +438,11 @@ def test_collective_and_message_fits_recover_the_simulators_costs() -> None:
     fitted_latency, fitted_bandwidth = fit_message_latency(message_rows, round_trip, workers, cpus, bytes_per_row)
     assert fitted_latency == pytest.approx(flight, rel=1e-6)
     assert fitted_bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    # Flights at or below 0 are left out; one size left gives a latency only, none a floor.
+    assert fit_message_latency([0, 16], [3e-3, 2 * 4 * cpu], workers, [cpu, cpu], bytes_per_row) == pytest.approx(
+        ((3e-3 - 2 * 4 * cpu) / 2, 1e15)
+    )
+    assert fit_message_latency([0, 16], [cpu, cpu], workers, [cpu, cpu], bytes_per_row) == (1e-9, 1e15)
     per_end = [cpu + n * bytes_per_row * 1e-10 for n in message_rows]
     fixed, per_byte = fit_message_cpu(message_rows, per_end, bytes_per_row)
     assert fixed == pytest.approx(cpu, rel=1e-6) and per_byte == pytest.approx(1e-10, rel=1e-6)

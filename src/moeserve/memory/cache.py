@@ -597,10 +597,10 @@ class ExpertCache:
         if host_budget_bytes is None:
             return
         pin = self.device.type == "cuda"
-        tier = HostTier(max(host_budget_bytes, 1), pin=pin)
+        tier = HostTier(max(host_budget_bytes, 1), pin=pin, shapes=self._stored_shapes)
         stored = max(tier.charged_bytes(shape) for shape in self._stored_shapes)
         if host_budget_bytes < stored:
-            kept = "as stored, in pinned blocks of a power of two bytes" if pin else "as stored"
+            kept = "as stored, in pinned blocks of a power of two bytes (the largest expert's)" if pin else "as stored"
             raise ExpertBudgetError(
                 f"host memory budget of {host_budget_bytes} bytes ({format_bytes(host_budget_bytes)}) holds no "
                 f"expert: the host tier keeps experts {kept}, and the minimum is one expert = {stored} bytes "

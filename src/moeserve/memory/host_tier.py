@@ -17,10 +17,12 @@ Each ``release`` hands over that copy's event (None when it completed); a buffer
 only after its copies' events complete, the one host synchronisation of the GPU path, taken only
 when a buffer is reused. Bytes: every buffer allocated (held experts and free buffers kept for
 reuse, as pinned allocation is slow) counts, and never exceeds the budget. A buffer is one
-allocation (both tensors are views of it). Pinned, it is charged what the pinned allocator takes
-for it: PyTorch's caching host allocator rounds each block up to a power of two and keeps freed
-blocks for reuse, so a pinned tier never frees a buffer to allocate one of another shape (the
-block would stay with the allocator); it evicts and reuses buffers of the same shape instead.
+allocation, a block of bytes that both tensors view. Pinned, a block is charged what the pinned
+allocator takes for it: PyTorch's caching host allocator rounds each block up to a power of two
+and keeps freed blocks for reuse, so a pinned tier never frees a block: given the model's
+expert ``shapes``, every block has the size of the largest (rounded), and any free block serves
+any shape (*uniform* blocks; the default when pinned). Without uniform blocks a free buffer of
+another shape is freed to make room.
 
 Thread-safe (its own lock). The cache's forward thread and its background loader each hold at
 most one expert at a time and take no other lock while holding it, so a budget of one expert
@@ -30,9 +32,10 @@ resident slots, streams or the checkpoint's layout.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,15 +48,27 @@ ExpertShape = tuple[tuple[int, int], tuple[int, int], torch.dtype]
 
 @dataclass(eq=False)
 class HostBuffer:
-    """One expert's host tensors, as stored: ``gate_up`` [2I, D], ``down`` [D, I]."""
+    """One expert's host tensors, as stored: ``gate_up`` [2I, D], ``down`` [D, I], views of ``block``."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
     shape: ExpertShape
     nbytes: int
     """Bytes it counts against the budget (see :meth:`HostTier.charged_bytes`)."""
+    block: torch.Tensor
+    """uint8 [nbytes or more]: the one allocation both tensors view."""
     copies: list[CopyDone] = field(default_factory=list)
     """Copies from this buffer that may still be running (pruned as they complete)."""
+
+    @classmethod
+    def over(cls, block: torch.Tensor, shape: ExpertShape, nbytes: int) -> HostBuffer:
+        """Views of ``shape``'s two tensors at the start of ``block`` (uint8, large enough)."""
+        (rows, columns), down_shape, dtype = shape
+        split = rows * columns * dtype.itemsize  # a multiple of the element size: the view is aligned
+        end = _nbytes(shape)
+        gate_up = block[:split].view(dtype).view(rows, columns)
+        down = block[split:end].view(dtype).view(down_shape)
+        return cls(gate_up, down, shape, nbytes, block)
 
 
 @dataclass(frozen=True)
@@ -77,31 +92,45 @@ class HostTierStats:
 class HostTier:
     """Experts in host memory within ``budget_bytes``, LRU; see the module docstring.
 
-    ``pin``: allocate page-locked buffers (needs CUDA). Keys are any hashable the caller uses to
-    name an expert (the cache uses (MoE-layer index, expert)).
+    ``pin``: allocate page-locked buffers (needs CUDA). ``shapes``: the expert shapes that will be
+    asked for; with ``uniform`` blocks (default: ``pin``) every block fits the largest of them.
+    Keys are any hashable the caller uses to name an expert (the cache uses (MoE-layer index, expert)).
     """
 
-    def __init__(self, budget_bytes: int, pin: bool) -> None:
+    def __init__(
+        self, budget_bytes: int, pin: bool, shapes: Sequence[ExpertShape] = (), uniform: bool | None = None
+    ) -> None:
         if budget_bytes < 1:
             raise ValueError(f"host tier budget must be at least 1 byte, got {budget_bytes}")
         self.budget_bytes = budget_bytes
         self.pin = pin
+        self.uniform = pin if uniform is None else uniform
+        self.block_bytes = max((self._block_size(shape) for shape in shapes), default=0) if self.uniform else 0
+        """Bytes of every block with uniform blocks (0: a block per shape, its own size)."""
         self.kind = "pinned" if pin else "ram"
         """``pinned`` (page-locked, in front of a GPU) or ``ram`` (plain memory, a second RAM tier)."""
         self._lock = threading.Condition(threading.Lock())
         self._held: OrderedDict[Hashable, HostBuffer] = OrderedDict()  # least recently used first
         self._users: Counter[Hashable] = Counter()  # threads holding each key (acquire..release)
         self._filling: set[Hashable] = set()  # keys whose checkpoint read is under way
-        self._free: dict[ExpertShape, list[HostBuffer]] = {}  # evicted buffers kept for reuse
+        self._free: dict[ExpertShape | None, list[HostBuffer]] = {}  # evicted buffers kept for reuse
         self._allocated_bytes = 0
         self._resident_bytes = 0
         self._max_resident_bytes = 0
         self._hits = self._loads = self._evictions = 0
 
-    def charged_bytes(self, shape: ExpertShape) -> int:
-        """Bytes a buffer for ``shape`` counts against the budget (pinned: rounded up to a power of two)."""
+    def _block_size(self, shape: ExpertShape) -> int:
         nbytes = _nbytes(shape)
         return 1 << (nbytes - 1).bit_length() if self.pin else nbytes
+
+    def charged_bytes(self, shape: ExpertShape) -> int:
+        """Bytes a buffer for ``shape`` counts against the budget: its block's (pinned: rounded up to a
+        power of two; uniform blocks: the largest shape's)."""
+        return max(self.block_bytes, self._block_size(shape))
+
+    def _free_key(self, shape: ExpertShape) -> ExpertShape | None:
+        """Where free buffers of ``shape`` are kept: with uniform blocks one list serves every shape."""
+        return None if self.block_bytes else shape
 
     def acquire(self, key: Hashable, shape: ExpertShape) -> tuple[HostBuffer, bool]:
         """Hold ``key``'s expert: (its buffer, True) when held (a hit), else (a buffer to read it into, False).
@@ -162,13 +191,16 @@ class HostTier:
     def _take_buffer(self, shape: ExpertShape, nbytes: int) -> HostBuffer | None:
         """A buffer of ``shape`` within the budget (reused, or allocated after evicting); None: wait."""
         while True:
-            free = self._free.get(shape)
+            free = self._free.get(self._free_key(shape))
             if free:
-                return free.pop()
+                buffer = free.pop()
+                if buffer.shape != shape:  # a uniform block: view it as this shape, keep its pending copies
+                    buffer = dataclasses.replace(HostBuffer.over(buffer.block, shape, nbytes), copies=buffer.copies)
+                return buffer
             if self._allocated_bytes + nbytes <= self.budget_bytes:
                 break
             other = None if self.pin else next(
-                (buffers for kept, buffers in self._free.items() if buffers and kept != shape), None
+                (buffers for kept, buffers in self._free.items() if buffers and kept != self._free_key(shape)), None
             )
             if other is not None:  # a free buffer of another shape: give its memory back
                 self._allocated_bytes -= other.pop().nbytes
@@ -178,23 +210,22 @@ class HostTier:
                 if not self._users:  # nothing will be released: only free buffers of other shapes (pinned)
                     raise RuntimeError(
                         f"the pinned host tier's budget of {self.budget_bytes} bytes is taken by free buffers of "
-                        f"other expert shapes; it needs room for one more of {nbytes} bytes"
+                        f"other expert shapes; it needs room for one more of {nbytes} bytes (give HostTier the "
+                        "model's shapes for uniform blocks)"
                     )
                 return None
             self._drop(victim)
             self._evictions += 1
-        gate_up_shape, down_shape, dtype = shape
-        split = gate_up_shape[0] * gate_up_shape[1]
         with torch.inference_mode(False):
-            flat = torch.empty(_nbytes(shape) // dtype.itemsize, dtype=dtype, pin_memory=self.pin)  # one block
-            buffer = HostBuffer(flat[:split].view(gate_up_shape), flat[split:].view(down_shape), shape, nbytes)
+            block = torch.empty(max(nbytes, _nbytes(shape)), dtype=torch.uint8, pin_memory=self.pin)
+            buffer = HostBuffer.over(block, shape, nbytes)
         self._allocated_bytes += nbytes
         return buffer
 
     def _drop(self, key: Hashable) -> HostBuffer:
         buffer = self._held.pop(key)
         self._resident_bytes -= buffer.nbytes
-        self._free.setdefault(buffer.shape, []).append(buffer)
+        self._free.setdefault(self._free_key(buffer.shape), []).append(buffer)
         return buffer
 
     # -- state and counters -----------------------------------------------------------------

@@ -56,8 +56,6 @@ import numpy as np
 from moeserve.sim.ep import SimCosts
 
 CALIBRATION_FORMAT = "moeserve-sim-costs/1"
-MESSAGE_HEADER_BYTES = 64
-"""Header of one runtime message (``moeserve.ep.serialize.HEADER_BYTES``)."""
 ROW_ID_BYTES = 8
 """int64 expert id sent with every dispatched row."""
 CONTROL_WIDTH = 66
@@ -247,12 +245,12 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
     samples["switch"] = [[switch]]
     measured.append("attention_switch_s")
     if measure_messages:
-        sizes = [MESSAGE_HEADER_BYTES + rows * shape.bytes_per_row for rows in shape.message_rows]
         workers = shape.processes - 1
         exchange_rows = sorted({max(1, rows) * workers for rows in shape.message_rows})
         gloo = measure_gloo(list(shape.message_rows), exchange_rows, shape.hidden, 3 * shape.repeats, shape.processes)
-        samples["message_round_trip"] = [
-            [float(size), seconds] for size, seconds in zip(sizes, gloo.round_trip_s, strict=True)
+        samples["message_round_trip"] = [  # [body bytes, s of a fan-out round]
+            [float(rows * shape.bytes_per_row), seconds]
+            for rows, seconds in zip(shape.message_rows, gloo.round_trip_s, strict=True)
         ]
         samples["message_cpu"] = [  # [body bytes, s per message end]: what fit_message_cpu fits
             [float(rows * shape.bytes_per_row), seconds]
@@ -260,8 +258,9 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
         ]
         samples["exchange"] = [[float(rows), seconds] for rows, seconds in zip(exchange_rows, gloo.exchange_s, strict=True)]
         message_cpu, message_cpu_per_byte = fit_message_cpu(list(shape.message_rows), gloo.message_cpu_s, shape.bytes_per_row)
-        latency, bandwidth = fit_message_latency(
-            list(shape.message_rows), gloo.round_trip_s, workers, gloo.message_cpu_s, shape.bytes_per_row
+        fitted_cpu = [message_cpu + rows * shape.bytes_per_row * message_cpu_per_byte for rows in shape.message_rows]
+        latency, bandwidth = fit_message_latency(  # with the processor time the simulator will charge
+            list(shape.message_rows), gloo.round_trip_s, workers, fitted_cpu, shape.bytes_per_row
         )
         # The sync exchange is measured among the run's processes, not derived from one message:
         # every rank takes part in each collective, and on 2 cores four processes' collectives
@@ -409,11 +408,11 @@ RELATIVE_FIT_FLOOR_S = 1e-6
 """Targets below this count as this in the relative-error fits (a time of 0 has no relative error)."""
 
 
-def _nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> list[float]:
-    """Coefficients >= 0 of ``design @ x ~ target``: least squares on relative errors (each point
-    weighs the same, so a grid of calls from 1 to 200,000 rows does not fit only its largest),
-    dropping negative columns until none are left."""
-    scale = 1.0 / np.maximum(target, RELATIVE_FIT_FLOOR_S)  # [points]
+def _nonnegative_least_squares(design: np.ndarray, target: np.ndarray, relative_to: np.ndarray | None = None) -> list[float]:
+    """Coefficients >= 0 of ``design @ x ~ target``: least squares on errors relative to
+    ``relative_to`` (default: the target; each point weighs the same, so a grid of calls from 1 to
+    200,000 rows does not fit only its largest), dropping negative columns until none are left."""
+    scale = 1.0 / np.maximum(target if relative_to is None else relative_to, RELATIVE_FIT_FLOOR_S)  # [points]
     design, target = design * scale[:, None], target * scale
     columns = list(range(design.shape[1]))
     coefficients = np.zeros(design.shape[1])
@@ -690,8 +689,9 @@ def measure_gloo(
     finally:
         torch.set_num_threads(threads)
         doorbell.close()
+        deadline = time.monotonic() + 10  # for all peers together
         for peer in peers:
-            peer.join(timeout=10)
+            peer.join(timeout=max(0.0, deadline - time.monotonic()))
         stop_processes(peers)  # any still running after that
         shutil.rmtree(folder, ignore_errors=True)
     return GlooTimings(
@@ -723,17 +723,22 @@ def fit_message_latency(
     send), the W dispatches' bytes leaving rank 0 in turn and the last worker's answer coming
     back: ``round trip = 2 (W + 1) c + 2 latency + (W + 1) bytes / bandwidth`` with bytes = rows x
     bytes per row (the simulator's message bytes; the 64-byte header is in the latency), fitted on
-    relative errors. Row counts whose processing alone exceeds
+    errors relative to the round trip (a flight is the difference of two measured times: relative
+    to itself, a flight near 0 would outweigh every other point). Row counts whose processing alone exceeds
     the round trip (on a machine with fewer cores than processes, processing overlaps) are left
     out; none left: latency 1 ns and no per-byte cost (bandwidth 1e15).
     """
     sizes = np.array([rows * bytes_per_row for rows in message_rows], dtype=np.float64)
-    flights = np.array(round_trip_s) - 2 * (workers + 1) * np.array(message_cpu_s)  # [sizes]
+    trips = np.array(round_trip_s)  # [sizes]
+    flights = trips - 2 * (workers + 1) * np.array(message_cpu_s)  # [sizes]
     kept = flights > 0
     if not kept.any():
         return 1e-9, 1e15
+    if np.unique(sizes[kept]).size < 2:  # one size: nothing to say about bandwidth
+        (latency,) = _nonnegative_least_squares(np.full((int(kept.sum()), 1), 2.0), flights[kept], trips[kept])
+        return max(latency, 1e-9), 1e15
     design = np.stack([np.full(int(kept.sum()), 2.0), (workers + 1) * sizes[kept]], axis=1)  # [kept, 2]
-    latency, per_byte = _nonnegative_least_squares(design, flights[kept])
+    latency, per_byte = _nonnegative_least_squares(design, flights[kept], trips[kept])
     return max(latency, 1e-9), 1.0 / max(per_byte, 1e-15)
 
 
