@@ -247,7 +247,8 @@ class CacheStats:
     """Loads served from the host tier without reading the checkpoint (included in ``loads``)."""
     host_evictions: int = 0
     host_resident_bytes: int = 0
-    """Bytes of the experts the host tier holds now (checkpoint dtype)."""
+    """Bytes of the experts the host tier holds now (checkpoint dtype; pinned, each counts its whole
+    block: :meth:`~moeserve.memory.host_tier.HostTier.charged_bytes`)."""
     max_host_resident_bytes: int = 0
     """High-water mark of ``host_resident_bytes``."""
     host_budget_bytes: int = 0
