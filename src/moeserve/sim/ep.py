@@ -571,6 +571,8 @@ class _MicroBatch:
     layer: int = 0
     pending: int = 0
     """Expert workers whose combine for ``layer`` has not arrived yet."""
+    dispatches: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    """(expert worker, its assignments' expert ids) of the attention call running for ``layer``."""
     step_start: float = 0.0
 
     @property
@@ -684,31 +686,30 @@ class _AsyncSimulation:
             return
         index = ready.popleft()
         micro_batch = self.micro_batches[index]
+        micro_batch.dispatches = self._split_by_worker(micro_batch)
         duration = self.costs.attention_time(len(micro_batch.rows)) + self.costs.attention_switch_s
-        if self.costs.message_cpu_s or self.costs.message_cpu_per_byte_s:
-            # Its dispatches now and the combines it will take back, one of each per target.
-            duration += 2 * sum(self.costs.message_cpu_time(count) for count in self._target_rows(micro_batch))
+        # Its dispatches and the combines it will take back, one of each per target (0 by default).
+        duration += 2 * sum(self.costs.message_cpu_time(ids.size) for _, ids in micro_batch.dispatches)
         self.attention_free[attention_worker] = False
         self.attention_busy += duration
         self._push(self._compute(duration), _ATTENTION_DONE, index)
 
-    def _target_rows(self, micro_batch: _MicroBatch) -> list[int]:
-        """Rows ``micro_batch`` sends each expert worker it reaches at its current layer."""
-        ids = self.routing[micro_batch.rows, micro_batch.layer, :].astype(np.int64).ravel()  # [b*K]
-        counts = np.bincount(self.expert2rank[micro_batch.layer][ids[ids != UNKNOWN_EXPERT]])  # [W']
-        return [int(count) for count in counts if count]
-
-    def _on_attention_done(self, index: int) -> None:
-        micro_batch = self.micro_batches[index]
+    def _split_by_worker(self, micro_batch: _MicroBatch) -> list[tuple[int, np.ndarray]]:
+        """(expert worker, expert ids of its assignments) for ``micro_batch`` at its current layer."""
         layer = micro_batch.layer
         ids = self.routing[micro_batch.rows, layer, :].astype(np.int64).ravel()  # [b*K]
         ids = ids[ids != UNKNOWN_EXPERT]  # [N]
         ranks = self.expert2rank[layer][ids]  # [N]
         order = np.argsort(ranks, kind="stable")  # [N]
         targets, starts = np.unique(ranks[order], return_index=True)  # [W'], [W']
-        micro_batch.pending = int(targets.size)
+        return list(zip(targets.tolist(), np.split(ids[order], starts[1:]), strict=True))
+
+    def _on_attention_done(self, index: int) -> None:
+        micro_batch = self.micro_batches[index]
+        layer = micro_batch.layer
+        micro_batch.pending = len(micro_batch.dispatches)
         link = ("attention", micro_batch.attention_worker)
-        for worker, chosen in zip(targets.tolist(), np.split(ids[order], starts[1:]), strict=True):
+        for worker, chosen in micro_batch.dispatches:
             self._push(self._send(link, chosen.size), _DISPATCH, worker, layer, index, chosen)
         self.attention_free[micro_batch.attention_worker] = True
         if micro_batch.pending == 0:
