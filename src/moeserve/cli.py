@@ -446,6 +446,7 @@ def bench_moe_layer(
     tokens: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "1,16,128,1024",
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
     repeats: Annotated[int, typer.Option(help="Timed repeats per implementation and token count (median kept).")] = 7,
+    device: Annotated[str, typer.Option(help="cpu or cuda: where the layer runs and the roofline is measured (on cuda the mixtral shape is Mixtral's own, I=14336).")] = "cpu",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -463,7 +464,10 @@ def bench_moe_layer(
     token_counts = _int_list(tokens, "--tokens")
     try:
         apply_thread_count(threads)
-        result = run_moe_layer_bench(shape, model, token_counts, torch_dtype, repeats, progress=not as_json)
+        from moeserve.models.loader import resolve_device
+
+        result = run_moe_layer_bench(shape, model, token_counts, torch_dtype, repeats, progress=not as_json,
+                                     device=resolve_device(device))
     except (MoeserveError, ValueError) as error:
         _fail(error)
         return
@@ -1006,6 +1010,8 @@ def simulate_ep(
     save_costs: Annotated[Path | None, typer.Option("--save-costs", help="With --calibrate: write the measured costs here.")] = None,
     hidden_size: Annotated[int, typer.Option(help="--calibrate: hidden size D of the measured experts (bench ep's synthetic model: 128).")] = 128,
     intermediate_size: Annotated[int, typer.Option(help="--calibrate: expert intermediate size I (bench ep's synthetic model: 160).")] = 160,
+    calibrate_device: Annotated[str, typer.Option("--device", help="--calibrate: time the expert and attention-side calls on cpu or cuda (on cuda the message costs stay the GPU-class defaults and each worker has its own device).")] = "cpu",
+    calibrate_dtype: Annotated[str, typer.Option("--dtype", help="--calibrate: float32 (bench ep's) or bfloat16 experts and activations.")] = "float32",
     as_json: JsonOpt = False,
 ) -> None:
     """Simulated expert parallelism: throughput and latency of sync vs async on real routing (simulator figures)."""
@@ -1034,6 +1040,8 @@ def simulate_ep(
                 top_k=loaded.meta.top_k,
                 processes=1 + expert_workers,  # as bench ep runs them: one attention rank
                 layers=loaded.num_layers,
+                device=calibrate_device,
+                dtype=calibrate_dtype,
             )
             if requests:  # time the sizes this workload's calls have, not only the small default grid
                 shape = shape.covering(requests, prompt_tokens, attention_workers, expert_workers, micro_batches)
@@ -1041,7 +1049,12 @@ def simulate_ep(
             if save_costs is not None:
                 save_calibration(calibration, save_costs)
             costs, measured_cores = calibration.costs, calibration.effective_cores
-            source = "measured now"
+            source = "measured now" if shape.device == "cpu" else (
+                f"expert and attention calls measured now on {calibration.machine} ({shape.dtype}); "
+                "messages and the sync exchange: GPU-class defaults"
+            )
+        elif calibrate_device != "cpu" or calibrate_dtype != "float32":
+            raise MoeserveError("--device and --dtype apply to --calibrate")
         workload = (
             RequestWorkload(requests=requests, prompt_tokens=prompt_tokens, new_tokens=new_tokens) if requests else None
         )

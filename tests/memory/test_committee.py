@@ -346,3 +346,44 @@ def test_a_step_waits_for_every_one_of_its_experts_a_background_load_starts(refe
             assert cache.stats().loads == 3 and len(pool.key2slot) == 3  # each expert read once
         finally:
             remove_expert_cache(reference_model, cache)
+
+
+@pytest.mark.parametrize("softmax_router", [True, False])
+@pytest.mark.parametrize("skip_threshold", [0.0, 0.2])
+def test_the_accelerator_path_routes_and_counts_like_the_reference(softmax_router: bool, skip_threshold: float) -> None:
+    """The gate's sync-free path (what runs on a GPU) is run here on the CPU directly: the same
+    routing as the reference path, bit for bit, and the same telemetry once it is read."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 8, generator=generator)  # [T, E]
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), 2, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    routing = RouterOutput(topk_ids=ids, topk_weights=weights, logits=logits)
+    members = {0: {1, 2, 5}, 1: set(range(8))}  # layer 1: every expert (nothing rerouted)
+    reference = CommitteeGate(members, 8, 2, skip_threshold=skip_threshold, softmax_router=softmax_router)
+    fast = CommitteeGate(members, 8, 2, skip_threshold=skip_threshold, softmax_router=softmax_router)
+    for layer in (0, 1, 0):
+        want, got = reference(layer, routing), fast._call_without_sync(layer, routing)
+        assert torch.equal(got.topk_ids, want.topk_ids) and torch.equal(got.topk_weights, want.topk_weights)
+    want_t, got_t = reference.telemetry(), fast.telemetry()
+    assert got_t["served_exactly"] == pytest.approx(want_t["served_exactly"], rel=1e-12)
+    for layer in (0, 1):
+        for name in ("tokens", "rerouted_tokens", "skipped_slots"):
+            assert got_t["layers"][layer][name] == want_t["layers"][layer][name], (layer, name)
+        for name in ("routed_mass", "exact_mass"):
+            assert got_t["layers"][layer][name] == pytest.approx(want_t["layers"][layer][name], rel=1e-12)
+    fast.reset_telemetry()
+    assert fast.telemetry()["served_exactly"] == 1.0
+
+
+@pytest.mark.gpu
+def test_the_gate_on_cuda_matches_the_cpu_gate() -> None:
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(64, 16, generator=generator)
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), 2, dim=-1)
+    routing = RouterOutput(topk_ids=ids, topk_weights=weights / weights.sum(-1, keepdim=True), logits=logits)
+    on_gpu = RouterOutput(topk_ids=routing.topk_ids.cuda(), topk_weights=routing.topk_weights.cuda(), logits=logits.cuda())
+    cpu_gate, gpu_gate = CommitteeGate({0: set(range(0, 16, 2))}, 16, 2), CommitteeGate({0: set(range(0, 16, 2))}, 16, 2)
+    want, got = cpu_gate(0, routing), gpu_gate(0, on_gpu)
+    assert torch.equal(got.topk_ids.cpu(), want.topk_ids)
+    torch.testing.assert_close(got.topk_weights.cpu(), want.topk_weights)
+    assert gpu_gate.telemetry()["served_exactly"] == pytest.approx(cpu_gate.telemetry()["served_exactly"], rel=1e-6)

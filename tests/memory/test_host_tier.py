@@ -343,3 +343,35 @@ def test_cuda_generate_with_two_tiers_gives_the_resident_tokens():
     finally:
         remove_expert_cache(served, cache)
     assert cached_run.token_ids == resident.token_ids
+
+
+@pytest.mark.gpu
+def test_cuda_offload_bench_runs_the_committee_and_exact_rows():
+    from moeserve.bench.offload import run_offload_bench
+
+    result = run_offload_bench(None, ["50%"], ["lru"], committee=True, committee_swaps=1, calibration_tokens=512,
+                               new_tokens=16, device="cuda", host_memory="100%")
+    rows = {row.policy: row for row in result.rows}
+    assert result.device.startswith("cuda") and set(rows) == {"resident", "lru", "committee"}
+    assert rows["lru"].identical_to_resident and rows["lru"].host_tier == "pinned"
+    assert rows["committee"].served_exactly is not None and 0 < rows["committee"].served_exactly <= 1
+    assert rows["committee"].max_resident_bytes <= rows["committee"].budget_bytes
+
+
+@pytest.mark.gpu
+def test_cuda_evaluation_and_trace_recording_match_the_cpu():
+    from moeserve.models.evaluate import evaluate_tokens
+    from moeserve.models.reference import reference_split_tokens
+    from moeserve.traces.record import record_texts
+
+    cpu, gpu = load_model(), load_model(device="cuda")
+    tokens = reference_split_tokens(cpu.tokenizer, held_out=True, max_tokens=600)
+    cpu_report, _ = evaluate_tokens(cpu, tokens, max_tokens=512)
+    gpu_report, _ = evaluate_tokens(gpu, tokens, max_tokens=512)
+    assert gpu_report.tokens == cpu_report.tokens
+    assert abs(gpu_report.accuracy - cpu_report.accuracy) <= 0.01
+    assert gpu_report.perplexity == pytest.approx(cpu_report.perplexity, rel=1e-3)
+    text = ["def add(a, b):\n    return a + b\n"]
+    cpu_trace, gpu_trace = record_texts(cpu, text), record_texts(gpu, text)
+    agree = (cpu_trace.experts == gpu_trace.experts).mean()
+    assert agree >= 0.99, f"only {agree:.3f} of routed experts agree"

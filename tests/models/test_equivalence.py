@@ -56,3 +56,50 @@ def test_deepseek_dense_layers_stay_dense(tiny_checkpoints):
     # first_k_dense_replace=1: decoder layer 0 is a dense MLP, layers 1 and 2 are MoE.
     assert model.decoder_layer_ids == [1, 2]
     assert [layer.layer_index for layer in model.layers] == [0, 1]
+
+
+# -- on a GPU (marked ``gpu``: skipped without CUDA) ---------------------------------------------
+
+CUDA_BACKENDS = [name for name in BACKENDS if name not in ("hybrid", "cpu")] + ["auto"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("family", SUPPORTED_TINY_FAMILIES)
+def test_family_logits_match_transformers_on_cuda(tiny_checkpoints, family, backend):
+    """fp32 on the GPU: moeserve's layer against transformers' own forward, prefill and 4 decode
+    steps (``auto`` is grouped_mm where this build runs it in fp32 on the GPU, else the loop)."""
+    from moeserve.moe.backends import grouped_mm_supported
+
+    device = torch.device("cuda")
+    if backend == "grouped_mm" and not grouped_mm_supported(device, torch.float32):
+        pytest.skip("this torch build's _grouped_mm does not take float32 on this GPU")
+    folder = tiny_checkpoints[family]
+    reference = _reference(folder).to(device)
+    ours = load_model(folder, moe=MoEConfig(backend=backend), load_tokenizer=False, device=device)
+    assert ours.device.type == "cuda"
+    prompt = torch.randint(0, ours.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
+    expected = _prefill_then_decode(reference, prompt, steps=4)
+    actual = _prefill_then_decode(ours.hf_model, prompt, steps=4)
+    for step, (want, got) in enumerate(zip(expected, actual, strict=True)):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", SUPPORTED_TINY_FAMILIES)
+def test_family_logits_match_transformers_on_cuda_bfloat16(tiny_checkpoints, family):
+    """bf16 on the GPU (the auto backend: grouped_mm where supported): the same logits as
+    transformers' bf16 forward within bf16 rounding (norm-wise relative error), prefill and decode."""
+    device = torch.device("cuda")
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_checkpoints[family]
+    reference = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.bfloat16).eval().to(device)
+    ours = load_model(folder, load_tokenizer=False, device=device, dtype=torch.bfloat16)
+    prompt = torch.randint(0, ours.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
+    expected = _prefill_then_decode(reference, prompt, steps=4)
+    actual = _prefill_then_decode(ours.hf_model, prompt, steps=4)
+    for step, (want, got) in enumerate(zip(expected, actual, strict=True)):
+        error = float((got.float() - want.float()).norm() / want.float().norm())
+        assert error < 3e-2, f"step {step}: relative error {error:.3g}"

@@ -280,3 +280,38 @@ def test_hybrid_bfloat16_computes_in_float32(num_tokens, gating):
     reference = MoELayer(full, F.silu, MoEConfig(gating=gating, capacity_factor=1.25, backend="loop"))
     assert actual.dtype == torch.bfloat16
     torch.testing.assert_close(actual.float(), reference(hidden.float(), routing), rtol=1e-2, atol=1e-2)
+
+
+# -- on a GPU (marked ``gpu``: skipped without CUDA) ---------------------------------------------
+
+
+def _on(experts: ResidentExperts, device: str) -> ResidentExperts:
+    return ResidentExperts(gate_up_proj=experts.gate_up_proj.to(device), down_proj=experts.down_proj.to(device))
+
+
+def _routing_on(routing: RouterOutput, device: str) -> RouterOutput:
+    return RouterOutput(topk_ids=routing.topk_ids.to(device), topk_weights=routing.topk_weights.to(device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "auto"])
+@pytest.mark.parametrize("gating", ["dropless", "capacity"])
+@pytest.mark.parametrize("num_tokens", [1, 5, 300])
+def test_cuda_backends_match_the_cpu_loop_reference(backend, dtype, gating, num_tokens):
+    from moeserve.moe.backends import grouped_mm_supported
+
+    if backend == "grouped_mm" and gating == "dropless" and not grouped_mm_supported(torch.device("cuda"), dtype):
+        pytest.skip(f"this torch build's _grouped_mm does not take {dtype} on this GPU")
+    experts, hidden, routing = _experts(dtype=dtype), _hidden(num_tokens, dtype), _routing(num_tokens, skew=1.0)
+    config = MoEConfig(gating=gating, capacity_factor=1.0, backend=backend)
+    # The reference: the plain loop on the CPU in float64 (no low-precision rounding inside).
+    reference = MoELayer(
+        ResidentExperts(experts.gate_up_proj.double(), experts.down_proj.double()), F.silu,
+        MoEConfig(gating=gating, capacity_factor=1.0, backend="loop"),
+    )(hidden.double(), routing)
+    layer = MoELayer(_on(experts, "cuda"), F.silu, config)
+    actual = layer(hidden.cuda(), _routing_on(routing, "cuda"))
+    assert actual.device.type == "cuda" and actual.dtype == dtype
+    error = float((actual.double().cpu() - reference).norm() / reference.norm())
+    assert error < (1e-5 if dtype == torch.float32 else 2e-2), f"relative error {error:.3g}"

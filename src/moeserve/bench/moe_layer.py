@@ -39,9 +39,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moeserve.bench.machine import MachinePeak, machine_description, measure_machine
+from moeserve.bench.machine import MachinePeak, device_synchronizer, machine_description, measure_machine
 from moeserve.config import MoEConfig
-from moeserve.moe.backends import BACKENDS, Activation, grouped_mm_available
+from moeserve.moe.backends import BACKENDS, CPU_ONLY_BACKENDS, Activation, grouped_mm_supported
 from moeserve.moe.gating import GATINGS
 from moeserve.moe.layer import MoELayer
 from moeserve.moe.types import ResidentExperts, RouterOutput
@@ -57,8 +57,10 @@ BASELINE_IMPL = "hf-eager"
 # Low-precision types round each intermediate; impls round at different points.
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
-# Mixtral-8x7B is D=4096, I=14336 (1.4 GB per expert in fp32). I is cut 4x so all 8 experts
-# take 1.4 GB in fp32 (0.7 GB in bf16); E, k, D and the SiLU gated MLP stay Mixtral's.
+# Mixtral-8x7B is D=4096, I=14336 (1.4 GB per expert in fp32). On the CPU, I is cut 4x so all 8
+# experts take 1.4 GB in fp32 (0.7 GB in bf16); E, k, D and the SiLU gated MLP stay Mixtral's. On a
+# GPU the layer is Mixtral's own (I=14336: 2.8 GB in bf16).
+MIXTRAL_INTERMEDIATE = 14336
 MIXTRAL_SCALED_INTERMEDIATE = 3584
 
 
@@ -179,12 +181,13 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def mixtral_shape() -> LayerShape:
-    """Mixtral-8x7B's MoE layer with I scaled down to fit this machine (see MIXTRAL_SCALED_INTERMEDIATE)."""
+def mixtral_shape(full: bool = False) -> LayerShape:
+    """Mixtral-8x7B's MoE layer: with ``full`` its own size (for a GPU), else with I scaled down
+    to fit a small machine's memory (see MIXTRAL_SCALED_INTERMEDIATE)."""
     return LayerShape(
-        name=f"mixtral-8x7b (I scaled 14336 -> {MIXTRAL_SCALED_INTERMEDIATE})",
+        name="mixtral-8x7b" if full else f"mixtral-8x7b (I scaled {MIXTRAL_INTERMEDIATE} -> {MIXTRAL_SCALED_INTERMEDIATE})",
         hidden_size=4096,
-        intermediate_size=MIXTRAL_SCALED_INTERMEDIATE,
+        intermediate_size=MIXTRAL_INTERMEDIATE if full else MIXTRAL_SCALED_INTERMEDIATE,
         num_experts=8,
         top_k=2,
     )
@@ -215,23 +218,26 @@ def reference_architecture_shape(folder: Path) -> LayerShape:
     )
 
 
-def random_bench_layer(shape: LayerShape, max_tokens: int, dtype: torch.dtype, seed: int = 0) -> BenchLayer:
+def random_bench_layer(
+    shape: LayerShape, max_tokens: int, dtype: torch.dtype, seed: int = 0, device: torch.device | str = "cpu"
+) -> BenchLayer:
     """Random experts (std 1/sqrt(fan_in)) and a random router: softmax over E, top-k, renormalised.
 
     The router follows Mixtral's: float32 logits of a random [E, D] matrix (std 1/sqrt(D)) on
-    standard-normal hidden states, softmax, top-k, weights divided by their sum.
+    standard-normal hidden states, softmax, top-k, weights divided by their sum. Everything is
+    drawn on ``device`` (a GPU's generator draws other numbers than the CPU's for one seed).
     """
     from transformers.activations import ACT2FN
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     e, d, i, k = shape.num_experts, shape.hidden_size, shape.intermediate_size, shape.top_k
-    gate_up = torch.empty(e, 2 * i, d, dtype=dtype)  # [E, 2I, D]
-    down = torch.empty(e, d, i, dtype=dtype)  # [E, D, I]
+    gate_up = torch.empty(e, 2 * i, d, dtype=dtype, device=device)  # [E, 2I, D]
+    down = torch.empty(e, d, i, dtype=dtype, device=device)  # [E, D, I]
     for expert in range(e):  # one expert at a time keeps the float32 temporaries small
-        gate_up[expert] = torch.randn(2 * i, d, generator=generator) / d**0.5
-        down[expert] = torch.randn(d, i, generator=generator) / i**0.5
-    hidden = torch.randn(max_tokens, d, generator=generator)  # [T, D]
-    router = torch.randn(e, d, generator=generator) / d**0.5  # [E, D]
+        gate_up[expert] = torch.randn(2 * i, d, generator=generator, device=device) / d**0.5
+        down[expert] = torch.randn(d, i, generator=generator, device=device) / i**0.5
+    hidden = torch.randn(max_tokens, d, generator=generator, device=device)  # [T, D]
+    router = torch.randn(e, d, generator=generator, device=device) / d**0.5  # [E, D]
     routing = softmax_topk_routing(hidden @ router.t(), k)
     return BenchLayer(
         shape=shape,
@@ -267,7 +273,9 @@ def _sample_token_ids(tokenizer, count: int, vocab_size: int) -> tuple[torch.Ten
 
 
 @torch.inference_mode()
-def model_bench_layer(model_path: Path | None, max_tokens: int, dtype: torch.dtype) -> BenchLayer:
+def model_bench_layer(
+    model_path: Path | None, max_tokens: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> BenchLayer:
     """The checkpoint's first MoE layer, with hidden states and routing captured from a real forward.
 
     The model runs on standard-library source in sequences of at most 256 tokens; the first MoE
@@ -275,7 +283,7 @@ def model_bench_layer(model_path: Path | None, max_tokens: int, dtype: torch.dty
     """
     from moeserve.models.loader import load_model
 
-    model = load_model(model_path, dtype=dtype)
+    model = load_model(model_path, dtype=dtype, device=device)
     layer = model.layers[0]
     stacked = layer.experts.stacked()
     assert stacked is not None, "load_model keeps every expert resident"
@@ -299,7 +307,7 @@ def model_bench_layer(model_path: Path | None, max_tokens: int, dtype: torch.dty
 
     handle = layer.register_forward_pre_hook(record)
     try:
-        model.hf_model(input_ids=token_ids.view(num_seqs, seq_len), use_cache=False)
+        model.hf_model(input_ids=token_ids.view(num_seqs, seq_len).to(model.device), use_cache=False)
     finally:
         handle.remove()
     hidden = torch.cat([h for h, _ in captured])[:max_tokens]  # [T, D]
@@ -318,13 +326,16 @@ def model_bench_layer(model_path: Path | None, max_tokens: int, dtype: torch.dty
     )
 
 
-def build_bench_layer(shape: str, model_path: Path | None, max_tokens: int, dtype: torch.dtype) -> BenchLayer:
-    """Resolve ``--shape`` / ``--model`` into a layer ready to time.
+def build_bench_layer(
+    shape: str, model_path: Path | None, max_tokens: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> BenchLayer:
+    """Resolve ``--shape`` / ``--model`` into a layer ready to time on ``device``.
 
     ``reference``: ``model_path`` (or the embedded reference model) when it exists; without it,
-    the reference architecture with random weights and a random router. ``mixtral``: the scaled
-    Mixtral shape with random weights.
+    the reference architecture with random weights and a random router. ``mixtral``: the
+    Mixtral shape with random weights (I scaled down on the CPU, Mixtral's own on a GPU).
     """
+    on_gpu = torch.device(device).type == "cuda"
     if shape not in SHAPE_NAMES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPE_NAMES)}")
     if shape == "mixtral":
@@ -332,14 +343,14 @@ def build_bench_layer(shape: str, model_path: Path | None, max_tokens: int, dtyp
             raise ValueError(
                 "--model applies to shape 'reference' (the checkpoint's own layer), not 'mixtral'"
             )
-        return random_bench_layer(mixtral_shape(), max_tokens, dtype)
+        return random_bench_layer(mixtral_shape(full=on_gpu), max_tokens, dtype, device=device)
     if model_path is not None:
-        return model_bench_layer(model_path, max_tokens, dtype)
+        return model_bench_layer(model_path, max_tokens, dtype, device)
     from moeserve.models.loader import REFERENCE_MODEL
 
     if (REFERENCE_MODEL / "config.json").is_file() and any(REFERENCE_MODEL.glob("*.safetensors")):
-        return model_bench_layer(None, max_tokens, dtype)
-    return random_bench_layer(reference_architecture_shape(REFERENCE_MODEL), max_tokens, dtype)
+        return model_bench_layer(None, max_tokens, dtype, device)
+    return random_bench_layer(reference_architecture_shape(REFERENCE_MODEL), max_tokens, dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,20 +383,28 @@ def hf_experts(layer: BenchLayer, implementation: str) -> torch.nn.Module:
 
 
 def build_impls(layer: BenchLayer) -> dict[str, Impl]:
-    """Every implementation, by name, over ``layer``'s weights (insertion order is table order)."""
+    """Every implementation, by name, over ``layer``'s weights (insertion order is table order).
+
+    On a GPU the CPU-only backends (:data:`CPU_ONLY_BACKENDS`) are left out, and the grouped-matmul
+    impls (moeserve's and transformers') too where this build's ``_grouped_mm`` does not take the
+    dtype on that GPU.
+    """
     impls: dict[str, Impl] = {}
+    weights = layer.experts.gate_up_proj
+    on_gpu = weights.device.type == "cuda"
+    grouped = grouped_mm_supported(weights.device, weights.dtype) if on_gpu else hasattr(torch, "_grouped_mm")
 
     def add_moeserve(name: str, config: MoEConfig) -> None:
         impls[name] = MoELayer(layer.experts, layer.act, config)
 
     add_moeserve("moeserve-dropless", MoEConfig(gating="dropless", backend="auto"))
     for backend in BACKENDS.names():
-        if backend == "grouped_mm" and not grouped_mm_available():
+        if (backend == "grouped_mm" and not grouped) or (on_gpu and backend in CPU_ONLY_BACKENDS):
             continue
         add_moeserve(f"moeserve-dropless-{backend}", MoEConfig(gating="dropless", backend=backend))
     for factor in CAPACITY_FACTORS:
         add_moeserve(f"moeserve-capacity-{factor}", MoEConfig(gating="capacity", capacity_factor=factor))
-    for implementation in ("eager", "grouped_mm"):
+    for implementation in ("eager", "grouped_mm") if grouped else ("eager",):
         experts = hf_experts(layer, implementation)
         impls[f"hf-{implementation}"] = _hf_impl(experts)
     return impls
@@ -475,13 +494,16 @@ def time_impls(
 ) -> dict[str, float]:
     """Median seconds per impl; impls interleaved, the order rotated every round."""
     hidden, routing = layer.inputs(num_tokens)
+    sync = device_synchronizer(hidden.device)  # a GPU call is timed until its kernels finished
     names = list(impls)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(warmup + repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            sync()
             start = time.perf_counter()
             impls[name](hidden, routing)
+            sync()
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 times[name].append(elapsed)
@@ -507,8 +529,8 @@ def bench_layer(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not tokens or min(tokens) < 1:
         raise ValueError(f"token counts must be >= 1, got {list(tokens)}")
-    dtype = layer.experts.gate_up_proj.dtype
-    before = measure_machine(dtype) if machine is None else machine
+    dtype, device = layer.experts.gate_up_proj.dtype, layer.experts.gate_up_proj.device
+    before = measure_machine(dtype, device=device) if machine is None else machine
     impls = build_impls(layer)
     # Per token count: (seconds per impl, dropped fraction per impl, routing).
     measured: list[tuple[int, dict[str, float], dict[str, float], RouterOutput]] = []
@@ -525,7 +547,7 @@ def bench_layer(
             seconds = time_impls(impls, layer, num_tokens, repeats, warmup, lambda: bar.advance(task))
             measured.append((num_tokens, seconds, dropped, routing))
     if machine is None:
-        after = measure_machine(dtype)
+        after = measure_machine(dtype, device=device)
         machine = MachinePeak(
             peak_gflops=max(before.peak_gflops, after.peak_gflops),
             bandwidth_gbs=max(before.bandwidth_gbs, after.bandwidth_gbs),
@@ -547,7 +569,7 @@ def bench_layer(
                 )
             )
     return MoELayerBenchResult(
-        machine=machine_description(),
+        machine=machine_description(device),
         peak_gflops=machine.peak_gflops,
         bandwidth_gbs=machine.bandwidth_gbs,
         shape=layer.shape,
@@ -582,18 +604,20 @@ def run_moe_layer_bench(
     *,
     machine: MachinePeak | None = None,
     warmup: int = 1,
+    device: torch.device | str = "cpu",
 ) -> MoELayerBenchResult:
     """Entry point of ``moeserve bench moe-layer``.
 
     ``shape`` is a name from :data:`SHAPE_NAMES` or a custom :class:`LayerShape` (random weights
-    and router). ``machine`` skips measuring the machine's limits when given.
+    and router). ``machine`` skips measuring the machine's limits when given. ``device`` is
+    ``cpu`` or ``cuda``: layer, inputs and the roofline measurement all live there.
     """
     if not tokens or min(tokens) < 1:
         raise ValueError(f"token counts must be >= 1, got {tokens}")
     if isinstance(shape, LayerShape):
-        layer = random_bench_layer(shape, max(tokens), dtype)
+        layer = random_bench_layer(shape, max(tokens), dtype, device=device)
     else:
-        layer = build_bench_layer(shape, model_path, max(tokens), dtype)
+        layer = build_bench_layer(shape, model_path, max(tokens), dtype, device)
     return bench_layer(layer, tokens, repeats, machine, warmup=warmup, progress=progress)
 
 

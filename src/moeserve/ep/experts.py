@@ -32,7 +32,7 @@ class ShardLayer:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        return next(iter(self.held.values()))[0].device
 
     def gate_up(self, expert: int) -> torch.Tensor:
         return self.held[expert][0]
@@ -52,7 +52,7 @@ class ExpertShard:
             raise ValueError("an expert shard needs at least one expert in every layer")
         self.layers = layers
         self.act = act
-        self.backend_name = resolve_backend(backend, torch.device("cpu"), layers[0].dtype, stacked=False)
+        self.backend_name = resolve_backend(backend, layers[0].device, layers[0].dtype, stacked=False)
         self._run_experts = BACKENDS.get(self.backend_name)()
 
     def held_counts(self) -> list[int]:

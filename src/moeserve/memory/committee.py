@@ -104,7 +104,11 @@ class CommitteeGate:
         self.softmax_router = softmax_router
         self.renormalize = renormalize
         self._masks: dict[int, torch.Tensor] = {}
+        self._device_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._telemetry: dict[int, LayerTelemetry] = {}
+        self._pending: dict[int, torch.Tensor] = {}
+        """Per layer, counters not yet read on an accelerator: float64 [4] (routed mass, exact mass,
+        rerouted tokens, skipped slots), summed on the device so the gate never waits for it."""
         self.scheduler: CommitteeScheduler | None = None
         """The online scheduler changing the members, if one was attached (reported in ``telemetry``)."""
         for layer, layer_members in members.items():
@@ -120,6 +124,7 @@ class CommitteeGate:
         mask = torch.zeros(self.num_experts, dtype=torch.bool)
         mask[ids] = True
         self._masks[layer] = mask
+        self._device_masks = {key: value for key, value in self._device_masks.items() if key[0] != layer}
         self._telemetry.setdefault(layer, LayerTelemetry())
 
     def members(self, layer: int) -> set[int]:
@@ -135,7 +140,8 @@ class CommitteeGate:
         if mask is None:
             raise KeyError(f"no committee for MoE layer {layer}; have layers {self.layers}")
         ids, weights = routing.topk_ids, routing.topk_weights  # [T, k], [T, k]
-        mask = mask.to(ids.device)
+        if ids.device.type != "cpu":
+            return self._call_without_sync(layer, routing)
         slot_member = mask[ids]  # [T, k]
         row_ok = slot_member.all(dim=1)  # [T]
         all_ok = bool(row_ok.all())
@@ -157,6 +163,46 @@ class CommitteeGate:
             return routing
         return RouterOutput(topk_ids=new_ids, topk_weights=new_weights, logits=routing.logits)
 
+    def _call_without_sync(self, layer: int, routing: RouterOutput) -> RouterOutput:
+        """:meth:`__call__` on an accelerator: the same routing with no host sync (every token's
+        reroute is computed and kept only where a slot is not a member; skipped slots are zeroed
+        unconditionally; the counters add up on the device until :meth:`telemetry` reads them)."""
+        ids, weights = routing.topk_ids, routing.topk_weights  # [T, k], [T, k]
+        key = (layer, ids.device)
+        mask = self._device_masks.get(key)
+        if mask is None:
+            mask = self._device_masks[key] = self._masks[layer].to(ids.device)
+        row_ok = mask[ids].all(dim=1)  # [T]
+        sub_ids, sub_weights = self._reroute(mask, routing)
+        keep = row_ok[:, None]
+        new_ids = torch.where(keep, ids, sub_ids)
+        new_weights = torch.where(keep, weights, sub_weights.to(weights.dtype))
+        skipped = torch.zeros((), device=ids.device)
+        if self.skip_threshold > 0:
+            low = new_weights < self.skip_threshold
+            skipped = low.sum()
+            new_weights = new_weights.masked_fill(low, 0)
+        routed = weights.float()
+        final = torch.zeros(ids.shape[0], self.num_experts, dtype=torch.float32, device=ids.device)
+        final.scatter_add_(1, new_ids, new_weights.float())  # [T, E] final weight per expert
+        served = mask[ids] & (final.gather(1, ids) > 0)  # [T, k]
+        counters = torch.stack([routed.sum(), (routed * served).sum(), (~row_ok).sum(), skipped]).double()
+        pending = self._pending.get(layer)
+        self._pending[layer] = counters if pending is None else pending + counters
+        self._telemetry[layer].tokens += int(ids.shape[0])
+        return RouterOutput(topk_ids=new_ids, topk_weights=new_weights, logits=routing.logits)
+
+    def _fold_pending(self) -> None:
+        """Add the accelerator-side counters into the host telemetry (one sync per layer)."""
+        for layer, counters in self._pending.items():
+            routed, exact, rerouted, skipped = counters.tolist()
+            t = self._telemetry[layer]
+            t.routed_mass += routed
+            t.exact_mass += exact
+            t.rerouted_tokens += round(rerouted)
+            t.skipped_slots += round(skipped)
+        self._pending = {}
+
     def _reroute(self, mask: torch.Tensor, routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing of every token among members only: ([T, k] ids, [T, k] weights)."""
         k = routing.topk_ids.shape[1]
@@ -170,11 +216,11 @@ class CommitteeGate:
         # Drop non-member slots: point them at a member with weight 0, rescale the kept ones.
         ids, weights = routing.topk_ids, routing.topk_weights.float()
         member = mask[ids]  # [T, k]
-        filler = int(mask.nonzero()[0])
+        filler = mask.to(torch.int64).argmax()  # the first member (a 0-d tensor: no host sync)
         kept = weights * member
         total, kept_total = weights.sum(dim=-1, keepdim=True), kept.sum(dim=-1, keepdim=True)
         scale = torch.where(kept_total > 0, total / kept_total.clamp_min(1e-30), torch.zeros_like(total))
-        return torch.where(member, ids, torch.full_like(ids, filler)), kept * scale
+        return torch.where(member, ids, filler), kept * scale
 
     def _account(self, layer: int, mask: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  new_ids: torch.Tensor, new_weights: torch.Tensor, all_ok: bool, row_ok: torch.Tensor,
@@ -196,6 +242,7 @@ class CommitteeGate:
     def telemetry(self) -> dict:
         """``{"layers": {i: {...LayerTelemetry, served_exactly}}, "served_exactly": overall share}``, and
         ``"scheduler"`` (swaps started and completed, the current members) when one is attached."""
+        self._fold_pending()
         layers = {
             layer: {**asdict(t), "served_exactly": t.served_exactly} for layer, t in sorted(self._telemetry.items())
         }
@@ -210,6 +257,7 @@ class CommitteeGate:
 
     def reset_telemetry(self) -> None:
         self._telemetry = {layer: LayerTelemetry() for layer in self._masks}
+        self._pending = {}
 
 
 def apply_committee(model: MoEModel, members: Mapping[int, set[int]], skip_threshold: float = 0.0) -> CommitteeGate:
@@ -375,7 +423,7 @@ def plan_committee(model: MoEModel, calibration_token_ids: torch.Tensor, budget_
         ids = calibration_token_ids.long().flatten()
         for start in range(0, ids.numel(), seq_len):
             window = ids[start : start + seq_len]
-            model.hf_model(input_ids=window[None], use_cache=False)
+            model.hf_model(input_ids=window[None].to(model.device), use_cache=False)
     finally:
         for layer in model.layers:
             layer.observers.remove(profiler)

@@ -49,7 +49,7 @@ def evaluate_tokens(model: MoEModel, token_ids: torch.Tensor, seq_len: int = 256
             if window.numel() < 2:
                 break
             inputs, targets = window[:-1], window[1:]
-            logits = model.hf_model(input_ids=inputs[None], use_cache=False).logits[0].float()  # [S, V]
+            logits = model.hf_model(input_ids=inputs[None].to(model.device), use_cache=False).logits[0].float().cpu()  # [S, V]
             total_nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             correct += int((logits.argmax(-1) == targets).sum())
             scored += targets.numel()

@@ -66,7 +66,7 @@ class MoEModel:
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] for a batch of token ids [B, S] (no cache)."""
-        return self.hf_model(input_ids=input_ids, use_cache=False).logits
+        return self.hf_model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
 
 def resolve_model_path(path: str | Path | None) -> Path:

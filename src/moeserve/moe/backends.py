@@ -90,7 +90,9 @@ class CpuExperts:
     def _as_fp32(self, weight: torch.Tensor) -> torch.Tensor:
         buffer = self._scratch.get(tuple(weight.shape))
         if buffer is None:
-            buffer = self._scratch[tuple(weight.shape)] = torch.empty(weight.shape, dtype=torch.float32)
+            buffer = self._scratch[tuple(weight.shape)] = torch.empty(
+                weight.shape, dtype=torch.float32, device=weight.device
+            )
         return buffer.copy_(weight)
 
     def __call__(self, groups: ExpertGroups, weights: ExpertProvider, act: Activation) -> torch.Tensor:
@@ -278,12 +280,38 @@ def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
+CPU_ONLY_BACKENDS = ("hybrid", "cpu")
+"""Backends written for CPUs (fp32 upcasts of bf16 weights, a transposed copy for the CPU
+``_grouped_mm`` loop); on CUDA they would only be slower versions of ``grouped_mm`` / ``loop``."""
+
+_GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs on ``device`` for ``dtype`` operands (probed once per
+    device type and dtype with a two-group product; CUDA builds accept bf16 only on some versions
+    and GPUs, the CPU build every float type)."""
+    if not grouped_mm_available():
+        return False
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_SUPPORT:
+        try:
+            a = torch.ones(16, 16, dtype=dtype, device=device)  # [N, K]
+            b = torch.ones(2, 16, 16, dtype=dtype, device=device)  # [G, K, M]
+            offsets = torch.tensor([8, 16], dtype=torch.int32, device=device)
+            out = torch._grouped_mm(a, b, offs=offsets)
+            _GROUPED_MM_SUPPORT[key] = bool(out.shape == (16, 16) and torch.all(out == 16))
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_SUPPORT[key] = False
+    return _GROUPED_MM_SUPPORT[key]
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, stacked: bool = True) -> str:
     """Turn ``auto`` into a concrete backend name once, at construction.
 
     ``stacked`` says whether the provider holds every expert in one tensor (an expert cache
-    does not: then only per-expert backends apply). On CUDA: ``grouped_mm`` (``loop`` with an
-    expert cache). On CPU: ``hybrid`` (grouped_mm over a transposed copy of small experts, the
+    does not: then only per-expert backends apply). On CUDA: ``grouped_mm`` where this build's
+    ``_grouped_mm`` takes the dtype on this GPU, else (and with an expert cache) ``loop``. On CPU: ``hybrid`` (grouped_mm over a transposed copy of small experts, the
     loop for a single token's rows; with an expert cache, per-expert loops with the same
     arithmetic, so exact caching stays bit-identical), bf16/fp16 included (computed in fp32),
     unless the CPU has bf16 instructions: then ``loop`` for low-precision weights.
@@ -294,7 +322,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, stacked
             raise ValueError("backend 'grouped_mm' needs every expert resident; use 'loop' or 'auto' with an expert cache")
         return name
     if device.type == "cuda":
-        return "grouped_mm" if stacked and grouped_mm_available() else "loop"
+        return "grouped_mm" if stacked and grouped_mm_supported(device, dtype) else "loop"
     if dtype in LOW_PRECISION and cpu_has_native_low_precision_matmul():
         return "loop"
     if grouped_mm_available():

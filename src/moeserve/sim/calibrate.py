@@ -58,6 +58,7 @@ from moeserve.sim.ep import SimCosts
 CALIBRATION_FORMAT = "moeserve-sim-costs/1"
 ROW_ID_BYTES = 8
 """int64 expert id sent with every dispatched row."""
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 CONTROL_WIDTH = 66
 """int64 entries of the sync mode's control row per rank: stop, layer, 64 expert counts."""
 
@@ -96,8 +97,20 @@ class CalibrationShape:
     here at 22 experts of D=128, I=160)."""
     repeats: int = 25
     """Timed rounds over all points (median per point taken) after one warm-up round."""
+    device: str = "cpu"
+    """Where expert and attention-side calls are timed: ``cpu`` or ``cuda`` (``cuda:N``). On CUDA
+    each call is timed to completion (synchronized), the messages and the sync exchange are not
+    measured (gloo on loopback says nothing of a GPU cluster's links: the GPU-class defaults stay),
+    and every worker counts as having its own device (``effective_cores`` 0)."""
+    dtype: str = "float32"
+    """Element type of the timed experts, activations and messages: ``float32`` (what ``bench ep``
+    runs) or ``bfloat16`` (what a GPU deployment serves in)."""
 
     def __post_init__(self) -> None:
+        if self.dtype not in _DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 2:
             raise ValueError(f"processes must be an integer >= 2, got {self.processes!r}")
         for name in ("hidden", "intermediate", "experts_per_worker", "top_k", "repeats", "layers"):
@@ -113,8 +126,8 @@ class CalibrationShape:
 
     @property
     def bytes_per_row(self) -> int:
-        """Message bytes per dispatched row: float32 activations plus the int64 expert id."""
-        return 4 * self.hidden + ROW_ID_BYTES
+        """Message bytes per dispatched row: the activations plus the int64 expert id."""
+        return _DTYPE_BYTES[self.dtype] * self.hidden + ROW_ID_BYTES
 
     def covering(self, requests: int, prompt_tokens: int, attention_workers: int, expert_workers: int,
                  micro_batches: int) -> CalibrationShape:
@@ -228,6 +241,11 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
     from moeserve.bench.machine import machine_description
 
     shape = shape or CalibrationShape()
+    on_gpu = shape.device != "cpu"
+    if on_gpu:
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {shape.device!r} asked, but torch sees no CUDA device here")
+        measure_messages = False
     load = os.getloadavg()
     samples: dict[str, list[list[float]]] = {}
     defaults = SimCosts()
@@ -300,6 +318,8 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
         bytes_per_token=shape.bytes_per_row,
         measured=tuple(measured),
     )
+    if on_gpu:  # one device per worker: the simulator's processors are not shared
+        return Calibration(costs, shape, machine_description(shape.device), load, 0, samples)
     speedups = measure_parallel_speedup()
     samples["parallel_speedup"] = [[float(k), speedup] for k, speedup in enumerate(speedups, start=1)]
     effective_cores = max(1, min(round(max(speedups)), os.cpu_count() or 1))
@@ -310,16 +330,25 @@ def calibrate_costs(shape: CalibrationShape | None = None, measure_messages: boo
 # compute
 
 
-def _median_times(functions: list[Callable[[], Any]], repeats: int) -> list[float]:
+def _median_times(functions: list[Callable[[], Any]], repeats: int, device: str = "cpu") -> list[float]:
     """Median seconds of each function, timed round-robin (one call of each per round) after a
-    warm-up round, so a burst of other work on the machine hits every point alike."""
+    warm-up round, so a burst of other work on the machine hits every point alike. On a CUDA
+    ``device`` each call is timed until its kernels finished (synchronized before and after)."""
+    import torch
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+
     for function in functions:
         function()
     times = np.zeros((repeats, len(functions)))  # [repeats, points]
     for round_index in range(repeats):
         for index, function in enumerate(functions):
+            sync()
             start = time.perf_counter()
             function()
+            sync()
             times[round_index, index] = time.perf_counter() - start
     return [float(value) for value in np.median(times, axis=0)]
 
@@ -334,12 +363,14 @@ def _time_experts(shape: CalibrationShape) -> list[list[float]]:
     from moeserve.ep.experts import ExpertShard, ShardLayer, synthetic_expert
 
     generator = torch.Generator().manual_seed(0)
-    held, hidden, intermediate = shape.experts_per_worker, shape.hidden, shape.intermediate
+    held, hidden, intermediate, device = shape.experts_per_worker, shape.hidden, shape.intermediate, shape.device
+    dtype = getattr(torch, shape.dtype)
     shard = ExpertShard(
         [
             ShardLayer(
                 num_experts=held,
-                held={expert: synthetic_expert(0, layer, expert, hidden, intermediate) for expert in range(held)},
+                held={expert: _on(synthetic_expert(0, layer, expert, hidden, intermediate), device, dtype)
+                      for expert in range(held)},
             )
             for layer in range(shape.layers)
         ],
@@ -350,8 +381,8 @@ def _time_experts(shape: CalibrationShape) -> list[list[float]]:
     calls: list[Callable[[], Any]] = []
     for rows in shape.row_counts:
         for active in sorted({min(rows, held), max(1, min(rows, held) // 4)}):
-            x = torch.randn(rows, hidden, generator=generator)  # [n, D]
-            expert_ids = torch.randint(0, active, (rows,), generator=generator)  # [n]
+            x = torch.randn(rows, hidden, generator=generator).to(device, dtype)  # [n, D]
+            expert_ids = torch.randint(0, active, (rows,), generator=generator).to(device)  # [n]
 
             def invoke(x: torch.Tensor = x, expert_ids: torch.Tensor = expert_ids) -> torch.Tensor:
                 layer = position[0] = (position[0] + 1) % shape.layers
@@ -361,8 +392,14 @@ def _time_experts(shape: CalibrationShape) -> list[list[float]]:
             points.append([float(rows), float(active_count)])
             calls.append(invoke)
     with torch.inference_mode():
-        medians = _median_times(calls, shape.repeats)
+        medians = _median_times(calls, shape.repeats, device)
     return [[*point, seconds] for point, seconds in zip(points, medians, strict=True)]
+
+
+def _on(weights: tuple[Any, Any], device: str, dtype: Any) -> tuple[Any, Any]:
+    """An expert's (gate_up, down) moved to ``device`` in ``dtype``."""
+    gate_up, down = weights
+    return gate_up.to(device, dtype), down.to(device, dtype)
 
 
 def _time_attention(shape: CalibrationShape) -> list[list[float]]:
@@ -378,29 +415,30 @@ def _time_attention(shape: CalibrationShape) -> list[list[float]]:
     from moeserve.moe.types import RouterOutput
 
     generator = torch.Generator().manual_seed(1)
-    hidden, top_k, workers = shape.hidden, shape.top_k, shape.processes - 1
+    hidden, top_k, workers, device = shape.hidden, shape.top_k, shape.processes - 1, shape.device
+    dtype = getattr(torch, shape.dtype)
     num_experts = shape.experts_per_worker * workers
-    expert2worker = torch.arange(num_experts) // shape.experts_per_worker  # [E]
-    mixers = torch.randn(shape.layers, hidden, hidden, generator=generator) * hidden**-0.5  # [L, D, D]
+    expert2worker = (torch.arange(num_experts) // shape.experts_per_worker).to(device)  # [E]
+    mixers = (torch.randn(shape.layers, hidden, hidden, generator=generator) * hidden**-0.5).to(device, dtype)  # [L, D, D]
     position = [0]
     calls: list[Callable[[], Any]] = []
     for tokens in shape.token_counts:
-        h = torch.randn(tokens, hidden, generator=generator)  # [T, D]
+        h = torch.randn(tokens, hidden, generator=generator).to(device, dtype)  # [T, D]
         table = torch.stack(
             [torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)]
-        )  # [T, k] distinct experts per token
-        weights = torch.full((tokens, top_k), 1.0 / top_k)  # [T, k]
+        ).to(device)  # [T, k] distinct experts per token
+        weights = torch.full((tokens, top_k), 1.0 / top_k, device=device, dtype=dtype)  # [T, k]
 
         def call(h: torch.Tensor = h, table: torch.Tensor = table, weights: torch.Tensor = weights) -> torch.Tensor:
             layer = position[0] = (position[0] + 1) % shape.layers
             mixed = h + torch.nn.functional.linear(rms_norm(h), mixers[layer])  # [T, D]
-            routing = RouterOutput(topk_ids=table[torch.arange(h.shape[0])], topk_weights=weights)
+            routing = RouterOutput(topk_ids=table[torch.arange(h.shape[0], device=h.device)], topk_weights=weights)
             plan = plan_dispatch(layer, rms_norm(mixed), routing, expert2worker, workers)
             return mixed + combine_outputs(plan, plan.groups.rows, h.shape[0])  # [T, D]
 
         calls.append(call)
     with torch.inference_mode():
-        medians = _median_times(calls, shape.repeats)
+        medians = _median_times(calls, shape.repeats, device)
     return [[float(tokens), seconds] for tokens, seconds in zip(shape.token_counts, medians, strict=True)]
 
 

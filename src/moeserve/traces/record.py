@@ -77,7 +77,7 @@ def record_texts(model: MoEModel, texts: list[str], max_tokens_per_text: int = 1
         for text in texts:
             ids = model.tokenizer(text)["input_ids"][:max_tokens_per_text]
             if ids:
-                model.hf_model(input_ids=torch.tensor([ids]), use_cache=False)
+                model.hf_model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
                 recorder.end_sequence()
             if on_text is not None:
                 on_text()
