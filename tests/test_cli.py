@@ -178,3 +178,13 @@ def test_serve_then_bench_serve_against_it_then_sigterm_drains():
 def test_bench_serve_needs_a_target():
     result = run("bench", "serve", check=False)
     assert result.returncode != 0 and "--url" in result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the errors given without a GPU")
+def test_device_options_without_a_gpu_are_clear_errors(shared_dir: Path):
+    layer = run("bench", "moe-layer", "--device", "cuda", "--tokens", "1", check=False)
+    assert layer.returncode != 0 and "no CUDA device" in layer.stderr and "Traceback" not in layer.stderr
+    trace = str(shared_dir / "traces" / "mixtral-8x7b-gsm8k.npz")
+    sim = run("simulate", "ep", "--trace", trace, "--attention-workers", "1", "--expert-workers", "1",
+              "--device", "cuda", check=False)
+    assert sim.returncode != 0 and "apply to --calibrate" in sim.stderr

@@ -315,3 +315,13 @@ def test_cuda_backends_match_the_cpu_loop_reference(backend, dtype, gating, num_
     assert actual.device.type == "cuda" and actual.dtype == dtype
     error = float((actual.double().cpu() - reference).norm() / reference.norm())
     assert error < (1e-5 if dtype == torch.float32 else 2e-2), f"relative error {error:.3g}"
+
+
+def test_grouped_mm_support_is_probed_per_device_and_dtype():
+    from moeserve.moe.backends import grouped_mm_available, grouped_mm_supported
+
+    if not grouped_mm_available():
+        pytest.skip("this torch build has no _grouped_mm")
+    # The CPU build takes every float type (a loop in C++), and the answer is cached.
+    assert grouped_mm_supported(torch.device("cpu"), torch.float32)
+    assert grouped_mm_supported(torch.device("cpu"), torch.bfloat16)

@@ -459,3 +459,30 @@ def test_measure_gloo_times_the_transport_and_the_sync_exchange_among_three_proc
         measure_gloo([0], processes=1)
     with pytest.raises(ValueError, match="processes must be an integer >= 2"):
         CalibrationShape(processes=1)
+
+
+def test_calibration_in_bfloat16_without_messages_times_bf16_experts() -> None:
+    shape = CalibrationShape(hidden=32, intermediate=48, experts_per_worker=4, top_k=2, row_counts=(4, 16),
+                             token_counts=(4, 16), message_rows=(0, 16), repeats=2, dtype="bfloat16")
+    assert shape.bytes_per_row == 2 * 32 + 8
+    calibration = calibrate_costs(shape, measure_messages=False)
+    assert calibration.costs.bytes_per_token == 2 * 32 + 8 and "message_cpu_s" not in calibration.costs.measured
+    assert calibration.costs.expert_per_token_s > 0 and calibration.shape.dtype == "bfloat16"
+    assert load_calibration_round_trip(calibration).shape == calibration.shape
+
+
+def load_calibration_round_trip(calibration: Calibration) -> Calibration:
+    return Calibration.from_dict(calibration.to_dict())
+
+
+def test_calibration_shape_refuses_unknown_devices_and_dtypes() -> None:
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        CalibrationShape(dtype="float16")
+    with pytest.raises(ValueError, match="device must be"):
+        CalibrationShape(device="tpu")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error given without a GPU")
+def test_calibration_on_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no CUDA device"):
+        calibrate_costs(CalibrationShape(device="cuda"))
