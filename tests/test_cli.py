@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 MOESERVE = [sys.executable, "-m", "moeserve.cli"]
 
@@ -180,7 +181,7 @@ def test_bench_serve_needs_a_target():
     assert result.returncode != 0 and "--url" in result.stderr
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the errors given without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors given without a GPU")
 def test_device_options_without_a_gpu_are_clear_errors(shared_dir: Path):
     layer = run("bench", "moe-layer", "--device", "cuda", "--tokens", "1", check=False)
     assert layer.returncode != 0 and "no CUDA device" in layer.stderr and "Traceback" not in layer.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from moeserve.sim.calibrate import (
     Calibration,
@@ -302,40 +303,21 @@ def _expert_costs_only(**changes: float) -> SimCosts:
     return dataclasses.replace(costs, **changes)
 
 
+def _three_and_one_makespan(costs: SimCosts, mode: str, **config: float) -> float:
+    """Makespan of one layer, top-1, two expert workers: 3 tokens to expert 0 (worker 0), 1 to
+    expert 1 (worker 1), one attention worker, one micro-batch, one pass, no hold in async."""
+    routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)
+    settings = EPSimConfig(attention_workers=1, expert_workers=2, mode=mode, tokens_per_attention_worker=4,
+                           micro_batches_per_worker=1, hold_tokens_per_expert=0.0, passes=1, **config)
+    return simulate_ep(routing, 2, settings, costs, expert2rank=np.array([[0, 1]])).makespan_s
+
+
 def test_shared_cores_serialise_expert_workers_in_sync() -> None:
     costs = _expert_costs_only()
-    routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)
-    makespans = {}
-    for cores in (0, 1, 2):
-        config = EPSimConfig(
-            attention_workers=1,
-            expert_workers=2,
-            mode="sync",
-            tokens_per_attention_worker=4,
-            micro_batches_per_worker=1,
-            passes=1,
-            cores=cores,
-        )
-        makespans[cores] = simulate_ep(routing, 2, config, costs, expert2rank=np.array([[0, 1]])).makespan_s
+    makespans = {cores: _three_and_one_makespan(costs, "sync", cores=cores) for cores in (0, 1, 2)}
     assert makespans[0] == makespans[2] == pytest.approx(8.0)
     assert makespans[1] == pytest.approx(8.0 + 6.0)  # one processor runs both workers in turn
-    async_one_core = simulate_ep(
-        routing,
-        2,
-        EPSimConfig(
-            attention_workers=1,
-            expert_workers=2,
-            mode="async",
-            tokens_per_attention_worker=4,
-            micro_batches_per_worker=1,
-            hold_tokens_per_expert=0.0,
-            passes=1,
-            cores=1,
-        ),
-        costs,
-        expert2rank=np.array([[0, 1]]),
-    )
-    assert async_one_core.makespan_s == pytest.approx(14.0)
+    assert _three_and_one_makespan(costs, "async", cores=1) == pytest.approx(14.0)
 
 
 @pytest.mark.skipif(
@@ -382,33 +364,12 @@ def test_message_processor_time_is_charged_at_both_ends_in_async_only() -> None:
     takes 2 combines (4 s) before its rows leave; worker 0 runs 5 + 3 plus one dispatch taken and
     one combine sent (2 s): done at 4 + 10 = 14. Sync pays its measured collectives instead: 8."""
     costs = _expert_costs_only(message_cpu_s=1.0)
-    routing = np.array([0, 0, 0, 1], dtype=np.int16).reshape(4, 1, 1)
-    makespans = {}
-    for mode in ("sync", "async"):
-        config = EPSimConfig(
-            attention_workers=1,
-            expert_workers=2,
-            mode=mode,
-            tokens_per_attention_worker=4,
-            micro_batches_per_worker=1,
-            hold_tokens_per_expert=0.0,
-            passes=1,
-        )
-        makespans[mode] = simulate_ep(routing, 2, config, costs, expert2rank=np.array([[0, 1]])).makespan_s
+    makespans = {mode: _three_and_one_makespan(costs, mode) for mode in ("sync", "async")}
     assert makespans == {"sync": pytest.approx(8.0), "async": pytest.approx(14.0)}
     # Per byte instead (1 byte per row, 0.5 s a byte): the attention worker sends 3 + 1 rows and takes
     # them back (4 s); worker 0 takes and returns 3 rows (3 s): 4 + 8 + 3 = 15.
     per_byte = dataclasses.replace(costs, message_cpu_s=0.0, message_cpu_per_byte_s=0.5, bytes_per_token=1)
-    config = EPSimConfig(
-        attention_workers=1,
-        expert_workers=2,
-        mode="async",
-        tokens_per_attention_worker=4,
-        micro_batches_per_worker=1,
-        hold_tokens_per_expert=0.0,
-        passes=1,
-    )
-    assert simulate_ep(routing, 2, config, per_byte, expert2rank=np.array([[0, 1]])).makespan_s == pytest.approx(15.0)
+    assert _three_and_one_makespan(per_byte, "async") == pytest.approx(15.0)
 
 
 def test_collective_and_message_fits_recover_the_simulators_costs() -> None:
@@ -468,11 +429,7 @@ def test_calibration_in_bfloat16_without_messages_times_bf16_experts() -> None:
     calibration = calibrate_costs(shape, measure_messages=False)
     assert calibration.costs.bytes_per_token == 2 * 32 + 8 and "message_cpu_s" not in calibration.costs.measured
     assert calibration.costs.expert_per_token_s > 0 and calibration.shape.dtype == "bfloat16"
-    assert load_calibration_round_trip(calibration).shape == calibration.shape
-
-
-def load_calibration_round_trip(calibration: Calibration) -> Calibration:
-    return Calibration.from_dict(calibration.to_dict())
+    assert Calibration.from_dict(calibration.to_dict()).shape == calibration.shape
 
 
 def test_calibration_shape_refuses_unknown_devices_and_dtypes() -> None:
@@ -482,7 +439,7 @@ def test_calibration_shape_refuses_unknown_devices_and_dtypes() -> None:
         CalibrationShape(device="tpu")
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error given without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given without a GPU")
 def test_calibration_on_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no CUDA device"):
         calibrate_costs(CalibrationShape(device="cuda"))

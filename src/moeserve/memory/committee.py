@@ -183,9 +183,7 @@ class CommitteeGate:
             skipped = low.sum()
             new_weights = new_weights.masked_fill(low, 0)
         routed = weights.float()
-        final = torch.zeros(ids.shape[0], self.num_experts, dtype=torch.float32, device=ids.device)
-        final.scatter_add_(1, new_ids, new_weights.float())  # [T, E] final weight per expert
-        served = mask[ids] & (final.gather(1, ids) > 0)  # [T, k]
+        served = self._served(mask, ids, new_ids, new_weights)
         counters = torch.stack([routed.sum(), (routed * served).sum(), (~row_ok).sum(), skipped]).double()
         pending = self._pending.get(layer)
         self._pending[layer] = counters if pending is None else pending + counters
@@ -234,10 +232,14 @@ class CommitteeGate:
             t.exact_mass += float(routed.sum())
             return
         t.rerouted_tokens += int((~row_ok).sum())
+        t.exact_mass += float((routed * self._served(mask, ids, new_ids, new_weights)).sum())
+
+    def _served(self, mask: torch.Tensor, ids: torch.Tensor, new_ids: torch.Tensor,
+                new_weights: torch.Tensor) -> torch.Tensor:
+        """[T, k] whether each original slot's expert is a member and keeps weight > 0 in the final routing."""
         final = torch.zeros(ids.shape[0], self.num_experts, dtype=torch.float32, device=ids.device)
         final.scatter_add_(1, new_ids, new_weights.float())  # [T, E] final weight per expert
-        served = mask[ids] & (final.gather(1, ids) > 0)  # [T, k]
-        t.exact_mass += float((routed * served).sum())
+        return mask[ids] & (final.gather(1, ids) > 0)
 
     def telemetry(self) -> dict:
         """``{"layers": {i: {...LayerTelemetry, served_exactly}}, "served_exactly": overall share}``, and
