@@ -75,3 +75,30 @@ def test_grouped_rows_match_the_one_process_expert_groups() -> None:
 def test_shard_refuses_an_empty_layer() -> None:
     with pytest.raises(ValueError, match="at least one expert"):
         ExpertShard([ShardLayer(E, {})], torch.nn.functional.silu)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 40, 300])
+@pytest.mark.parametrize("backend", ["auto", "loop", "hybrid"])
+def test_stacked_shard_matches_the_per_expert_reference(rows: int, backend: str) -> None:
+    # Three layers holding different experts; every call mixes experts in arrival order.
+    held_ids = [[0, 3, 5], [1, 2, 6, 7], [4]]
+    layers = [
+        ShardLayer(E, {e: synthetic_expert(3, layer, e, D, INTERMEDIATE) for e in ids})
+        for layer, ids in enumerate(held_ids)
+    ]
+    stacked = ExpertShard(layers, torch.nn.functional.silu, backend=backend)
+    reference = ExpertShard(layers, torch.nn.functional.silu, backend="loop", per_expert=True)
+    generator = torch.Generator().manual_seed(rows)
+    for layer, ids in enumerate(held_ids):
+        x = torch.randn(rows, D, generator=generator)
+        expert_ids = torch.tensor(ids)[torch.randint(len(ids), (rows,), generator=generator)]
+        torch.testing.assert_close(stacked.run(layer, x, expert_ids), reference.run(layer, x, expert_ids), rtol=1e-5, atol=1e-6)
+        # The shard's entries are views into its stacks: the same values as the experts given.
+        for expert in ids:
+            assert torch.equal(stacked.layers[layer].held[expert][0], layers[layer].held[expert][0])
+
+
+def test_stacked_shard_refuses_rows_for_an_expert_it_does_not_hold() -> None:
+    shard = ExpertShard([ShardLayer(E, {e: synthetic_expert(0, 0, e, D, INTERMEDIATE) for e in (0, 2)})], torch.nn.functional.silu)
+    with pytest.raises(KeyError, match=r"experts \[5\]"):
+        shard.run(0, torch.randn(3, D), torch.tensor([0, 5, 2]))

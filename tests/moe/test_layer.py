@@ -251,14 +251,19 @@ class _OneAtATime:
         return None
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 1, 50])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 2, 16, 300])
-def test_hybrid_is_bit_identical_with_and_without_stacked_experts(num_tokens, dtype):
+def test_hybrid_is_bit_identical_with_and_without_stacked_experts(num_tokens, dtype, chunk_rows, monkeypatch):
     """An exact expert cache must reproduce the resident layer bit for bit: ``hybrid`` runs
     per-expert loops with the arithmetic of its grouped path when experts are not stacked
-    (bf16: both in fp32 from the same converted values)."""
+    (bf16: both in fp32 from the same converted values); large steps run the grouped path over
+    runs of experts (``chunk_rows`` lowers the threshold so these steps take that path)."""
+    from moeserve.moe import backends
     from moeserve.moe.backends import cpu_has_native_low_precision_matmul
 
+    if chunk_rows is not None:
+        monkeypatch.setattr(backends, "HYBRID_CHUNK_ROWS", chunk_rows)
     experts, hidden, routing = _experts(dtype=dtype), _hidden(num_tokens, dtype), _routing(num_tokens)
     resident = MoELayer(experts, F.silu, MoEConfig(backend="auto"))
     cached = MoELayer(_OneAtATime(experts), F.silu, MoEConfig(backend="auto"))
@@ -267,6 +272,21 @@ def test_hybrid_is_bit_identical_with_and_without_stacked_experts(num_tokens, dt
     assert torch.equal(cached(hidden, routing), resident(hidden, routing))
     hybrid = MoELayer(_OneAtATime(experts), F.silu, MoEConfig(backend="hybrid"))
     assert torch.equal(hybrid(hidden, routing), MoELayer(experts, F.silu, MoEConfig(backend="hybrid"))(hidden, routing))
+
+
+def test_expert_chunks_cover_every_expert_once_in_runs_of_bounded_rows():
+    from moeserve.moe.backends import expert_chunks
+
+    counts = [3, 0, 5, 9, 1, 1, 0, 2]
+    chunks = expert_chunks(counts, 6)
+    assert chunks == [(0, 2, 0, 3), (2, 3, 3, 8), (3, 4, 8, 17), (4, 8, 17, 21)]
+    # Runs are contiguous in experts and rows; only a single expert may exceed the bound.
+    assert [c[0] for c in chunks[1:]] == [c[1] for c in chunks[:-1]]
+    assert [c[2] for c in chunks[1:]] == [c[3] for c in chunks[:-1]]
+    assert all(c[3] - c[2] == sum(counts[c[0]:c[1]]) for c in chunks)
+    assert all(c[3] - c[2] <= 6 or c[1] - c[0] == 1 for c in chunks)
+    assert expert_chunks([], 6) == []
+    assert expert_chunks([0, 0], 6) == [(0, 2, 0, 0)]
 
 
 @pytest.mark.parametrize("gating", ["dropless", "capacity"])

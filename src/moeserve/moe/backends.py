@@ -221,10 +221,47 @@ class HybridExperts:
             upcast = dataclasses.replace(groups, rows=groups.rows.float())
             return experts_loop(upcast, _Float32View(weights), act, _gated_mlp_transposed).to(groups.rows.dtype)
         gate_up_t, down_t = self._transposed_copy(stacked)
-        offsets = torch.cumsum(groups.expert_counts, dim=0).to(torch.int32)  # [E] end row of each group
         x = groups.rows.float() if low_precision else groups.rows  # [N, D]
-        gate, up = torch._grouped_mm(x, gate_up_t, offs=offsets).chunk(2, dim=-1)  # [N, I] each
-        return torch._grouped_mm(act(gate) * up, down_t, offs=offsets).to(groups.rows.dtype)  # [N, D]
+        if rows <= HYBRID_CHUNK_ROWS:
+            return _grouped_gated_mlp(x, groups.expert_counts, gate_up_t, down_t, act).to(groups.rows.dtype)
+        out = torch.empty_like(groups.rows)  # [N, D]
+        for first, last, start, end in expert_chunks(groups.expert_counts.tolist(), HYBRID_CHUNK_ROWS):
+            out[start:end] = _grouped_gated_mlp(
+                x[start:end], groups.expert_counts[first:last], gate_up_t[first:last], down_t[first:last], act
+            )
+        return out
+
+
+HYBRID_CHUNK_ROWS = 4096
+"""``hybrid`` runs larger steps as grouped matmuls over runs of experts of about this many rows:
+one grouped call over a prefill's rows streams intermediates of [N, 2I] through memory (65,536
+rows of D=128, I=160: 246 ms as one call against 185 ms for the per-expert loop, whose
+intermediates stay in cache; measured here, one thread)."""
+
+
+def _grouped_gated_mlp(
+    x: torch.Tensor, expert_counts: torch.Tensor, gate_up_t: torch.Tensor, down_t: torch.Tensor, act: Activation
+) -> torch.Tensor:
+    """x [n, D] grouped by expert, counts [e], gate_up_t [e, D, 2I], down_t [e, I, D] -> [n, D]."""
+    offsets = torch.cumsum(expert_counts, dim=0).to(torch.int32)  # [e] end row of each group
+    gate, up = torch._grouped_mm(x, gate_up_t, offs=offsets).chunk(2, dim=-1)  # [n, I] each
+    return torch._grouped_mm(act(gate) * up, down_t, offs=offsets)  # [n, D]
+
+
+def expert_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, int, int]]:
+    """Split experts with ``counts`` rows (in order) into runs of at most ``max_rows`` rows each,
+    as (first expert, last expert + 1, first row, last row + 1); an expert with more rows than
+    ``max_rows`` is a run of its own. Every expert is in exactly one run."""
+    chunks: list[tuple[int, int, int, int]] = []
+    first = start = rows = 0
+    for expert, count in enumerate(counts):
+        if rows and rows + count > max_rows:
+            chunks.append((first, expert, start, start + rows))
+            first, start, rows = expert, start + rows, 0
+        rows += count
+    if counts:
+        chunks.append((first, len(counts), start, start + rows))
+    return chunks
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
