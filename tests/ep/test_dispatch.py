@@ -102,3 +102,26 @@ def test_stacked_shard_refuses_rows_for_an_expert_it_does_not_hold() -> None:
     shard = ExpertShard([ShardLayer(E, {e: synthetic_expert(0, 0, e, D, INTERMEDIATE) for e in (0, 2)})], torch.nn.functional.silu)
     with pytest.raises(KeyError, match=r"experts \[5\]"):
         shard.run(0, torch.randn(3, D), torch.tensor([0, 5, 2]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [2, 40, 300])
+def test_stacked_shard_on_cuda_matches_the_cpu_per_expert_reference(rows: int, dtype: torch.dtype) -> None:
+    """On a GPU the stacked shard runs ``grouped_mm`` where the build takes the dtype (``loop``
+    otherwise), with counts on the device (no host check); compared with the CPU loop in fp64."""
+    ids = [1, 2, 6, 7]
+    cpu = {e: synthetic_expert(5, 0, e, D, INTERMEDIATE) for e in ids}
+    on_gpu = {e: (gate_up.to("cuda", dtype), down.to("cuda", dtype)) for e, (gate_up, down) in cpu.items()}
+    shard = ExpertShard([ShardLayer(E, on_gpu)], torch.nn.functional.silu)
+    reference = ExpertShard(
+        [ShardLayer(E, {e: (g.double(), d.double()) for e, (g, d) in cpu.items()})],
+        torch.nn.functional.silu, backend="loop", per_expert=True,
+    )
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, D, generator=generator).to(dtype)
+    expert_ids = torch.tensor(ids)[torch.randint(len(ids), (rows,), generator=generator)]
+    actual = shard.run(0, x.to("cuda"), expert_ids.to("cuda")).cpu().double()
+    expected = reference.run(0, x.double(), expert_ids)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
