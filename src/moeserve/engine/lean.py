@@ -14,7 +14,7 @@ rotary embedding module and the KV cache are the model's own objects, called as 
 calls them; the q/k/v weights are re-pointed at slices of the fused one, so nothing is copied.
 
 Only families whose decoder layer is checked to be exactly pre-norm attention + MoE with plain
-q/k/v/o projections take this path (:func:`lean_decoder` says why not otherwise); every other
+q/k/v/o projections (Qwen3-MoE and OLMoE: plus their query/key norms, see ``QK_NORM_PER_HEAD``) take this path (:func:`lean_decoder` says why not otherwise); every other
 model runs transformers' decoder. The plain reference is transformers' decoder itself; tests
 compare the two on prefill and decode.
 """
@@ -31,8 +31,13 @@ from torch import nn
 SUPPORTED_LAYERS = {
     "MixtralDecoderLayer": "MixtralAttention",
     "Qwen2MoeDecoderLayer": "Qwen2MoeAttention",
+    "Qwen3MoeDecoderLayer": "Qwen3MoeAttention",
+    "OlmoeDecoderLayer": "OlmoeAttention",
 }
 """Decoder layer class -> attention class whose forward this module reproduces."""
+QK_NORM_PER_HEAD = {"Qwen3MoeAttention": True, "OlmoeAttention": False}
+"""Attention classes that normalise queries and keys before the rotary embedding: over each
+head's Dh (Qwen3-MoE) or over the whole projection (OLMoE, which may also clip q/k/v)."""
 
 
 @dataclass
@@ -43,6 +48,10 @@ class _Layer:
     qkv_bias: torch.Tensor | None
     o_proj: Any  # nn.Linear
     mlp: nn.Module
+    q_norm: Any | None  # the checkpoint's query/key RMSNorm modules (QK_NORM_PER_HEAD families)
+    k_norm: Any | None
+    norm_per_head: bool
+    clip_qkv: float | None  # OLMoE: q, k (after their norms) and v clamped to [-clip, clip]
     heads: int
     kv_heads: int
     head_dim: int
@@ -94,6 +103,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.addcmul(x * cos, rotated, sin)
 
 
+def _qk_normed(layer: _Layer, qkv: torch.Tensor, q_size: int, kv_size: int) -> torch.Tensor:
+    """The fused projection [B, S, (H + 2 Hk) Dh] with queries and keys normalised as the family
+    does before its rotary embedding (and, for OLMoE with ``clip_qkv``, all three clamped)."""
+    query, key, value = qkv.split((q_size, kv_size, kv_size), dim=-1)
+    if layer.norm_per_head:  # Qwen3-MoE: each head's Dh values
+        query = _rms_norm(layer.q_norm, query.unflatten(-1, (-1, layer.head_dim))).flatten(-2)
+        key = _rms_norm(layer.k_norm, key.unflatten(-1, (-1, layer.head_dim))).flatten(-2)
+    else:  # OLMoE: the whole projection
+        query, key = _rms_norm(layer.q_norm, query), _rms_norm(layer.k_norm, key)
+    qkv = torch.cat((query, key, value), dim=-1)
+    if layer.clip_qkv is not None:
+        qkv = qkv.clamp(min=-layer.clip_qkv, max=layer.clip_qkv)
+    return qkv
+
+
 class LeanDecoder:
     """``forward(input_ids [B, S], positions [B, S], mask [B, 1, S, L], cache) -> hidden [B, S, D]``."""
 
@@ -113,6 +137,7 @@ class LeanDecoder:
             biases = [p.bias for p in projections]
             qkv_bias = _fuse(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
             heads = attention.q_proj.out_features // attention.head_dim
+            qk_norm = type(attention).__name__ in QK_NORM_PER_HEAD
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm,
@@ -121,6 +146,10 @@ class LeanDecoder:
                     qkv_bias=qkv_bias,
                     o_proj=attention.o_proj,
                     mlp=layer.mlp,
+                    q_norm=attention.q_norm if qk_norm else None,
+                    k_norm=attention.k_norm if qk_norm else None,
+                    norm_per_head=QK_NORM_PER_HEAD.get(type(attention).__name__, False),
+                    clip_qkv=getattr(attention.config, "clip_qkv", None) if qk_norm else None,
                     heads=heads,
                     kv_heads=heads // attention.num_key_value_groups,
                     head_dim=attention.head_dim,
@@ -137,6 +166,8 @@ class LeanDecoder:
             normed = _rms_norm(layer.input_norm, hidden)
             qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias)  # [B, S, (H + 2 Hk) Dh]
             q_size, kv_size = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
+            if layer.q_norm is not None:
+                qkv = _qk_normed(layer, qkv, q_size, kv_size)
             # q and k are adjacent in the fused output: one rotary embedding over both heads' sets.
             query_key, value = qkv.split((q_size + kv_size, kv_size), dim=-1)
             query_key = query_key.view(rows, length, layer.heads + layer.kv_heads, layer.head_dim).transpose(1, 2)
