@@ -112,7 +112,8 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
                    dtype: str = "float32", device: str = "cpu", host_memory: str | None = None):
     """Load a model and apply the memory options shared by generate and serve: (model, cache, committee gate).
 
-    ``committee_swaps`` > 0 adds the committee's online scheduler (stepped after every forward pass).
+    ``committee_swaps`` > 0 adds the committee's online scheduler (stepped after every forward pass);
+    with a committee and a budget the scheduler also warms the members in from the cold cache.
     ``device``: where the model (and the cache's slots) go; ``host_memory``: the cache's host tier.
     """
     from moeserve.config import ExpertCacheConfig
@@ -129,11 +130,12 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
                            device=device)
     if check is not None:
         check(moe_model)
-    gate = None
+    gate = plan = None
     if committee is not None:
         from moeserve.memory.committee import CommitteePlan, apply_committee
 
-        gate = apply_committee(moe_model, CommitteePlan.load(committee, moe_model).members_by_layer())
+        plan = CommitteePlan.load(committee, moe_model)
+        gate = apply_committee(moe_model, plan.members_by_layer())
     cache = None
     if expert_memory is not None:
         from moeserve.memory.offload import apply_expert_cache
@@ -141,10 +143,14 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
         cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy, host_memory=host_memory)
         cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch,
                                    host_memory=cache_config.host_memory)
-    if gate is not None and committee_swaps:
+    if gate is not None and plan is not None and (committee_swaps or cache is not None):
         from moeserve.memory.committee import CommitteeScheduler
 
-        gate.scheduler = CommitteeScheduler(moe_model, gate, max_swaps=committee_swaps, cache=cache, step_every=1)
+        # Under a budget the cache starts cold: members warm in on the background loader while
+        # tokens are served by the members already resident (no token waits for a member).
+        warm_in = plan.ranked_members() if cache is not None else None
+        gate.scheduler = CommitteeScheduler(moe_model, gate, max_swaps=committee_swaps, cache=cache, step_every=1,
+                                            warm_in=warm_in)
     return moe_model, cache, gate
 
 
@@ -188,7 +194,7 @@ def generate(
     expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident: a fraction (25%, 0.5) or a size (2GiB); the rest is read from the checkpoint on demand.")] = None,
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory: lru, lfu, fifo, lifo, lrfu (exact: outputs unchanged).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: predict the next layer's experts with its router and load them in the background.")] = False,
-    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members).")] = None,
+    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members; with --expert-memory the members load in the background while tokens use those already resident).")] = None,
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (sync all-to-all per layer over gloo); no --routing.")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
@@ -325,7 +331,7 @@ def serve(
     expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident (25%, 0.5, 2GiB); the rest is read from the checkpoint on demand.")] = None,
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory (lru, lfu, fifo, lifo, lrfu).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: load the next layer's predicted experts in the background.")] = False,
-    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy).")] = None,
+    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members; with --expert-memory the members load in the background while tokens use those already resident).")] = None,
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (this process is the attention worker; sync all-to-all per layer over gloo).")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
@@ -660,7 +666,8 @@ def bench_offload(
     expert_memory: Annotated[str, typer.Option(help="Comma-separated budgets: fractions (25%) or sizes (2GiB).")] = "25%,50%,75%",
     policies: Annotated[str, typer.Option(help="Comma-separated online eviction policies.")] = "lru,lfu,lrfu",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="Prefetch the next layer's experts.")] = False,
-    committee: Annotated[bool, typer.Option("--committee", help="Also run a parameter committee sized to each budget (lossy), calibrated on the stdlib training split.")] = False,
+    committee: Annotated[bool, typer.Option("--committee", help="Also run a parameter committee sized to each budget (lossy), calibrated on the stdlib training split; as generate/serve do, its members warm in on the background loader while tokens use those resident.")] = False,
+    committee_on_demand: Annotated[bool, typer.Option("--committee-on-demand", help="With --committee: also a row whose planned members are all members from the first token, each read when a token first needs it.")] = False,
     calibration_tokens: Annotated[int, typer.Option(help="Committee calibration tokens.")] = 8192,
     large: Annotated[Path | None, typer.Option("--large", help="Use (building it there first if missing) a random-weight Mixtral whose experts take 5.6 GB; overrides MODEL.")] = None,
     new_tokens: Annotated[int, typer.Option(help="Tokens per generation.")] = 64,
@@ -700,6 +707,7 @@ def bench_offload(
             committee_swaps=committee_swaps,
             device=device,
             host_memory=host_memory,
+            committee_on_demand=committee_on_demand,
         )
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)

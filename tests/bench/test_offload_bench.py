@@ -20,14 +20,29 @@ def test_offload_bench_rows_are_exact_and_within_budget():
     assert result.to_dict()["results"][1]["policy"] == "lru"
 
 
-def test_offload_bench_committee_row_stays_within_budget():
-    result = run_offload_bench(None, ["50%"], ["lru"], new_tokens=8, committee=True, calibration_tokens=512)
-    committee = result.rows[-1]
-    assert committee.policy == "committee"
-    assert committee.max_resident_bytes <= committee.budget_bytes
-    assert committee.served_exactly is not None and 0 < committee.served_exactly <= 1
-    assert 0 <= committee.token_agreement <= 1
-    assert all(row.token_agreement == 1.0 for row in result.rows if row.policy != "committee")
+def test_offload_bench_committee_rows_stay_within_budget():
+    result = run_offload_bench(None, ["50%"], ["lru"], new_tokens=8, committee=True, calibration_tokens=512,
+                               committee_on_demand=True)
+    rows = {row.policy: row for row in result.rows}
+    assert [row.policy for row in result.rows][-2:] == ["committee", "committee-on-demand"]
+    for name in ("committee", "committee-on-demand"):
+        committee = rows[name]
+        assert committee.max_resident_bytes <= committee.budget_bytes
+        assert committee.served_exactly is not None and 0 < committee.served_exactly <= 1
+        assert 0 <= committee.token_agreement <= 1
+    # Warming in, a token waits only for the top_k members each layer starts with (the cache
+    # is cold); on demand, for every planned member the tokens touch.
+    warm, on_demand = rows["committee"], rows["committee-on-demand"]
+    model_layers, top_k = 4, 2  # the reference model
+    assert warm.stalled_uses <= model_layers * top_k <= on_demand.stalled_uses
+    assert all(row.token_agreement == 1.0 for row in result.rows if not row.policy.startswith("committee"))
+
+
+def test_committee_on_demand_row_needs_the_committee():
+    import pytest
+
+    with pytest.raises(ValueError, match="needs committee"):
+        run_offload_bench(None, ["50%"], ["lru"], new_tokens=2, committee_on_demand=True)
 
 
 def test_warm_up_generation_is_left_out_of_the_row_counters(reference_model):

@@ -387,3 +387,75 @@ def test_the_gate_on_cuda_matches_the_cpu_gate() -> None:
     assert torch.equal(got.topk_ids.cpu(), want.topk_ids)
     torch.testing.assert_close(got.topk_weights.cpu(), want.topk_weights)
     assert gpu_gate.telemetry()["served_exactly"] == pytest.approx(cpu_gate.telemetry()["served_exactly"], rel=1e-6)
+
+
+def test_plan_ranks_members_by_calibration_gate_mass() -> None:
+    plan = CommitteePlan("m", 4, 2, 2, 0.75, members=[[0, 1, 3], [1, 2, 3]],
+                         gate_mass=[[0.1, 0.5, 0.0, 0.4], [0.0, 0.2, 0.2, 0.6]])
+    assert plan.ranked_members() == {0: [1, 3, 0], 1: [3, 1, 2]}
+    assert CommitteePlan("m", 4, 1, 2, 0.5, members=[[3, 0]]).ranked_members() == {0: [0, 3]}
+
+
+def test_warm_in_serves_resident_members_while_the_rest_load_in_the_background(reference_model: MoEModel) -> None:
+    """From a cold cache a committee starts with top_k members per layer (the best planned), the
+    other planned members load in the background and join once resident; no expert outside the
+    committee of the moment reaches dispatch, and nothing but planned members is ever loaded."""
+    from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
+
+    layers, top_k = len(reference_model.layers), reference_model.top_k
+    ranked = {i: [(3 * i + j) % 16 for j in range(8)] for i in range(layers)}  # 8 planned members, best first
+    gate = apply_committee(reference_model, {i: set(r) for i, r in ranked.items()})
+    cache = apply_expert_cache(reference_model, "50%", "lru", per_layer=True)  # room for the 8
+    _slow_background_reads(cache, 0.05)
+    routed: list[tuple[int, set[int]]] = []
+    seen = _Recorder(routed)
+    for layer in reference_model.layers:
+        layer.observers.append(seen)
+    gate.scheduler = scheduler = CommitteeScheduler(reference_model, gate, max_swaps=0, cache=cache, warm_in=ranked)
+    try:
+        for i in range(layers):
+            assert gate.members(i) == set(ranked[i][:top_k])
+            assert scheduler.warming[i] == ranked[i][top_k:]
+        hot = RouterOutput(topk_ids=torch.tensor([[ranked[0][7], ranked[0][6]]] * 3), topk_weights=torch.full((3, 2), 0.5))
+        for i, layer in enumerate(reference_model.layers):
+            layer(torch.randn(3, reference_model.config.hidden_size), hot)  # routed to members of the moment only
+            assert routed[-1][1] <= gate.members(i)
+        assert scheduler.step() == 0  # no swaps (max_swaps=0), members join as they land
+        cache.wait_for_prefetch()
+        scheduler.step()
+        for i in range(layers):
+            assert gate.members(i) == set(ranked[i]) and not scheduler.warming[i]
+        assert scheduler.warm_in_joined == layers * (8 - top_k)
+        report = gate.telemetry()["scheduler"]
+        assert report["warm_in_joined"] == layers * (8 - top_k) and report["warm_in_loading"] == 0
+        stats = cache.stats()
+        # Background loads of the 6 others per layer, plus the seeds a step used (a token whose
+        # routing names non-members is served by the members; without logits, by the first one).
+        assert stats.loads == layers * (8 - top_k) + stats.misses and stats.evictions == 0
+        for i in range(layers):
+            assert set(ranked[i][top_k:]) <= set(cache.views[i].resident_experts()) <= set(ranked[i])
+        assert stats.max_resident_bytes <= cache.budget_bytes
+    finally:
+        for layer in reference_model.layers:
+            layer.observers.remove(seen)
+        scheduler.close()
+        remove_expert_cache(reference_model, cache)
+        remove_committee(reference_model, gate)
+
+
+class _Recorder:
+    def __init__(self, into: list[tuple[int, set[int]]]) -> None:
+        self.into = into
+
+    def __call__(self, layer: int, routing: RouterOutput) -> None:
+        self.into.append((layer, set(routing.topk_ids.flatten().tolist())))
+
+
+def test_warm_in_needs_a_cache(reference_model: MoEModel) -> None:
+    gate = apply_committee(reference_model, {i: {0, 1, 2} for i in range(len(reference_model.layers))})
+    try:
+        with pytest.raises(ValueError, match="warm_in needs an expert cache"):
+            CommitteeScheduler(reference_model, gate, warm_in={0: [0, 1, 2]})
+        assert all(layer.routing_transforms == [gate] for layer in reference_model.layers)
+    finally:
+        remove_committee(reference_model, gate)

@@ -154,6 +154,7 @@ def run_offload_bench(
     committee_swaps: int = 0,
     device: str = "cpu",
     host_memory: str | None = None,
+    committee_on_demand: bool = False,
 ) -> OffloadBenchResult:
     """Run the baseline and every (budget, policy) configuration; see the module docstring.
 
@@ -162,10 +163,15 @@ def run_offload_bench(
     RAM cannot also cache the checkpoint. ``temperature`` > 0 samples (seeded) instead of greedy decoding.
     ``warmup_tokens``: see the module docstring. ``committee_swaps`` > 0 runs the committee rows
     with the online scheduler (up to that many asynchronous member swaps per layer per step).
-    ``device`` and ``host_memory``: see the module docstring.
+    ``device`` and ``host_memory``: see the module docstring. The committee row starts as
+    ``generate``/``serve`` do under a budget: members warm in on the background loader while
+    tokens use the members already resident; ``committee_on_demand`` adds a row in which every
+    planned member is a member from the first token, loaded when a token first needs it.
     """
     if warmup_tokens < 0:
         raise ValueError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
+    if committee_on_demand and not committee:
+        raise ValueError("committee_on_demand adds a committee row: it needs committee")
     for policy in policies:
         if EVICTION_POLICIES.get(policy).needs_stream or not EVICTION_POLICIES.get(policy).online:
             raise ValueError(f"policy {policy!r} cannot run live (it needs the whole stream or the future)")
@@ -217,8 +223,10 @@ def run_offload_bench(
                            stats.loads, ids == baseline_ids, _agreement(ids, baseline_ids), **_tier_figures(stats))
             )
         if calibration is not None:
-            result.rows.append(_committee_row(model, budget, expert_bytes, calibration, prompt, new_tokens, baseline_ids,
-                                              cold_reads, temperature, warmup_tokens, committee_swaps, host_memory))
+            for warm_in in (True, False) if committee_on_demand else (True,):
+                result.rows.append(_committee_row(model, budget, expert_bytes, calibration, prompt, new_tokens,
+                                                  baseline_ids, cold_reads, temperature, warmup_tokens, committee_swaps,
+                                                  host_memory, warm_in))
     return result
 
 
@@ -251,8 +259,10 @@ def _calibration_tokens(model, count: int) -> torch.Tensor:
 def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Tensor, prompt: str,
                    new_tokens: int, baseline_ids: list[int], cold_reads: bool = False,
                    temperature: float = 0.0, warmup_tokens: int = 0, committee_swaps: int = 0,
-                   host_memory: str | None = None) -> OffloadRow:
-    """The committee under the same budget: members sized to it, served through the LRU cache."""
+                   host_memory: str | None = None, warm_in: bool = True) -> OffloadRow:
+    """The committee under the same budget: members sized to it, served through the LRU cache
+    (``warm_in``: members warm in from the cold cache in the background; else, row
+    ``committee-on-demand``, each planned member loads when a token first needs it)."""
     from moeserve.memory.cache import parse_expert_memory
     from moeserve.memory.committee import (
         CommitteeScheduler,
@@ -267,8 +277,9 @@ def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Ten
     try:
         cache = apply_expert_cache(model, budget, "lru", cold_reads=cold_reads, host_memory=host_memory)
         scheduler = None
-        if committee_swaps:
-            scheduler = CommitteeScheduler(model, gate, max_swaps=committee_swaps, cache=cache, step_every=1)
+        if committee_swaps or warm_in:
+            scheduler = CommitteeScheduler(model, gate, max_swaps=committee_swaps, cache=cache, step_every=1,
+                                           warm_in=plan.ranked_members() if warm_in else None)
         try:
             ids, tokens_per_s, rss = _measured_generation(model, cache, prompt, new_tokens, temperature, warmup_tokens,
                                                           also_reset=(gate.reset_telemetry,))
@@ -280,7 +291,7 @@ def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Ten
         served = float(gate.telemetry()["served_exactly"])
     finally:
         remove_committee(model, gate)
-    return OffloadRow(budget, "committee", False, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
+    return OffloadRow(budget, "committee" if warm_in else "committee-on-demand", False, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
                       rss, _rate(stats.hit_rate), None, stats.stalled_uses, stats.loads,
                       ids == baseline_ids, _agreement(ids, baseline_ids), served, **_tier_figures(stats))
 

@@ -818,12 +818,14 @@ class ExpertCache:
             return
         self._submit_background(self._prefetch_job, layer_index, predicted, call)
 
-    def _submit_background(self, job: Callable[..., Any], *args: Any) -> None:
+    def _submit_background(self, job: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``job(*args)`` on the one background loader thread (started on first use), in order."""
         if self._loader is None:
             self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-prefetch")
         self._prefetch_jobs = [done for done in self._prefetch_jobs if not done.done() or done.exception() is not None]
-        self._prefetch_jobs.append(self._loader.submit(job, *args))
+        future = self._loader.submit(job, *args)
+        self._prefetch_jobs.append(future)
+        return future
 
     def wait_for_prefetch(self) -> None:
         """Block until every prefetch submitted so far has finished; re-raise the first that failed."""
@@ -831,14 +833,15 @@ class ExpertCache:
         for job in jobs:
             job.result()
 
-    def load_in_background(self, layer_index: int, expert: int, keep: Collection[int] = ()) -> None:
+    def load_in_background(self, layer_index: int, expert: int, keep: Collection[int] = ()) -> Future[Any]:
         """Make ``expert`` of MoE layer ``layer_index`` resident on the background loader, evicting
         none of ``keep`` (experts of the same layer) to fit it.
 
         Not a prediction (nothing is scored, and the next step does not cancel it): a parameter
         committee's swap uses it to load an incoming member while the step loop goes on. Gives
         up, leaving the expert absent, when no slot can be freed without evicting a pinned,
-        loading or kept expert; ``is_resident`` tells whether it landed. Needs an online policy.
+        loading or kept expert; ``is_resident`` tells whether it landed (the returned future is
+        done when the attempt is over). Needs an online policy.
         """
         if not EVICTION_POLICIES.get(self.policy_name).online:
             raise ValueError(f"background loads need an online eviction policy, not {self.policy_name!r}")
@@ -847,7 +850,7 @@ class ExpertCache:
             raise IndexError(f"experts {expert}, {sorted(keep)} out of range 0-{num_experts - 1}")
         offset = self._key_offset[layer_index]
         protected = {offset + kept for kept in keep} | {offset + expert}
-        self._submit_background(self._load_one, layer_index, expert, protected, False)
+        return self._submit_background(self._load_one, layer_index, expert, protected, False)
 
     def is_resident(self, layer_index: int, expert: int) -> bool:
         """Whether ``expert`` of MoE layer ``layer_index`` is resident now (not loading)."""

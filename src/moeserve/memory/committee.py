@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -254,6 +255,8 @@ class CommitteeGate:
         if self.scheduler is not None:
             report["scheduler"] = {"max_swaps": self.scheduler.max_swaps, "swaps_started": self.scheduler.swaps_started,
                                    "swaps_completed": self.scheduler.swaps,
+                                   "warm_in_joined": self.scheduler.warm_in_joined,
+                                   "warm_in_loading": sum(len(w) for w in self.scheduler.warming.values()),
                                    "members": {layer: sorted(self.members(layer)) for layer in self.layers}}
         return report
 
@@ -338,6 +341,15 @@ class CommitteePlan:
     def members_by_layer(self) -> dict[int, set[int]]:
         """``{layer: set(ids)}`` for :func:`apply_committee`."""
         return {i: set(m) for i, m in enumerate(self.members)}
+
+    def ranked_members(self) -> dict[int, list[int]]:
+        """``{layer: ids}``, each layer's members by calibration gate mass, largest first (ties
+        and plans without gate mass: by id), for :class:`CommitteeScheduler`'s ``warm_in``."""
+        ranked = {}
+        for layer, members in enumerate(self.members):
+            mass = self.gate_mass[layer] if layer < len(self.gate_mass) else [0.0] * self.num_experts
+            ranked[layer] = sorted(members, key=lambda expert: (-mass[expert], expert))
+        return ranked
 
     def check_model(self, model: MoEModel) -> None:
         """Raise ``ValueError`` naming every mismatch between this plan and ``model``."""
@@ -464,16 +476,29 @@ class CommitteeScheduler:
     ``step_every`` N > 0 calls ``step()`` by itself after every N forward passes (counted at the
     last MoE layer), so generation and serving need no extra hook; 0 leaves it to the caller.
     ``close()`` removes the recorder. ``swaps_started`` / ``swaps`` count swaps begun / completed.
+
+    ``warm_in`` (with ``cache``; per layer, the planned members best first) starts from a cold
+    cache without making tokens wait for members: each layer's committee begins as its members
+    already resident, topped up to top_k with the best planned ones (loaded on first use: a
+    token needs top_k experts), and the other planned members load on the background loader,
+    every layer's best first (queued at the first forward pass), joining at the first ``step()``
+    after they land (``warming``;
+    ``warm_in_joined`` counts them). Until then the gate routes among the members resident, as
+    the committee does at any time. A load that finds no slot is given up. A layer begins swaps
+    once its warm-in is over.
     """
 
     def __init__(self, model: MoEModel, gate: CommitteeGate, *, decay: float = 0.9, max_swaps: int = 1,
-                 cache: ExpertCache | None = None, step_every: int = 0, margin: float = 0.0) -> None:
+                 cache: ExpertCache | None = None, step_every: int = 0, margin: float = 0.0,
+                 warm_in: Mapping[int, Sequence[int]] | None = None) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if not (math.isfinite(margin) and margin >= 0.0):
             raise ValueError(f"margin must be >= 0, got {margin}")
         if max_swaps < 0 or step_every < 0:
             raise ValueError(f"max_swaps and step_every must be >= 0, got {max_swaps} and {step_every}")
+        if warm_in is not None and cache is None:
+            raise ValueError("warm_in needs an expert cache (without one every member is resident)")
         self.model = model
         self.gate = gate
         self.decay = decay
@@ -487,12 +512,64 @@ class CommitteeScheduler:
         """Per layer, experts chosen to join whose load has not landed yet (cache mode)."""
         self.swaps = 0
         self.swaps_started = 0
+        self.warming: dict[int, list[int]] = {layer: [] for layer in range(len(model.layers))}
+        """Per layer, planned members still loading at a cold start (``warm_in``), best first."""
+        self.warm_in_joined = 0
+        self._loads: dict[tuple[int, int], Future[Any]] = {}
+        self._warm_in_queued = True  # nothing to queue unless ``warm_in`` is given
         self._forwards = 0
         self._last_layer = len(model.layers) - 1
         for layer in model.layers:
             layer.routing_transforms.insert(0, self._record)
+        if warm_in is not None:
+            self._start_warm_in(warm_in)
+
+    def _start_warm_in(self, ranked: Mapping[int, Sequence[int]]) -> None:
+        cache = self.cache
+        assert cache is not None
+        for layer, experts in ranked.items():
+            order = list(dict.fromkeys(int(e) for e in experts))
+            resident = [e for e in order if cache.is_resident(layer, e)]
+            absent = [e for e in order if e not in resident]
+            seeds = resident + absent[: max(0, self.gate.top_k - len(resident))]
+            self.gate.set_members(layer, set(seeds))
+            self.warming[layer] = [e for e in absent if e not in seeds]
+        self._warm_in_queued = False
+
+    def _queue_warm_in(self) -> None:
+        """Queue the warm-in's background loads (at the first forward pass, so a benchmark's
+        clock sees them all)."""
+        self._warm_in_queued = True
+        depth = max((len(waiting) for waiting in self.warming.values()), default=0)
+        for rank in range(depth):  # every layer's best absent member, then every layer's next
+            for layer, waiting in self.warming.items():
+                if rank < len(waiting):
+                    self._load(layer, waiting[rank])
+
+    def _load(self, layer: int, expert: int) -> None:
+        assert self.cache is not None
+        keep = self.gate.members(layer) | self.incoming[layer] | set(self.warming[layer])
+        self._loads[(layer, expert)] = self.cache.load_in_background(layer, expert, keep=keep)
+
+    def _warm(self, layer: int, members: set[int]) -> bool:
+        """Join the layer's warm-in members that landed; give up those whose load ended without
+        a slot. True while some are still loading."""
+        assert self.cache is not None
+        waiting = []
+        for expert in self.warming[layer]:
+            if self.cache.is_resident(layer, expert):
+                members.add(expert)
+                self.warm_in_joined += 1
+            elif (layer, expert) not in self._loads or not self._loads[(layer, expert)].done():
+                waiting.append(expert)  # loading, or not queued yet (no forward pass so far)
+        for expert in set(self.warming[layer]) - set(waiting):
+            self._loads.pop((layer, expert), None)
+        self.warming[layer] = waiting
+        return bool(waiting)
 
     def _record(self, layer: int, routing: RouterOutput) -> RouterOutput:
+        if not self._warm_in_queued:
+            self._queue_warm_in()
         self._profiler(layer, routing)
         if self.step_every and layer == self._last_layer:
             self._forwards += 1
@@ -510,6 +587,10 @@ class CommitteeScheduler:
         made = 0
         for layer in range(self.ema.shape[0]):
             members = self.gate.members(layer)
+            if self.warming[layer]:
+                if self._warm(layer, members):
+                    self.gate.set_members(layer, members)
+                    continue  # no swaps in a layer still warming in
             incoming = self.incoming[layer]
             for expert in sorted(incoming):  # landed: join; not yet: ask again (a load may have found no slot)
                 if self.cache is None or self.cache.is_resident(layer, expert):
