@@ -128,6 +128,13 @@ def test_generate_with_committee_swaps_under_a_budget(tmp_path: Path):
     assert payload["expert_cache"]["max_resident_bytes"] <= payload["expert_cache"]["budget_bytes"]
     refused = run("generate", "--committee-swaps", "1", "--max-new-tokens", "4", check=False)
     assert refused.returncode == 2 and "--committee-swaps needs --committee" in refused.stderr
+    warm = json.loads(run("generate", "--committee", str(plan), "--committee-warm-in", "--expert-memory", "50%",
+                          "--max-new-tokens", "8", "--json").stdout)
+    scheduler = warm["committee"]["scheduler"]
+    assert scheduler["max_swaps"] == 0 and scheduler["warm_in_joined"] + scheduler["warm_in_loading"] > 0
+    assert warm["expert_cache"]["max_resident_bytes"] <= warm["expert_cache"]["budget_bytes"]
+    refused = run("generate", "--committee", str(plan), "--committee-warm-in", "--max-new-tokens", "4", check=False)
+    assert refused.returncode == 2 and "--committee-warm-in needs --committee and --expert-memory" in refused.stderr
 
 
 def test_serve_then_bench_serve_against_it_then_sigterm_drains():

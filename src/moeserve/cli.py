@@ -62,6 +62,11 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+COMMITTEE_WARM_IN_HELP = (
+    "With --committee and --expert-memory: from the cold cache, start each layer's committee as its best top_k "
+    "planned members and load the others in the background, each joining once resident (tokens use the members "
+    "resident: no token waits for a member; less gate mass served exactly until they land)."
+)
 COMMITTEE_SWAPS_HELP = (
     "With --committee: the online scheduler changes up to N members per layer per step toward the experts with the "
     "most recent gate mass (with --expert-memory the incoming expert loads in the background and joins once "
@@ -109,11 +114,12 @@ def _torch_dtype(name: str):
 
 def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: str, prefetch: bool,
                    committee: Path | None, check: Callable[[Any], object] | None = None, committee_swaps: int = 0,
-                   dtype: str = "float32", device: str = "cpu", host_memory: str | None = None):
+                   dtype: str = "float32", device: str = "cpu", host_memory: str | None = None,
+                   committee_warm_in: bool = False):
     """Load a model and apply the memory options shared by generate and serve: (model, cache, committee gate).
 
     ``committee_swaps`` > 0 adds the committee's online scheduler (stepped after every forward pass);
-    with a committee and a budget the scheduler also warms the members in from the cold cache.
+    ``committee_warm_in`` has it warm the members in from the cold cache (needs a budget).
     ``device``: where the model (and the cache's slots) go; ``host_memory``: the cache's host tier.
     """
     from moeserve.config import ExpertCacheConfig
@@ -125,6 +131,8 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
         _check_host_memory(host_memory)
     if committee_swaps < 0 or (committee_swaps and committee is None):
         raise MoeserveError(f"--committee-swaps needs --committee and a count >= 0, got {committee_swaps}")
+    if committee_warm_in and (committee is None or expert_memory is None):
+        raise MoeserveError("--committee-warm-in needs --committee and --expert-memory (without a budget every member is resident)")
     # With a budget the experts are read only by the cache: a model whose experts exceed memory loads.
     moe_model = load_model(model, dtype=_torch_dtype(dtype), moe=moe_config, load_experts=expert_memory is None,
                            device=device)
@@ -143,14 +151,11 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
         cache_config = ExpertCacheConfig(memory=expert_memory, policy=cache_policy, host_memory=host_memory)
         cache = apply_expert_cache(moe_model, expert_memory, cache_config.policy, cache_config.per_layer, prefetch=prefetch,
                                    host_memory=cache_config.host_memory)
-    if gate is not None and plan is not None and (committee_swaps or cache is not None):
+    if gate is not None and plan is not None and (committee_swaps or committee_warm_in):
         from moeserve.memory.committee import CommitteeScheduler
 
-        # Under a budget the cache starts cold: members warm in on the background loader while
-        # tokens are served by the members already resident (no token waits for a member).
-        warm_in = plan.ranked_members() if cache is not None else None
         gate.scheduler = CommitteeScheduler(moe_model, gate, max_swaps=committee_swaps, cache=cache, step_every=1,
-                                            warm_in=warm_in)
+                                            warm_in=plan.ranked_members() if committee_warm_in else None)
     return moe_model, cache, gate
 
 
@@ -194,8 +199,9 @@ def generate(
     expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident: a fraction (25%, 0.5) or a size (2GiB); the rest is read from the checkpoint on demand.")] = None,
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory: lru, lfu, fifo, lifo, lrfu (exact: outputs unchanged).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: predict the next layer's experts with its router and load them in the background.")] = False,
-    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members; with --expert-memory the members load in the background while tokens use those already resident).")] = None,
+    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members).")] = None,
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
+    committee_warm_in: Annotated[bool, typer.Option("--committee-warm-in", help=COMMITTEE_WARM_IN_HELP)] = False,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (sync all-to-all per layer over gloo); no --routing.")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
@@ -223,6 +229,7 @@ def generate(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
             check=lambda m: prompt_token_ids(m, prompt, sampling),  # context errors before anything is printed
             committee_swaps=committee_swaps, dtype=dtype, device=device, host_memory=host_memory,
+            committee_warm_in=committee_warm_in,
         )
         if expert_parallel is not None:
             service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
@@ -331,8 +338,9 @@ def serve(
     expert_memory: Annotated[str | None, typer.Option(help="Keep only this much expert memory resident (25%, 0.5, 2GiB); the rest is read from the checkpoint on demand.")] = None,
     cache_policy: Annotated[str, typer.Option(help="Eviction policy with --expert-memory (lru, lfu, fifo, lifo, lrfu).")] = "lru",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="With --expert-memory: load the next layer's predicted experts in the background.")] = False,
-    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members; with --expert-memory the members load in the background while tokens use those already resident).")] = None,
+    committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members).")] = None,
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
+    committee_warm_in: Annotated[bool, typer.Option("--committee-warm-in", help=COMMITTEE_WARM_IN_HELP)] = False,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (this process is the attention worker; sync all-to-all per layer over gloo).")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
@@ -359,6 +367,7 @@ def serve(
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
             committee_swaps=committee_swaps, dtype=dtype, device=device, host_memory=host_memory,
+            committee_warm_in=committee_warm_in,
         )
         engine_config = EngineConfig(
             scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens,
@@ -666,8 +675,8 @@ def bench_offload(
     expert_memory: Annotated[str, typer.Option(help="Comma-separated budgets: fractions (25%) or sizes (2GiB).")] = "25%,50%,75%",
     policies: Annotated[str, typer.Option(help="Comma-separated online eviction policies.")] = "lru,lfu,lrfu",
     prefetch: Annotated[bool, typer.Option("--prefetch", help="Prefetch the next layer's experts.")] = False,
-    committee: Annotated[bool, typer.Option("--committee", help="Also run a parameter committee sized to each budget (lossy), calibrated on the stdlib training split; as generate/serve do, its members warm in on the background loader while tokens use those resident.")] = False,
-    committee_on_demand: Annotated[bool, typer.Option("--committee-on-demand", help="With --committee: also a row whose planned members are all members from the first token, each read when a token first needs it.")] = False,
+    committee: Annotated[bool, typer.Option("--committee", help="Also run a parameter committee sized to each budget (lossy), calibrated on the stdlib training split.")] = False,
+    committee_warm_in: Annotated[bool, typer.Option("--committee-warm-in", help="With --committee: also a row whose members warm in from the cold cache on the background loader while tokens use those resident (generate/serve --committee-warm-in).")] = False,
     calibration_tokens: Annotated[int, typer.Option(help="Committee calibration tokens.")] = 8192,
     large: Annotated[Path | None, typer.Option("--large", help="Use (building it there first if missing) a random-weight Mixtral whose experts take 5.6 GB; overrides MODEL.")] = None,
     new_tokens: Annotated[int, typer.Option(help="Tokens per generation.")] = 64,
@@ -707,7 +716,7 @@ def bench_offload(
             committee_swaps=committee_swaps,
             device=device,
             host_memory=host_memory,
-            committee_on_demand=committee_on_demand,
+            committee_warm_in=committee_warm_in,
         )
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)

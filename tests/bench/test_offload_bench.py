@@ -22,27 +22,27 @@ def test_offload_bench_rows_are_exact_and_within_budget():
 
 def test_offload_bench_committee_rows_stay_within_budget():
     result = run_offload_bench(None, ["50%"], ["lru"], new_tokens=8, committee=True, calibration_tokens=512,
-                               committee_on_demand=True)
+                               committee_warm_in=True)
     rows = {row.policy: row for row in result.rows}
-    assert [row.policy for row in result.rows][-2:] == ["committee", "committee-on-demand"]
-    for name in ("committee", "committee-on-demand"):
+    assert [row.policy for row in result.rows][-2:] == ["committee", "committee-warm-in"]
+    for name in ("committee", "committee-warm-in"):
         committee = rows[name]
         assert committee.max_resident_bytes <= committee.budget_bytes
         assert committee.served_exactly is not None and 0 < committee.served_exactly <= 1
         assert 0 <= committee.token_agreement <= 1
     # Warming in, a token waits only for the top_k members each layer starts with (the cache
     # is cold); on demand, for every planned member the tokens touch.
-    warm, on_demand = rows["committee"], rows["committee-on-demand"]
+    warm, on_demand = rows["committee-warm-in"], rows["committee"]
     model_layers, top_k = 4, 2  # the reference model
     assert warm.stalled_uses <= model_layers * top_k <= on_demand.stalled_uses
     assert all(row.token_agreement == 1.0 for row in result.rows if not row.policy.startswith("committee"))
 
 
-def test_committee_on_demand_row_needs_the_committee():
+def test_committee_warm_in_row_needs_the_committee():
     import pytest
 
     with pytest.raises(ValueError, match="needs committee"):
-        run_offload_bench(None, ["50%"], ["lru"], new_tokens=2, committee_on_demand=True)
+        run_offload_bench(None, ["50%"], ["lru"], new_tokens=2, committee_warm_in=True)
 
 
 def test_warm_up_generation_is_left_out_of_the_row_counters(reference_model):

@@ -154,7 +154,7 @@ def run_offload_bench(
     committee_swaps: int = 0,
     device: str = "cpu",
     host_memory: str | None = None,
-    committee_on_demand: bool = False,
+    committee_warm_in: bool = False,
 ) -> OffloadBenchResult:
     """Run the baseline and every (budget, policy) configuration; see the module docstring.
 
@@ -163,15 +163,16 @@ def run_offload_bench(
     RAM cannot also cache the checkpoint. ``temperature`` > 0 samples (seeded) instead of greedy decoding.
     ``warmup_tokens``: see the module docstring. ``committee_swaps`` > 0 runs the committee rows
     with the online scheduler (up to that many asynchronous member swaps per layer per step).
-    ``device`` and ``host_memory``: see the module docstring. The committee row starts as
-    ``generate``/``serve`` do under a budget: members warm in on the background loader while
-    tokens use the members already resident; ``committee_on_demand`` adds a row in which every
-    planned member is a member from the first token, loaded when a token first needs it.
+    ``device`` and ``host_memory``: see the module docstring. In the committee row every
+    planned member is a member from the first token, read when a token first needs it;
+    ``committee_warm_in`` adds a row ``committee-warm-in`` whose members warm in from the cold
+    cache on the background loader while tokens use the members resident (``generate``/``serve``
+    ``--committee-warm-in``).
     """
     if warmup_tokens < 0:
         raise ValueError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
-    if committee_on_demand and not committee:
-        raise ValueError("committee_on_demand adds a committee row: it needs committee")
+    if committee_warm_in and not committee:
+        raise ValueError("committee_warm_in adds a committee row: it needs committee")
     for policy in policies:
         if EVICTION_POLICIES.get(policy).needs_stream or not EVICTION_POLICIES.get(policy).online:
             raise ValueError(f"policy {policy!r} cannot run live (it needs the whole stream or the future)")
@@ -223,7 +224,7 @@ def run_offload_bench(
                            stats.loads, ids == baseline_ids, _agreement(ids, baseline_ids), **_tier_figures(stats))
             )
         if calibration is not None:
-            for warm_in in (True, False) if committee_on_demand else (True,):
+            for warm_in in (False, True) if committee_warm_in else (False,):
                 result.rows.append(_committee_row(model, budget, expert_bytes, calibration, prompt, new_tokens,
                                                   baseline_ids, cold_reads, temperature, warmup_tokens, committee_swaps,
                                                   host_memory, warm_in))
@@ -259,10 +260,10 @@ def _calibration_tokens(model, count: int) -> torch.Tensor:
 def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Tensor, prompt: str,
                    new_tokens: int, baseline_ids: list[int], cold_reads: bool = False,
                    temperature: float = 0.0, warmup_tokens: int = 0, committee_swaps: int = 0,
-                   host_memory: str | None = None, warm_in: bool = True) -> OffloadRow:
-    """The committee under the same budget: members sized to it, served through the LRU cache
-    (``warm_in``: members warm in from the cold cache in the background; else, row
-    ``committee-on-demand``, each planned member loads when a token first needs it)."""
+                   host_memory: str | None = None, warm_in: bool = False) -> OffloadRow:
+    """The committee under the same budget: members sized to it, served through the LRU cache,
+    each loaded when a token first needs it (``warm_in``: row ``committee-warm-in``, members
+    warm in from the cold cache in the background)."""
     from moeserve.memory.cache import parse_expert_memory
     from moeserve.memory.committee import (
         CommitteeScheduler,
@@ -291,7 +292,7 @@ def _committee_row(model, budget: str, expert_bytes: int, calibration: torch.Ten
         served = float(gate.telemetry()["served_exactly"])
     finally:
         remove_committee(model, gate)
-    return OffloadRow(budget, "committee" if warm_in else "committee-on-demand", False, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
+    return OffloadRow(budget, "committee-warm-in" if warm_in else "committee", False, tokens_per_s, stats.budget_bytes, stats.max_resident_bytes,
                       rss, _rate(stats.hit_rate), None, stats.stalled_uses, stats.loads,
                       ids == baseline_ids, _agreement(ids, baseline_ids), served, **_tier_figures(stats))
 

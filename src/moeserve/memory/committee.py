@@ -481,8 +481,8 @@ class CommitteeScheduler:
     cache without making tokens wait for members: each layer's committee begins as its members
     already resident, topped up to top_k with the best planned ones (loaded on first use: a
     token needs top_k experts), and the other planned members load on the background loader,
-    every layer's best first (queued at the first forward pass), joining at the first ``step()``
-    after they land (``warming``;
+    every layer's best first (queued at the first ``step()``, once the first forward pass has
+    loaded what it needs), joining at the first ``step()`` after they land (``warming``;
     ``warm_in_joined`` counts them). Until then the gate routes among the members resident, as
     the committee does at any time. A load that finds no slot is given up. A layer begins swaps
     once its warm-in is over.
@@ -537,8 +537,8 @@ class CommitteeScheduler:
         self._warm_in_queued = False
 
     def _queue_warm_in(self) -> None:
-        """Queue the warm-in's background loads (at the first forward pass, so a benchmark's
-        clock sees them all)."""
+        """Queue the warm-in's background loads, at the first ``step()``: after the first forward
+        pass (a benchmark's clock sees them all), whose own experts then load without them."""
         self._warm_in_queued = True
         depth = max((len(waiting) for waiting in self.warming.values()), default=0)
         for rank in range(depth):  # every layer's best absent member, then every layer's next
@@ -568,8 +568,6 @@ class CommitteeScheduler:
         return bool(waiting)
 
     def _record(self, layer: int, routing: RouterOutput) -> RouterOutput:
-        if not self._warm_in_queued:
-            self._queue_warm_in()
         self._profiler(layer, routing)
         if self.step_every and layer == self._last_layer:
             self._forwards += 1
@@ -584,6 +582,8 @@ class CommitteeScheduler:
         share = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)
         self.ema.mul_(self.decay).add_(share, alpha=1.0 - self.decay)
         mass.zero_()
+        if not self._warm_in_queued:
+            self._queue_warm_in()
         made = 0
         for layer in range(self.ema.shape[0]):
             members = self.gate.members(layer)
