@@ -102,6 +102,10 @@ def test_stacked_shard_refuses_rows_for_an_expert_it_does_not_hold() -> None:
     shard = ExpertShard([ShardLayer(E, {e: synthetic_expert(0, 0, e, D, INTERMEDIATE) for e in (0, 2)})], torch.nn.functional.silu)
     with pytest.raises(KeyError, match=r"experts \[5\]"):
         shard.run(0, torch.randn(3, D), torch.tensor([0, 5, 2]))
+    counts = torch.zeros(E, dtype=torch.int64)
+    counts[0], counts[2] = 2, 1
+    with pytest.raises(ValueError, match="add up to 3, got 2 rows"):
+        shard.run_grouped(0, torch.randn(2, D), counts)
 
 
 @pytest.mark.gpu

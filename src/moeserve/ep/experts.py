@@ -73,7 +73,7 @@ class ExpertShard:
         first = layers[0]
         self.backend_name = resolve_backend(backend, first.device, first.dtype, stacked=not per_expert)
         self._stacks: list[_HeldStack] = []
-        self._run_experts = BACKENDS.get(self.backend_name)()
+        self._run_per_expert = BACKENDS.get(self.backend_name)() if per_expert else None
         if per_expert:
             self.layers = layers
             return
@@ -95,15 +95,17 @@ class ExpertShard:
 
     def run_grouped(self, layer: int, rows: torch.Tensor, expert_counts: torch.Tensor) -> torch.Tensor:
         """Outputs [n, D] for rows [n, D] already grouped by expert (ascending), ``expert_counts`` [E]."""
-        if self.per_expert:
-            return self._run_experts(_groups(rows, expert_counts), self.layers[layer], self.act)
+        if self._run_per_expert is not None:
+            return self._run_per_expert(_groups(rows, expert_counts), self.layers[layer], self.act)
         stack = self._stacks[layer]
         held_counts = expert_counts.index_select(0, stack.ids.to(expert_counts.device))  # [h]
         # Checked where the counts are host values (the runtime's messages carry them on the CPU);
         # on an accelerator the check would cost a sync per call.
         if held_counts.device.type == "cpu" and int(held_counts.sum()) != rows.shape[0]:
             missing = sorted(set(torch.nonzero(expert_counts).flatten().tolist()) - set(stack.ids.tolist()))
-            raise KeyError(f"layer {layer}: rows for experts {missing} this worker does not hold")
+            if missing:
+                raise KeyError(f"layer {layer}: rows for experts {missing} this worker does not hold")
+            raise ValueError(f"layer {layer}: expert counts add up to {int(held_counts.sum())}, got {rows.shape[0]} rows")
         return stack.run(_groups(rows, held_counts.to(rows.device)), stack.experts, self.act)
 
     def run(self, layer: int, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
