@@ -196,3 +196,9 @@ def test_device_options_without_a_gpu_are_clear_errors(shared_dir: Path):
     sim = run("simulate", "ep", "--trace", trace, "--attention-workers", "1", "--expert-workers", "1",
               "--device", "cuda", check=False)
     assert sim.returncode != 0 and "apply to --calibrate" in sim.stderr
+
+
+def test_bench_ep_refuses_a_checkpoint_without_tokenizer_before_starting_workers(tiny_checkpoints):
+    result = run("bench", "ep", "--model", str(tiny_checkpoints["deepseek_v2"]), "--expert-parallel", "2", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "has no tokenizer" in result.stderr and "rank 0 failed" not in result.stderr

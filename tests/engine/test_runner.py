@@ -88,7 +88,7 @@ class _IdsTokenizer:
         return " ".join(map(str, ids))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
 def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, family):
     from transformers import DynamicCache
 
@@ -169,7 +169,7 @@ def test_lean_decoder_matches_transformers_decoder(tiny_checkpoints, family, tmp
         torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3"])
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
 def test_families_without_a_lean_forward_use_transformers_decoder(tiny_checkpoints, family):
     from moeserve.engine.lean import lean_decoder, unsupported_reason
     from moeserve.models.loader import load_model

@@ -57,6 +57,21 @@ def _family(name: str):  # -> (model class, config, expected MoE layers, expecte
     if name == "olmoe":
         config = tf.OlmoeConfig(**_SMALL, num_experts=4, num_experts_per_tok=2)
         return tf.OlmoeForCausalLM, config, [0, 1], 4
+    if name == "deepseek_v2":
+        config = tf.DeepseekV2Config(
+            **{**_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4},
+            moe_intermediate_size=16,
+            n_shared_experts=2,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
+        return tf.DeepseekV2ForCausalLM, config, [1, 2], 4
     if name == "deepseek_v3":
         config = tf.DeepseekV3Config(
             **{**_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4},
@@ -77,7 +92,7 @@ def _family(name: str):  # -> (model class, config, expected MoE layers, expecte
     raise AssertionError(name)
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 
 
 @pytest.fixture(scope="session", params=FAMILIES)

@@ -51,8 +51,9 @@ def test_family_logits_match_transformers(tiny_checkpoints, family, backend):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, s=step: f"step {s}: {m}")
 
 
-def test_deepseek_dense_layers_stay_dense(tiny_checkpoints):
-    model = load_model(tiny_checkpoints["deepseek_v3"], load_tokenizer=False)
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_dense_layers_stay_dense(tiny_checkpoints, family):
+    model = load_model(tiny_checkpoints[family], load_tokenizer=False)
     # first_k_dense_replace=1: decoder layer 0 is a dense MLP, layers 1 and 2 are MoE.
     assert model.decoder_layer_ids == [1, 2]
     assert [layer.layer_index for layer in model.layers] == [0, 1]

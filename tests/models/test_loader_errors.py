@@ -33,7 +33,7 @@ def test_unsupported_family(mixtral_copy):
     config = json.loads((mixtral_copy / "config.json").read_text())
     config["model_type"] = "llama"
     (mixtral_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model_type 'llama' is not a supported MoE family; supported: deepseek_v3"):
+    with pytest.raises(CheckpointError, match=r"model_type 'llama' is not a supported MoE family; supported: deepseek_v2, deepseek_v3"):
         load_model(mixtral_copy)
 
 

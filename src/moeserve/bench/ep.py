@@ -26,6 +26,7 @@ from rich.table import Table
 from moeserve.bench.machine import machine_description
 from moeserve.ep.config import EPConfig
 from moeserve.ep.launch import EPRunResult, ModeResult, run_expert_parallel
+from moeserve.ep.workload import check_workload
 
 
 @dataclass
@@ -162,6 +163,7 @@ def run_ep_bench(config: EPConfig, repeats: int = 2) -> EPBenchResult:
     """``repeats`` launches of ``config``; each runs ``config.rounds`` rounds of all its modes, alternating."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    check_workload(config)
     result = EPBenchResult(
         config=_config_dict(config), machine=machine_description(), load_average=os.getloadavg()
     )

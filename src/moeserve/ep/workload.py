@@ -59,6 +59,22 @@ class Workload(Protocol):
         ...
 
 
+def check_workload(config: EPConfig) -> None:
+    """What can be checked before any process starts, so a bad checkpoint is one clear error
+    rather than a worker's traceback: the model workload's folder (config.json of a supported
+    family, weight files) and its tokenizer files (the prompts are text)."""
+    if config.trace is not None:
+        return
+    from moeserve.errors import MoeserveError
+    from moeserve.models.loader import check_weight_files, read_config, resolve_model_path
+
+    folder = resolve_model_path(config.model)
+    read_config(folder)
+    check_weight_files(folder)
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        raise MoeserveError(f"{folder} has no tokenizer; the model workload needs one for its prompts (or give --trace)")
+
+
 def build_workload(config: EPConfig) -> Workload:
     if config.trace is not None:
         return TraceWorkload(config)

@@ -9,7 +9,7 @@ resident, and routing is masked to it, so a token never waits for a load:
   Qwen2/3-MoE, OLMoE) the router probabilities are restricted to the members, the top-k is
   taken there and renormalised exactly as the family does (Mixtral always; the others when
   ``config.norm_topk_prob``), which equals a softmax over the members followed by top-k. For
-  other routers (DeepSeek-V3's sigmoid with groups), or when the router gives no logits, the
+  other routers (DeepSeek-V3's sigmoid with groups, DeepSeek-V2's scaled softmax with optional group limits), or when the router gives no logits, the
   non-member slots are dropped: they point at a member with weight 0 and the kept weights are
   rescaled to the row's original sum. Then every slot whose weight is under ``skip_threshold``
   gets weight 0 (shapes stay [T, k]; a zero-weight slot still dispatches a row, so skipping

@@ -7,7 +7,7 @@ A checkpoint stores routed experts in one of two layouts, found by tensor name u
 
 (a) per-expert tensors, as transformers 5 ``save_pretrained`` writes for every family:
     Mixtral ``experts.{e}.w1.weight`` [I, D] (gate), ``w3.weight`` [I, D] (up), ``w2.weight`` [D, I]
-    (down); Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3 ``experts.{e}.gate_proj.weight``,
+    (down); Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V2 / DeepSeek-V3 ``experts.{e}.gate_proj.weight``,
     ``up_proj.weight``, ``down_proj.weight``.
 (b) fused stacked tensors ``experts.gate_up_proj`` [E, 2I, D] (gate rows first, then up rows)
     and ``experts.down_proj`` [E, D, I]; expert e is the contiguous dim-0 slice, so it is read

@@ -49,6 +49,7 @@ for _family in (
     Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", "num_experts", _qwen2_shared),
     Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", "num_experts"),
     Family("olmoe", "OlmoeSparseMoeBlock", "num_experts"),
+    Family("deepseek_v2", "DeepseekV2Moe", "n_routed_experts", _deepseek_shared),
     Family("deepseek_v3", "DeepseekV3MoE", "n_routed_experts", _deepseek_shared),
 ):
     FAMILIES.register(_family.model_type)(_family)

@@ -38,6 +38,28 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
         "OlmoeConfig",
         {"intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 2},
     ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        {
+            "intermediate_size": 64,
+            "moe_intermediate_size": 24,
+            "n_routed_experts": 8,
+            "n_shared_experts": 2,
+            "num_experts_per_tok": 2,
+            "topk_method": "group_limited_greedy",
+            "n_group": 4,
+            "topk_group": 2,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": None,  # DeepSeek-V2-Lite projects queries directly
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "routed_scaling_factor": 1.5,
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 4,
+        },
+    ),
     "deepseek_v3": (
         "DeepseekV3Config",
         {
