@@ -99,6 +99,12 @@ def test_committee_plan_then_eval(tmp_path: Path):
     report = json.loads(run("committee", "eval", "--plan", str(plan), "--text", str(text), "--tokens", "256", "--json").stdout)
     assert report["tokens"] == 256 and 0 < report["served_exactly"] <= 1
     assert report["accuracy_change_pp"] == pytest.approx(100 * (report["committee"]["accuracy"] - report["full"]["accuracy"]))
+    assert report["skipped_slots"] == 0 and report["full_tokens_per_s"] > 0 and report["committee_tokens_per_s"] > 0
+    skipping = json.loads(run("committee", "eval", "--plan", str(plan), "--text", str(text), "--tokens", "256",
+                              "--skip-threshold", "0.3", "--json").stdout)
+    assert skipping["skipped_slots"] > 0 and skipping["served_exactly"] < report["served_exactly"]
+    refused = run("generate", "--skip-threshold", "0.3", "--max-new-tokens", "2", check=False)
+    assert refused.returncode == 2 and "--skip-threshold needs --committee" in refused.stderr
 
 
 def test_generate_with_committee_plan_reports_telemetry(tmp_path: Path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -67,6 +68,10 @@ COMMITTEE_WARM_IN_HELP = (
     "planned members and load the others in the background, each joining once resident (tokens use the members "
     "resident: no token waits for a member; less gate mass served exactly until they land)."
 )
+SKIP_THRESHOLD_HELP = (
+    "With --committee: skip routed slots whose gate weight, after the committee's renormalisation, is below this "
+    "(their experts neither compute nor load for them; lossy). 0: none."
+)
 COMMITTEE_SWAPS_HELP = (
     "With --committee: the online scheduler changes up to N members per layer per step toward the experts with the "
     "most recent gate mass (with --expert-memory the incoming expert loads in the background and joins once "
@@ -115,7 +120,7 @@ def _torch_dtype(name: str):
 def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: str, prefetch: bool,
                    committee: Path | None, check: Callable[[Any], object] | None = None, committee_swaps: int = 0,
                    dtype: str = "float32", device: str = "cpu", host_memory: str | None = None,
-                   committee_warm_in: bool = False):
+                   committee_warm_in: bool = False, skip_threshold: float = 0.0):
     """Load a model and apply the memory options shared by generate and serve: (model, cache, committee gate).
 
     ``committee_swaps`` > 0 adds the committee's online scheduler (stepped after every forward pass);
@@ -131,6 +136,8 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
         _check_host_memory(host_memory)
     if committee_swaps < 0 or (committee_swaps and committee is None):
         raise MoeserveError(f"--committee-swaps needs --committee and a count >= 0, got {committee_swaps}")
+    if skip_threshold and committee is None:
+        raise MoeserveError("--skip-threshold needs --committee (it skips slots of the committee's routing)")
     if committee_warm_in and (committee is None or expert_memory is None):
         raise MoeserveError("--committee-warm-in needs --committee and --expert-memory (without a budget every member is resident)")
     # With a budget the experts are read only by the cache: a model whose experts exceed memory loads.
@@ -143,7 +150,7 @@ def _prepare_model(model, moe_config, expert_memory: str | None, cache_policy: s
         from moeserve.memory.committee import CommitteePlan, apply_committee
 
         plan = CommitteePlan.load(committee, moe_model)
-        gate = apply_committee(moe_model, plan.members_by_layer())
+        gate = apply_committee(moe_model, plan.members_by_layer(), skip_threshold=skip_threshold)
     cache = None
     if expert_memory is not None:
         from moeserve.memory.offload import apply_expert_cache
@@ -202,6 +209,7 @@ def generate(
     committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members).")] = None,
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     committee_warm_in: Annotated[bool, typer.Option("--committee-warm-in", help=COMMITTEE_WARM_IN_HELP)] = False,
+    skip_threshold: Annotated[float, typer.Option(help=SKIP_THRESHOLD_HELP)] = 0.0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (sync all-to-all per layer over gloo); no --routing.")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
@@ -229,7 +237,7 @@ def generate(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
             check=lambda m: prompt_token_ids(m, prompt, sampling),  # context errors before anything is printed
             committee_swaps=committee_swaps, dtype=dtype, device=device, host_memory=host_memory,
-            committee_warm_in=committee_warm_in,
+            committee_warm_in=committee_warm_in, skip_threshold=skip_threshold,
         )
         if expert_parallel is not None:
             service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
@@ -341,6 +349,7 @@ def serve(
     committee: Annotated[Path | None, typer.Option(help="Serve with a parameter committee plan from `committee plan` (lossy: routes only to its members).")] = None,
     committee_swaps: Annotated[int, typer.Option(help=COMMITTEE_SWAPS_HELP)] = 0,
     committee_warm_in: Annotated[bool, typer.Option("--committee-warm-in", help=COMMITTEE_WARM_IN_HELP)] = False,
+    skip_threshold: Annotated[float, typer.Option(help=SKIP_THRESHOLD_HELP)] = 0.0,
     expert_parallel: Annotated[int | None, typer.Option(help="Run the routed experts in N-1 worker processes (this process is the attention worker; sync all-to-all per layer over gloo).")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
@@ -367,7 +376,7 @@ def serve(
         moe_model, cache, gate = _prepare_model(
             model, _moe_config(gating, capacity_factor, backend), expert_memory, cache_policy, prefetch, committee,
             committee_swaps=committee_swaps, dtype=dtype, device=device, host_memory=host_memory,
-            committee_warm_in=committee_warm_in,
+            committee_warm_in=committee_warm_in, skip_threshold=skip_threshold,
         )
         engine_config = EngineConfig(
             scheduler=SchedulerConfig(max_running=max_running, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens,
@@ -910,11 +919,12 @@ def committee_eval(
     plan: Annotated[Path, typer.Option("--plan", help="Plan JSON from `committee plan`.")],
     text: Annotated[Path | None, typer.Option(help="Evaluation text (default: the stdlib held-out split).")] = None,
     tokens: Annotated[int, typer.Option(help="Evaluation tokens.")] = 16384,
-    skip_threshold: Annotated[float, typer.Option(help="Skip experts whose renormalised gate weight is below this.")] = 0.0,
+    skip_threshold: Annotated[float, typer.Option(help="Skip (compute nothing for) routed slots whose gate weight, after the committee's renormalisation, is below this.")] = 0.0,
     model: ModelArg = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Next-token accuracy and perplexity with the committee vs the full model, and gate mass served exactly."""
+    """Next-token accuracy and perplexity with the committee vs the full model, gate mass served exactly,
+    and the evaluation's tokens/s with and without the committee (prefill windows, one process)."""
     from moeserve.memory.committee import CommitteePlan, apply_committee, remove_committee
     from moeserve.models.evaluate import evaluate_tokens
     from moeserve.models.loader import load_model
@@ -923,13 +933,20 @@ def committee_eval(
         moe_model = load_model(model)
         committee = CommitteePlan.load(plan, moe_model)
         token_ids = _committee_tokens(moe_model, text, True, tokens)
+        started = time.perf_counter()
         full, _ = evaluate_tokens(moe_model, token_ids, max_tokens=tokens)
+        full_s = time.perf_counter() - started
         gate = apply_committee(moe_model, committee.members_by_layer(), skip_threshold=skip_threshold)
         try:
+            started = time.perf_counter()
             lossy, _ = evaluate_tokens(moe_model, token_ids, max_tokens=tokens)
+            committee_s = time.perf_counter() - started
             telemetry = gate.telemetry()
         finally:
             remove_committee(moe_model, gate)
+        started = time.perf_counter()  # the full model again: the two timings bracket the committee's
+        evaluate_tokens(moe_model, token_ids, max_tokens=tokens)
+        full_s = (full_s + time.perf_counter() - started) / 2
     except (MoeserveError, ValueError) as error:
         _fail(error)
         return
@@ -942,6 +959,9 @@ def committee_eval(
         "accuracy_change_pp": 100 * (lossy.accuracy - full.accuracy),
         "perplexity_change": lossy.perplexity / full.perplexity - 1,
         "served_exactly": telemetry["served_exactly"],
+        "skipped_slots": sum(layer["skipped_slots"] for layer in telemetry["layers"].values()),
+        "full_tokens_per_s": full.tokens / full_s,
+        "committee_tokens_per_s": lossy.tokens / committee_s,
     }
     if as_json:
         print(json.dumps(payload))
@@ -949,7 +969,9 @@ def committee_eval(
     console.print(
         f"{full.tokens} tokens: accuracy {full.accuracy:.4f} -> {lossy.accuracy:.4f} "
         f"({payload['accuracy_change_pp']:+.2f} pp), perplexity {full.perplexity:.2f} -> {lossy.perplexity:.2f}, "
-        f"gate mass served exactly {telemetry['served_exactly']:.4f}"
+        f"gate mass served exactly {telemetry['served_exactly']:.4f}; {payload['skipped_slots']} slots skipped; "
+        f"{payload['committee_tokens_per_s']:.0f} vs {payload['full_tokens_per_s']:.0f} tokens/s (full model, "
+        f"timed before and after)"
     )
 
 

@@ -459,3 +459,27 @@ def test_warm_in_needs_a_cache(reference_model: MoEModel) -> None:
         assert all(layer.routing_transforms == [gate] for layer in reference_model.layers)
     finally:
         remove_committee(reference_model, gate)
+
+
+def test_skipped_slots_run_and_load_no_expert(reference_model: MoEModel) -> None:
+    """A slot under the skip threshold gets weight 0 and is marked skipped: dispatch gives it no
+    row and an expert cache does not load its expert for it."""
+    from moeserve.memory.offload import apply_expert_cache, remove_expert_cache
+    from moeserve.moe.gating import dispatch_dropless
+
+    layers = len(reference_model.layers)
+    gate = CommitteeGate({i: set(range(16)) for i in range(layers)}, 16, 2, skip_threshold=0.3)
+    routing = RouterOutput(topk_ids=torch.tensor([[3, 7], [3, 9], [4, 3]]),
+                           topk_weights=torch.tensor([[0.8, 0.2], [0.6, 0.4], [0.9, 0.1]]))
+    routed = gate(0, routing)
+    assert routed.skip_zero_weights and routed.executed_ids().tolist() == [3, 3, 9, 4]
+    hidden = torch.randn(3, reference_model.config.hidden_size)
+    groups = dispatch_dropless(hidden, routed, 16)
+    assert groups.rows.shape[0] == 4 and groups.expert_counts[7] == 0 and groups.expert_counts[3] == 2
+    assert gate.telemetry()["layers"][0]["skipped_slots"] == 2
+    cache = apply_expert_cache(reference_model, "100%", "lru")
+    try:
+        cache.observe(0, routed)
+        assert cache.views[0].resident_experts() == [3, 4, 9]  # 7 was only ever a skipped slot
+    finally:
+        remove_expert_cache(reference_model, cache)

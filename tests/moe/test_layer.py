@@ -345,3 +345,29 @@ def test_grouped_mm_support_is_probed_per_device_and_dtype():
     # The CPU build takes every float type (a loop in C++), and the answer is cached.
     assert grouped_mm_supported(torch.device("cpu"), torch.float32)
     assert grouped_mm_supported(torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS.names())
+def test_skipping_zero_weight_assignments_changes_no_output_and_dispatches_only_the_rest(backend):
+    """``skip_zero_weights``: zero-weight assignments get no row (their experts do nothing for
+    them) and the layer's output is that of computing them and multiplying by 0 (up to rounding:
+    a matmul over fewer rows may take another kernel)."""
+    experts, hidden, routing = _experts(), _hidden(), _routing()
+    weights = routing.topk_weights.clone()
+    weights[::3, 1] = 0  # some second choices skipped
+    weights[5] = 0  # one token with nothing left
+    zeroed = RouterOutput(topk_ids=routing.topk_ids, topk_weights=weights, logits=routing.logits)
+    skipping = RouterOutput(topk_ids=routing.topk_ids, topk_weights=weights, logits=routing.logits, skip_zero_weights=True)
+    groups = dispatch_dropless(hidden, skipping, E)
+    kept = int((weights != 0).sum())
+    assert groups.rows.shape[0] == kept and int(groups.expert_counts.sum()) == kept
+    assert torch.equal(groups.expert_counts, torch.bincount(routing.topk_ids[weights != 0], minlength=E))
+    assert torch.equal(skipping.executed_ids(), routing.topk_ids[weights != 0])
+    layer = MoELayer(experts, F.silu, MoEConfig(backend=backend))
+    reference = MoELayer(experts, F.silu, MoEConfig(backend="loop"))
+    torch.testing.assert_close(layer(hidden, skipping), layer(hidden, zeroed), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(hidden, skipping), reference(hidden, zeroed), rtol=1e-5, atol=1e-6)
+    assert torch.all(layer(hidden, skipping)[5] == 0)
+    nothing = RouterOutput(topk_ids=routing.topk_ids, topk_weights=torch.zeros_like(weights), skip_zero_weights=True)
+    assert dispatch_dropless(hidden, nothing, E).rows.shape[0] == 0
+    assert torch.equal(layer(hidden, nothing), torch.zeros_like(hidden))

@@ -695,7 +695,7 @@ class ExpertCache:
         runs; a step wider than the cache is split (module docstring).
         """
         # One host sync per layer call; the per-expert backends make the same one for group sizes.
-        experts = sorted(set(routing.topk_ids.reshape(-1).tolist()))
+        experts = sorted(set(routing.executed_ids().tolist()))  # skipped zero-weight slots load nothing
         self._layer_calls[layer_index] += 1
         self._score_prediction(layer_index, experts)
         view = self.views[layer_index]

@@ -12,8 +12,10 @@ resident, and routing is masked to it, so a token never waits for a load:
   other routers (DeepSeek-V3's sigmoid with groups, DeepSeek-V2's scaled softmax with optional group limits), or when the router gives no logits, the
   non-member slots are dropped: they point at a member with weight 0 and the kept weights are
   rescaled to the row's original sum. Then every slot whose weight is under ``skip_threshold``
-  gets weight 0 (shapes stay [T, k]; a zero-weight slot still dispatches a row, so skipping
-  saves no compute here, only the quality knob is modelled). Telemetry: the share of the
+  gets weight 0 (shapes stay [T, k]). Zero-weight slots (skipped, or fillers) are marked
+  ``RouterOutput.skip_zero_weights``: dispatch gives them no row, so their experts neither
+  compute nor load for them (on an accelerator only with a skip threshold, since dispatch then
+  waits for the kept rows' count). Telemetry: the share of the
   routed (original top-k) gate mass served exactly, i.e. on an expert that is a member and
   still carries weight in the final routing, per layer and overall.
 * :func:`plan_committee` is the offline planner: it profiles per-expert gate mass on
@@ -99,6 +101,8 @@ class CommitteeGate:
         softmax_router: bool = True,
         renormalize: bool = True,
     ) -> None:
+        if not (math.isfinite(skip_threshold) and skip_threshold >= 0):
+            raise ValueError(f"skip_threshold must be a finite number >= 0, got {skip_threshold}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.skip_threshold = float(skip_threshold)
@@ -162,7 +166,8 @@ class CommitteeGate:
         self._account(layer, mask, ids, weights, new_ids, new_weights, all_ok, row_ok, skipped)
         if all_ok and not skipped:
             return routing
-        return RouterOutput(topk_ids=new_ids, topk_weights=new_weights, logits=routing.logits)
+        return RouterOutput(topk_ids=new_ids, topk_weights=new_weights, logits=routing.logits,
+                            skip_zero_weights=True)  # filler and skipped slots run no expert
 
     def _call_without_sync(self, layer: int, routing: RouterOutput) -> RouterOutput:
         """:meth:`__call__` on an accelerator: the same routing with no host sync (every token's
@@ -189,7 +194,8 @@ class CommitteeGate:
         pending = self._pending.get(layer)
         self._pending[layer] = counters if pending is None else pending + counters
         self._telemetry[layer].tokens += int(ids.shape[0])
-        return RouterOutput(topk_ids=new_ids, topk_weights=new_weights, logits=routing.logits)
+        return RouterOutput(topk_ids=new_ids, topk_weights=new_weights, logits=routing.logits,
+                            skip_zero_weights=self.skip_threshold > 0)  # dispatch then syncs once
 
     def _fold_pending(self) -> None:
         """Add the accelerator-side counters into the host telemetry (one sync per layer)."""

@@ -21,9 +21,15 @@ GATINGS: Registry[Dispatcher] = Registry("gating mode")
 def dispatch_dropless(
     hidden: torch.Tensor, routing: RouterOutput, num_experts: int, capacity_factor: float = 0.0
 ) -> ExpertGroups:
-    """Every (token, expert) assignment gets a row: N = T*k, nothing padded, nothing dropped."""
+    """Every (token, expert) assignment gets a row: N = T*k, nothing padded, nothing dropped
+    (with ``routing.skip_zero_weights``, only the assignments of non-zero weight: see :func:`dropless_groups`)."""
     del capacity_factor  # dropless has no capacity
     flat_ids = routing.topk_ids.reshape(-1)  # [T*k]
+    if routing.skip_zero_weights:
+        # Data-dependent row count: one host sync (the committee's skip threshold asked for it).
+        kept = torch.nonzero(routing.topk_weights.reshape(-1) != 0).flatten()  # [n] assignments that run
+        order = kept.index_select(0, torch.argsort(flat_ids.index_select(0, kept), stable=True))
+        return dropless_groups(hidden, routing, order, num_experts)
     # A stable sort keeps rows of one expert in token order, as a per-expert loop would visit them.
     return dropless_groups(hidden, routing, torch.argsort(flat_ids, stable=True), num_experts)
 
@@ -31,19 +37,22 @@ def dispatch_dropless(
 def dropless_groups(
     hidden: torch.Tensor, routing: RouterOutput, row2assignment: torch.Tensor, num_experts: int
 ) -> ExpertGroups:
-    """Dropless groups with rows in the order ``row2assignment`` [N = T*k] gives (a permutation of
-    the flat assignments that keeps each expert's rows together; expert-parallel dispatch orders
-    them by worker first)."""
+    """Dropless groups with rows in the order ``row2assignment`` [N] gives: the flat assignments
+    (N = T*k: a permutation; fewer when zero-weight assignments are skipped) ordered so each
+    expert's rows are together (expert-parallel dispatch orders them by worker first). A skipped
+    assignment has no row; ``assignment2row`` points it at row 0, which its weight 0 cancels."""
     top_k = routing.topk_ids.shape[1]
     flat_ids = routing.topk_ids.reshape(-1)  # [T*k]
     row2token = row2assignment // top_k  # [N]
-    assignment2row = torch.empty_like(row2assignment)
+    every = row2assignment.numel() == flat_ids.numel()
+    assignment2row = torch.empty_like(row2assignment) if every else torch.zeros_like(flat_ids)
     assignment2row[row2assignment] = torch.arange(row2assignment.numel(), device=row2assignment.device)  # [T*k]
     return ExpertGroups(
         rows=hidden.index_select(0, row2token),  # [N, D]
         row2token=row2token,
         row_weights=routing.topk_weights.reshape(-1).index_select(0, row2assignment),  # [N]
-        expert_counts=torch.bincount(flat_ids, minlength=num_experts),  # [E]
+        expert_counts=torch.bincount(flat_ids if every else flat_ids.index_select(0, row2assignment),
+                                     minlength=num_experts),  # [E]
         capacity=None,
         dropped=torch.zeros((), dtype=torch.int64),
         assignments=flat_ids.numel(),

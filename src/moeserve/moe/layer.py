@@ -41,6 +41,8 @@ def combine(groups: ExpertGroups, outputs: torch.Tensor, num_tokens: int) -> tor
     dtype = outputs.dtype
     compute = torch.float32 if dtype in LOW_PRECISION else dtype
     if groups.assignment2row is not None and groups.topk_weights is not None:
+        if outputs.shape[0] == 0:  # every assignment skipped (zero weight): nothing to add
+            return outputs.new_zeros(num_tokens, outputs.shape[1])
         num_slots = groups.topk_weights.shape[1]
         per_slot = outputs.index_select(0, groups.assignment2row).view(num_tokens, num_slots, -1)  # [T, k, D]
         weights = groups.topk_weights.to(compute)[:, :, None]  # [T, k, 1]

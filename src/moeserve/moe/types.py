@@ -20,6 +20,16 @@ class RouterOutput:
     topk_ids: torch.Tensor  # [T, k] int64 expert ids
     topk_weights: torch.Tensor  # [T, k] gate weights, already normalised/scaled as the model does
     logits: torch.Tensor | None = None  # [T, E] raw router logits, when the router exposes them
+    skip_zero_weights: bool = False
+    """Assignments whose weight is exactly 0 are skipped: dispatch gives them no row, so their
+    experts neither compute nor (under an expert cache) load for them (a committee's skip
+    threshold sets this). Their contribution, 0 x output, is dropped either way."""
+
+    def executed_ids(self) -> torch.Tensor:
+        """[n] the expert ids of the assignments that run (all T*k unless zero weights are skipped)."""
+        if self.skip_zero_weights:
+            return self.topk_ids[self.topk_weights != 0]
+        return self.topk_ids.reshape(-1)
 
 
 @dataclass(frozen=True)
