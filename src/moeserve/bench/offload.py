@@ -172,7 +172,7 @@ def run_offload_bench(
     if warmup_tokens < 0:
         raise ValueError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
     if committee_warm_in and not committee:
-        raise ValueError("committee_warm_in adds a committee row: it needs committee")
+        raise ValueError("committee_warm_in (--committee-warm-in) adds a committee row: it needs committee (--committee)")
     for policy in policies:
         if EVICTION_POLICIES.get(policy).needs_stream or not EVICTION_POLICIES.get(policy).online:
             raise ValueError(f"policy {policy!r} cannot run live (it needs the whole stream or the future)")
