@@ -145,7 +145,7 @@ def _randomise_qk_norms(model) -> None:
                     norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=generator))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "olmoe-clip"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "olmoe-clip", "deepseek_v2", "deepseek_v3"])
 def test_lean_decoder_matches_transformers_decoder(tiny_checkpoints, family, tmp_path):
     """The lean forward (fused q/k/v, one-op RMSNorm, folded decode attention; Qwen3-MoE's
     per-head and OLMoE's whole-projection query/key norms, OLMoE's q/k/v clipping) against
@@ -169,14 +169,17 @@ def test_lean_decoder_matches_transformers_decoder(tiny_checkpoints, family, tmp
         torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
-def test_families_without_a_lean_forward_use_transformers_decoder(tiny_checkpoints, family):
-    from moeserve.engine.lean import lean_decoder, unsupported_reason
+def test_models_the_lean_forward_does_not_reproduce_use_transformers_decoder(tiny_checkpoints):
+    from moeserve.engine.lean import LeanDecoder, lean_decoder, unsupported_reason
     from moeserve.models.loader import load_model
 
-    model = load_model(tiny_checkpoints[family], load_tokenizer=False)
+    model = load_model(tiny_checkpoints["mixtral"], load_tokenizer=False)
+    model.hf_model.config.sliding_window = 4  # sliding-window attention: not reproduced
     assert lean_decoder(model.hf_model) is None
-    assert unsupported_reason(model.hf_model)
+    assert "sliding-window" in unsupported_reason(model.hf_model)
+    deepseek = load_model(tiny_checkpoints["deepseek_v3"], load_tokenizer=False)
+    with pytest.raises(ValueError, match="multi-head latent attention"):
+        LeanDecoder(deepseek.hf_model)  # lean_decoder gives it LeanMLADecoder
 
 
 def test_reference_model_serves_through_the_lean_decoder(model):

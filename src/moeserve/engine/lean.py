@@ -35,6 +35,13 @@ SUPPORTED_LAYERS = {
     "OlmoeDecoderLayer": "OlmoeAttention",
 }
 """Decoder layer class -> attention class whose forward this module reproduces."""
+MLA_LAYERS = {
+    "DeepseekV2DecoderLayer": "DeepseekV2Attention",
+    "DeepseekV3DecoderLayer": "DeepseekV3Attention",
+}
+"""Decoder layers with multi-head latent attention, run by :class:`LeanMLADecoder`."""
+MLA_DENSE_MLP = {"DeepseekV2DecoderLayer": "DeepseekV2MLP", "DeepseekV3DecoderLayer": "DeepseekV3MLP"}
+"""The dense MLP class of each MLA family's first layers (``first_k_dense_replace``)."""
 QK_NORM_PER_HEAD = {"Qwen3MoeAttention": True, "OlmoeAttention": False}
 """Attention classes that normalise queries and keys before the rotary embedding: over each
 head's Dh (Qwen3-MoE) or over the whole projection (OLMoE, which may also clip q/k/v)."""
@@ -68,6 +75,12 @@ def unsupported_reason(hf_model: Any) -> str | None:
         return f"attention implementation {config._attn_implementation!r}"
     for index, layer in enumerate(decoder.layers):
         layer_class, attention = type(layer).__name__, getattr(layer, "self_attn", None)
+        if layer_class in MLA_LAYERS:
+            if MLA_LAYERS[layer_class] != type(attention).__name__:
+                return f"layer {index}: {layer_class} with {type(attention).__name__}"
+            if not (hasattr(layer.mlp, "moe") or type(layer.mlp).__name__ == MLA_DENSE_MLP[layer_class]):
+                return f"layer {index}: {type(layer.mlp).__name__} is neither a moeserve MoE block nor the family's dense MLP"
+            continue
         if SUPPORTED_LAYERS.get(layer_class) != type(attention).__name__:
             return f"layer {index}: {layer_class} with {type(attention).__name__}"
         if getattr(attention, "sliding_window", None) or getattr(config, "sliding_window", None):
@@ -126,6 +139,8 @@ class LeanDecoder:
         if reason is not None:
             raise ValueError(f"lean decoder does not support this model: {reason}")
         decoder = hf_model.get_decoder()
+        if type(decoder.layers[0]).__name__ in MLA_LAYERS:
+            raise ValueError("multi-head latent attention: use LeanMLADecoder (lean_decoder chooses)")
         self.embed_tokens = decoder.embed_tokens
         self.rotary_emb = decoder.rotary_emb
         self.norm = decoder.norm
@@ -190,6 +205,97 @@ class LeanDecoder:
         return _rms_norm(self.norm, hidden)
 
 
-def lean_decoder(hf_model: Any) -> LeanDecoder | None:
-    """A :class:`LeanDecoder` for ``hf_model``, or None when its family is not one it reproduces."""
-    return LeanDecoder(hf_model) if unsupported_reason(hf_model) is None else None
+class LeanMLADecoder:
+    """DeepSeek-V2/V3's decoder with multi-head latent attention (MLA) decoded in latent space.
+
+    transformers caches MLA's compressed latents (``kv_a_layernorm`` output [B, 1, L, C] and the
+    rotary key [B, 1, L, R]) and, at every step, expands the whole context back into per-head
+    keys and values through ``kv_b_proj``: a [L, C] x [C, H (Dn + Dv)] product per layer per
+    decode step, which grows with the context. Decode steps here absorb ``kv_b_proj`` into the
+    query and the output instead (the MLA inference identity): per head, scores are
+    ``(W_uk^T q_nope) . c + q_rope . k_rope`` over the cached latents c, the context is the
+    probability-weighted latents, and ``W_uv`` maps it to the head's value space; nothing is
+    expanded. Prefill steps call the attention module itself (expanding a prompt once is the
+    cheaper order there). Everything else (norms, projections, rotary embedding, MoE and dense
+    MLP blocks) is the model's own modules and functions. The plain reference is transformers'
+    decoder; tests compare logits step by step.
+
+    Shape legend: C ``kv_lora_rank``, R ``qk_rope_head_dim``, Dn ``qk_nope_head_dim``, Dv ``v_head_dim``.
+    """
+
+    def __init__(self, hf_model: Any) -> None:
+        reason = unsupported_reason(hf_model)
+        if reason is not None:
+            raise ValueError(f"lean decoder does not support this model: {reason}")
+        import sys
+
+        decoder = hf_model.get_decoder()
+        self.embed_tokens, self.rotary_emb, self.norm = decoder.embed_tokens, decoder.rotary_emb, decoder.norm
+        self.layers = list(decoder.layers)
+        first = self.layers[0].self_attn
+        self._family = sys.modules[type(first).__module__]  # the family's own rotary functions
+        self._complex_rotary = hasattr(self._family, "apply_rotary_emb")  # V2: freqs_cis; V3: (cos, sin)
+        self._interleave = bool(getattr(hf_model.config, "rope_interleave", False))
+
+    def _rotate(self, q_rot: torch.Tensor, k_rot: torch.Tensor, position_embeddings: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._complex_rotary:
+            return self._family.apply_rotary_emb(q_rot, k_rot, position_embeddings)
+        cos, sin = position_embeddings
+        if self._interleave:
+            return self._family.apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
+        return self._family.apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
+
+    def _decode_attention(self, attention: Any, hidden: torch.Tensor, position_embeddings: Any,
+                          mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One decode step's attention [B, 1, D] -> [B, 1, D], in latent space."""
+        rows = hidden.shape[0]
+        heads, nope = attention.num_heads, attention.qk_nope_head_dim
+        if attention.q_lora_rank is None:
+            q = attention.q_proj(hidden)
+        else:
+            q = attention.q_b_proj(attention.q_a_layernorm(attention.q_a_proj(hidden)))
+        q = q.view(rows, 1, heads, attention.qk_head_dim).transpose(1, 2)  # [B, H, 1, Dn + R]
+        q_nope, q_rot = q.split((nope, attention.qk_rope_head_dim), dim=-1)
+        latent, k_rot = attention.kv_a_proj_with_mqa(hidden).split(
+            (attention.kv_lora_rank, attention.qk_rope_head_dim), dim=-1
+        )
+        latent = attention.kv_a_layernorm(latent).view(rows, 1, 1, attention.kv_lora_rank)  # [B, 1, 1, C]
+        q_rot, k_rot = self._rotate(q_rot, k_rot.view(rows, 1, 1, attention.qk_rope_head_dim), position_embeddings)
+        latents, rotary_keys = cache.update(latent, k_rot, attention.layer_idx)  # [B, 1, L, C], [B, 1, L, R]
+        weight = attention.kv_b_proj.weight.view(heads, nope + attention.v_head_dim, attention.kv_lora_rank)
+        # Heads are batched against the weights ([H, B, .]) and folded into query rows against the
+        # cache ([B, 1, H, .]), so no operand is broadcast (and copied) over the other's batch.
+        absorbed = torch.bmm(q_nope[:, :, 0].transpose(0, 1), weight[:, :nope])  # [H, B, C]: W_uk^T q_nope
+        query = absorbed.transpose(0, 1).unsqueeze(1)  # [B, 1, H, C]
+        scores = torch.matmul(query, latents.transpose(-1, -2))  # [B, 1, H, L]
+        scores = scores + torch.matmul(q_rot.transpose(1, 2), rotary_keys.transpose(-1, -2))  # [B, 1, H, L]
+        scores = scores * attention.scaling + mask  # mask [B, 1, 1, L]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latents.dtype)
+        context = torch.matmul(probs, latents)  # [B, 1, H, C]
+        values = torch.bmm(context[:, 0].transpose(0, 1), weight[:, nope:].transpose(1, 2))  # [H, B, Dv]
+        return attention.o_proj(values.transpose(0, 1).reshape(rows, 1, heads * attention.v_head_dim))
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [B, S, D]
+        position_embeddings = self.rotary_emb(hidden, positions)
+        decode = input_ids.shape[1] == 1
+        for layer in self.layers:
+            normed = layer.input_layernorm(hidden)
+            if decode:
+                attended = self._decode_attention(layer.self_attn, normed, position_embeddings, mask, cache)
+            else:
+                attended, _ = layer.self_attn(hidden_states=normed, position_embeddings=position_embeddings,
+                                              attention_mask=mask, past_key_values=cache)
+            hidden = hidden + attended
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.norm(hidden)
+
+
+def lean_decoder(hf_model: Any) -> LeanDecoder | LeanMLADecoder | None:
+    """The lean forward for ``hf_model`` (:class:`LeanMLADecoder` for DeepSeek-V2/V3,
+    :class:`LeanDecoder` for the others it reproduces), or None when there is none."""
+    if unsupported_reason(hf_model) is not None:
+        return None
+    if type(hf_model.get_decoder().layers[0]).__name__ in MLA_LAYERS:
+        return LeanMLADecoder(hf_model)
+    return LeanDecoder(hf_model)
