@@ -15,8 +15,9 @@ calls them; the q/k/v weights are re-pointed at slices of the fused one, so noth
 
 Only families whose decoder layer is checked to be exactly pre-norm attention + MoE with plain
 q/k/v/o projections (Qwen3-MoE and OLMoE: plus their query/key norms, see ``QK_NORM_PER_HEAD``) take this path (:func:`lean_decoder` says why not otherwise); every other
-model runs transformers' decoder. The plain reference is transformers' decoder itself; tests
-compare the two on prefill and decode.
+model runs transformers' decoder. DeepSeek-V2/V3 (multi-head latent attention) take
+:class:`LeanMLADecoder`, which decodes in latent space. The plain reference is transformers'
+decoder itself; tests compare the two on prefill and decode.
 """
 
 from __future__ import annotations
