@@ -57,37 +57,16 @@ def _family(name: str):  # -> (model class, config, expected MoE layers, expecte
     if name == "olmoe":
         config = tf.OlmoeConfig(**_SMALL, num_experts=4, num_experts_per_tok=2)
         return tf.OlmoeForCausalLM, config, [0, 1], 4
-    if name == "deepseek_v2":
-        config = tf.DeepseekV2Config(
-            **{**_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4},
-            moe_intermediate_size=16,
-            n_shared_experts=2,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-        )
-        return tf.DeepseekV2ForCausalLM, config, [1, 2], 4
-    if name == "deepseek_v3":
-        config = tf.DeepseekV3Config(
-            **{**_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4},
-            moe_intermediate_size=16,
-            n_shared_experts=1,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            n_group=2,
-            topk_group=1,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-        )
+    if name in ("deepseek_v2", "deepseek_v3"):
+        # Multi-head latent attention, dense first layer, 4 routed experts (+ shared ones).
+        deepseek = {
+            **_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4, "moe_intermediate_size": 16,
+            "n_routed_experts": 4, "num_experts_per_tok": 2, "first_k_dense_replace": 1, "kv_lora_rank": 16,
+            "q_lora_rank": None, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+        }
+        if name == "deepseek_v2":
+            return tf.DeepseekV2ForCausalLM, tf.DeepseekV2Config(**deepseek, n_shared_experts=2), [1, 2], 4
+        config = tf.DeepseekV3Config(**deepseek, n_shared_experts=1, n_group=2, topk_group=1)
         return tf.DeepseekV3ForCausalLM, config, [1, 2], 4
     raise AssertionError(name)
 
