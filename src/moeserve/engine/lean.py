@@ -22,6 +22,7 @@ decoder itself; tests compare the two on prefill and decode.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,8 +229,6 @@ class LeanMLADecoder:
         reason = unsupported_reason(hf_model)
         if reason is not None:
             raise ValueError(f"lean decoder does not support this model: {reason}")
-        import sys
-
         decoder = hf_model.get_decoder()
         self.embed_tokens, self.rotary_emb, self.norm = decoder.embed_tokens, decoder.rotary_emb, decoder.norm
         self.layers = list(decoder.layers)

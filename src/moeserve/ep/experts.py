@@ -69,7 +69,6 @@ class ExpertShard:
         if not layers or any(not layer.held for layer in layers):
             raise ValueError("an expert shard needs at least one expert in every layer")
         self.act = act
-        self.per_expert = per_expert
         first = layers[0]
         self.backend_name = resolve_backend(backend, first.device, first.dtype, stacked=not per_expert)
         self._stacks: list[_HeldStack] = []

@@ -131,9 +131,7 @@ def experts_grouped_mm(groups: ExpertGroups, weights: ExpertProvider, act: Activ
         return torch.bmm(act(gate) * up, down.transpose(1, 2)).view_as(groups.rows)  # [N, D]
     if groups.rows.shape[0] == 0:
         return torch.empty_like(groups.rows)
-    offsets = torch.cumsum(groups.expert_counts, dim=0).to(torch.int32)  # [E] end row of each group
-    gate, up = torch._grouped_mm(groups.rows, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, I]
-    return torch._grouped_mm(act(gate) * up, down.transpose(1, 2), offs=offsets)  # [N, D]
+    return _grouped_gated_mlp(groups.rows, groups.expert_counts, gate_up.transpose(1, 2), down.transpose(1, 2), act)
 
 
 HYBRID_LOOP_MAX_ROWS = 3
