@@ -214,6 +214,7 @@ def generate(
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     host_memory: Annotated[str | None, typer.Option(help=HOST_MEMORY_HELP)] = None,
+    lean: Annotated[bool, typer.Option("--lean/--no-lean", help="Run moeserve's lean decoder forward where the family has one (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3; the server's path); --no-lean runs transformers' forward, the reference.")] = True,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -241,7 +242,7 @@ def generate(
         )
         if expert_parallel is not None:
             service = _start_expert_parallel(moe_model, expert_parallel, thread_count, cache, gate)
-        warm_up(moe_model)
+        warm_up(moe_model, lean=lean)
         if cache is not None:
             cache.reset_stats()
         recorder = RoutingRecorder(moe_model) if (routing or as_json) and service is None else None
@@ -256,7 +257,7 @@ def generate(
             sys.stdout.flush()
 
         with recorder if recorder is not None else contextlib.nullcontext():
-            result = run_generate(moe_model, prompt, sampling, on_text=None if as_json else stream)
+            result = run_generate(moe_model, prompt, sampling, on_text=None if as_json else stream, lean=lean)
     except (MoeserveError, ValueError, KeyError) as error:
         _fail(error)
         return

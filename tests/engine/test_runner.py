@@ -37,7 +37,8 @@ def run(engine, prompts, sampling) -> list[list[int]]:
 
 
 def test_batched_greedy_equals_one_request_at_a_time(model):
-    reference = [generate(model, p, SamplingConfig(max_new_tokens=12, stop_at_eos=False)).token_ids for p in PROMPTS]
+    reference = [generate(model, p, SamplingConfig(max_new_tokens=12, stop_at_eos=False), lean=False).token_ids
+                 for p in PROMPTS]
     # 3 slots for 5 requests: admission mid-run, different lengths in one step, slot moves on finish.
     # min_prefill_fill 0: prompts of different lengths share padded prefill steps.
     engine = build_engine(model, EngineConfig(SchedulerConfig(max_running=3, min_prefill_fill=0.0), max_context=128))
@@ -47,7 +48,7 @@ def test_batched_greedy_equals_one_request_at_a_time(model):
 
 def test_seeded_sampling_matches_the_reference_sampler(model):
     reference = generate(model, PROMPTS[1], SamplingConfig(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3,
-                                                            stop_at_eos=False)).token_ids
+                                                            stop_at_eos=False), lean=False).token_ids
     engine = build_engine(model, EngineConfig(SchedulerConfig(max_running=4), max_context=128))
     sampled = run(engine, [PROMPTS[1], PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=3,
                                                                   ignore_eos=True))

@@ -1,8 +1,14 @@
 """Single-request generation with a KV cache: prefill once, then one token per step.
 
-The continuous-batching engine for the server is separate; this is the path behind
-``moeserve generate`` and the library's :func:`generate`. It streams text through a callback
-as tokens arrive and reports time to first token and throughput.
+This is the path behind ``moeserve generate`` and the library's :func:`generate`. It streams
+text through a callback as tokens arrive and reports time to first token and throughput.
+
+Two forwards compute each step. By default (``lean=True``) a family with a lean forward
+(``moeserve.engine.lean``: Mixtral, Qwen2/3-MoE, OLMoE, and DeepSeek-V2/V3 with latent-space
+attention) runs it through the serving engine's :class:`~moeserve.engine.runner.ModelRunner`
+with one KV slot, as the server would run a lone request. ``lean=False``, and every other
+family, runs transformers' own forward with its ``DynamicCache``: the plain reference the
+engine's tests compare with.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from moeserve.config import SamplingConfig
+from moeserve.engine.request import Request, SamplingParams
+from moeserve.engine.scheduler import Batch
 from moeserve.errors import MoeserveError
 from moeserve.models.loader import MoEModel
 
@@ -37,6 +46,8 @@ class GenerationResult:
     """Tokens after the first, per second of decoding."""
     finish_reason: str
     """``length`` (max_new_tokens reached) or ``stop`` (end-of-sequence token)."""
+    decoder: str = "transformers"
+    """Which forward ran: ``lean`` (moeserve's, through the engine's runner) or ``transformers``."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,15 +113,42 @@ def prompt_token_ids(model: MoEModel, prompt: str, sampling: SamplingConfig) -> 
     return prompt_ids
 
 
-@torch.inference_mode()
-def warm_up(model: MoEModel) -> None:
-    """Run one short prefill and decode step so one-time start-up costs stay out of timings."""
-    from transformers import DynamicCache
+class _Forward:
+    """One request's next-token logits, step by step: ``prompt_ids`` first, then one token each."""
 
-    cache = DynamicCache(config=model.config)
-    device = model.device
-    model.hf_model(input_ids=torch.tensor([[0, 1, 2]], device=device), past_key_values=cache, use_cache=True)
-    model.hf_model(input_ids=torch.tensor([[3]], device=device), past_key_values=cache, use_cache=True)
+    def __init__(self, model: MoEModel, context: int, lean: bool) -> None:
+        from moeserve.engine.runner import ModelRunner
+
+        self.model = model
+        self.runner = ModelRunner(model, num_slots=1, context=context, lean=True) if lean else None
+        if self.runner is not None and self.runner.lean is None:
+            self.runner = None  # no lean forward for this family: transformers' it is
+        self.decoder = "lean" if self.runner is not None else "transformers"
+        self._request: Request | None = None
+        self._cache: Any = None  # transformers DynamicCache, made on the first reference step
+
+    def __call__(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [V] after ``token_ids`` (the prompt on the first call, then the last new token)."""
+        if self.runner is not None:
+            if self._request is None:
+                self._request = Request("generate", list(token_ids), SamplingParams(max_tokens=1))
+                return self.runner.logits(Batch("prefill", [self._request], 0))[0]
+            self._request.output_ids.extend(token_ids)
+            return self.runner.logits(Batch("decode", [self._request], 0))[0]
+        if self._cache is None:
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache(config=self.model.config)
+        input_ids = torch.tensor([token_ids], device=self.model.device)  # [1, S]
+        return self.model.hf_model(input_ids=input_ids, past_key_values=self._cache, use_cache=True).logits[0, -1]
+
+
+@torch.inference_mode()
+def warm_up(model: MoEModel, lean: bool = True) -> None:
+    """Run one short prefill and decode step so one-time start-up costs stay out of timings."""
+    forward = _Forward(model, context=4, lean=lean)
+    forward([0, 1, 2])
+    forward([3])
 
 
 @torch.inference_mode()
@@ -119,10 +157,13 @@ def generate(
     prompt: str,
     sampling: SamplingConfig | None = None,
     on_text: Callable[[str], None] | None = None,
+    lean: bool = True,
 ) -> GenerationResult:
-    """Generate a continuation of ``prompt``; ``on_text`` receives text pieces as they decode."""
-    from transformers import DynamicCache
+    """Generate a continuation of ``prompt``; ``on_text`` receives text pieces as they decode.
 
+    ``lean``: use the family's lean forward where it has one (the module docstring says which);
+    False runs transformers' forward, the reference.
+    """
     sampling = sampling or SamplingConfig()
     prompt_ids = prompt_token_ids(model, prompt, sampling)
     tokenizer = model.tokenizer
@@ -133,15 +174,14 @@ def generate(
         generator.manual_seed(sampling.seed if sampling.seed is not None else int(time.time_ns() % 2**31))
     eos = tokenizer.eos_token_id
     streamer = TextStreamer(tokenizer)
-    cache = DynamicCache(config=model.config)
-    device = model.device
-    input_ids = torch.tensor([prompt_ids], device=device)  # [1, S]
+    forward = _Forward(model, context=len(prompt_ids) + sampling.max_new_tokens, lean=lean)
+    step_ids = prompt_ids
     new_ids: list[int] = []
     finish_reason = "length"
     start = time.perf_counter()
     first_token_at = start
     while len(new_ids) < sampling.max_new_tokens:
-        logits = model.hf_model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]  # [V]
+        logits = forward(step_ids)  # [V]
         token = sample_next(logits, sampling.temperature, sampling.top_p, generator)
         if not new_ids:
             first_token_at = time.perf_counter()
@@ -153,7 +193,7 @@ def generate(
             piece = streamer.push(new_ids)
             if piece:
                 on_text(piece)
-        input_ids = torch.tensor([[token]], device=device)
+        step_ids = [token]
     seconds = time.perf_counter() - start
     if on_text is not None:
         rest = streamer.finish(new_ids)
@@ -171,4 +211,5 @@ def generate(
         tokens_per_s=len(new_ids) / seconds if seconds > 0 else 0.0,
         decode_tokens_per_s=(len(new_ids) - 1) / decode_seconds if len(new_ids) > 1 and decode_seconds > 0 else 0.0,
         finish_reason=finish_reason,
+        decoder=forward.decoder,
     )

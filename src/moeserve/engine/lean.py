@@ -23,6 +23,7 @@ decoder itself; tests compare the two on prefill and decode.
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,11 +292,23 @@ class LeanMLADecoder:
         return self.norm(hidden)
 
 
+_built: weakref.WeakKeyDictionary[Any, LeanDecoder | LeanMLADecoder] = weakref.WeakKeyDictionary()
+"""One lean forward per model: building one fuses the q/k/v weights (a copy of them), which
+every engine and every ``generate`` call on the same model then shares."""
+
+
 def lean_decoder(hf_model: Any) -> LeanDecoder | LeanMLADecoder | None:
     """The lean forward for ``hf_model`` (:class:`LeanMLADecoder` for DeepSeek-V2/V3,
-    :class:`LeanDecoder` for the others it reproduces), or None when there is none."""
-    if unsupported_reason(hf_model) is not None:
+    :class:`LeanDecoder` for the others it reproduces), or None when there is none. Built once
+    per model and shared (the forwards keep no per-call state; the KV cache is an argument)."""
+    if unsupported_reason(hf_model) is not None:  # checked every time: a config can change
         return None
+    built = _built.get(hf_model)
+    if built is not None:
+        return built
     if type(hf_model.get_decoder().layers[0]).__name__ in MLA_LAYERS:
-        return LeanMLADecoder(hf_model)
-    return LeanDecoder(hf_model)
+        built = LeanMLADecoder(hf_model)
+    else:
+        built = LeanDecoder(hf_model)
+    _built[hf_model] = built
+    return built

@@ -104,13 +104,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: Batch) -> list[int]:
         """Next token id of each request in the batch, in order."""
-        requests = batch.requests
-        if batch.kind == "prefill":
-            hidden = self._prefill(batch)  # [B, D]
-        else:
-            hidden = self._decode(batch)  # [B, D]
-        logits = self.lm_head(hidden).float()  # [B, V]
-        return self._sample(requests, logits)
+        return self._sample(batch.requests, self.logits(batch))
+
+    @torch.inference_mode()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Next-token logits [B, V] (fp32) of each request in the batch, in order."""
+        hidden = self._prefill(batch) if batch.kind == "prefill" else self._decode(batch)  # [B, D]
+        return self.lm_head(hidden).float()
 
     def move_slot(self, move: SlotMove) -> None:
         self.cache.move(move)
