@@ -43,7 +43,7 @@ def test_sampling_is_reproducible_with_a_seed(reference_model):
     assert generate(reference_model, PROMPT, sampling, lean=False).token_ids == first.token_ids
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "glm4_moe_lite"])
 def test_lean_single_request_forward_matches_transformers(tiny_checkpoints, family):
     """generate's step function (prompt, then one token at a time, one KV slot) through the lean
     forward against transformers' forward with its own cache, logits at every step; DeepSeek-V2

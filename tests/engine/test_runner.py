@@ -10,6 +10,7 @@ from moeserve.engine.engine import EngineConfig, build_engine
 from moeserve.engine.generate import generate
 from moeserve.engine.request import SamplingParams
 from moeserve.engine.scheduler import Batch, SchedulerConfig
+from moeserve.models.random_init import SUPPORTED_TINY_FAMILIES
 
 PROMPTS = [
     "def main():",
@@ -89,7 +90,7 @@ class _IdsTokenizer:
         return " ".join(map(str, ids))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("family", SUPPORTED_TINY_FAMILIES)
 def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, family):
     from transformers import DynamicCache
 
@@ -108,6 +109,42 @@ def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, famil
                 ids = torch.tensor([tokens[-1:]])
             reference.append(tokens)
     engine = Engine(ModelRunner(model, 2, 64), _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2, min_prefill_fill=0.0), max_context=64), None)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=6)).request_id for p in prompts]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for output in engine.step():
+            got[output.request_id] += output.token_ids
+    assert [got[i] for i in ids] == reference
+
+
+@pytest.mark.parametrize("family", ["mixtral", "exaone_moe"])
+def test_sliding_window_models_batch_like_one_request_at_a_time(tmp_path, family):
+    """A window of 3 positions, prompts and generations longer than it: every layer slides
+    (Mixtral's ``sliding_window``) or some do (EXAONE-MoE's ``layer_types``); the reference is
+    transformers' forward with its own (sliding-window) cache, one request at a time."""
+    from transformers import DynamicCache
+
+    from moeserve.engine.engine import Engine
+    from moeserve.engine.runner import ModelRunner
+    from moeserve.models.loader import load_model
+    from moeserve.models.random_init import save_random_checkpoint
+
+    overrides = {"sliding_window": 3}
+    if family == "exaone_moe":
+        overrides["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
+    model = load_model(save_random_checkpoint(family, tmp_path / family, **overrides), load_tokenizer=False)
+    runner = ModelRunner(model, 2, 64)
+    assert runner.window == 3 and runner.lean is None
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [7, 8], [9, 10, 11, 12, 13]]
+    reference = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache, ids, tokens = DynamicCache(config=model.config), torch.tensor([prompt]), []
+            for _ in range(6):
+                tokens.append(int(model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
+                ids = torch.tensor([tokens[-1:]])
+            reference.append(tokens)
+    engine = Engine(runner, _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2, min_prefill_fill=0.0), max_context=64), None)
     ids = [engine.add_request(p, SamplingParams(max_tokens=6)).request_id for p in prompts]
     got: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_work():
@@ -146,7 +183,8 @@ def _randomise_qk_norms(model) -> None:
                     norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=generator))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "olmoe-clip", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "olmoe-clip", "deepseek_v2", "deepseek_v3",
+                                    "glm4_moe_lite"])
 def test_lean_decoder_matches_transformers_decoder(tiny_checkpoints, family, tmp_path):
     """The lean forward (fused q/k/v, one-op RMSNorm, folded decode attention; Qwen3-MoE's
     per-head and OLMoE's whole-projection query/key norms, OLMoE's q/k/v clipping) against

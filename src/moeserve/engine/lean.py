@@ -16,7 +16,7 @@ calls them; the q/k/v weights are re-pointed at slices of the fused one, so noth
 Only families whose decoder layer is checked to be exactly pre-norm attention + MoE with plain
 q/k/v/o projections (Qwen3-MoE and OLMoE: plus their query/key norms, see ``QK_NORM_PER_HEAD``) take this path (:func:`lean_decoder` says why not otherwise); every other
 model runs transformers' decoder. DeepSeek-V2/V3 (multi-head latent attention) take
-:class:`LeanMLADecoder`, which decodes in latent space. The plain reference is transformers'
+:class:`LeanMLADecoder`, which decodes in latent space (GLM-4.7-Flash's ``glm4_moe_lite`` too). The plain reference is transformers'
 decoder itself; tests compare the two on prefill and decode.
 """
 
@@ -41,9 +41,11 @@ SUPPORTED_LAYERS = {
 MLA_LAYERS = {
     "DeepseekV2DecoderLayer": "DeepseekV2Attention",
     "DeepseekV3DecoderLayer": "DeepseekV3Attention",
+    "Glm4MoeLiteDecoderLayer": "Glm4MoeLiteAttention",  # GLM-4.7-Flash: DeepSeek-V3's attention
 }
 """Decoder layers with multi-head latent attention, run by :class:`LeanMLADecoder`."""
-MLA_DENSE_MLP = {"DeepseekV2DecoderLayer": "DeepseekV2MLP", "DeepseekV3DecoderLayer": "DeepseekV3MLP"}
+MLA_DENSE_MLP = {"DeepseekV2DecoderLayer": "DeepseekV2MLP", "DeepseekV3DecoderLayer": "DeepseekV3MLP",
+                 "Glm4MoeLiteDecoderLayer": "Glm4MoeLiteMLP"}
 """The dense MLP class of each MLA family's first layers (``first_k_dense_replace``)."""
 QK_NORM_PER_HEAD = {"Qwen3MoeAttention": True, "OlmoeAttention": False}
 """Attention classes that normalise queries and keys before the rotary embedding: over each

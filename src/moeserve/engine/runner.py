@@ -84,6 +84,18 @@ class SlotKVCache:
                 buffer[move.target, :, : move.length] = buffer[move.source, :, : move.length]
 
 
+def sliding_window_layout(config: Any) -> tuple[int | None, bool]:
+    """(window, per layer type) of a transformers config: the sliding window its attention masks
+    apply, None when none does; True when ``config.layer_types`` gives only some layers one."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return (int(window), True) if window and "sliding_attention" in layer_types else (None, False)
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return int(window), False
+    return None, False
+
+
 class ModelRunner:
     """Runs a scheduler :class:`Batch` through the model and picks each request's next token."""
 
@@ -100,6 +112,9 @@ class ModelRunner:
         self.cache = SlotKVCache(num_slots, context)
         self.context = context
         self._generators: dict[str, torch.Generator] = {}
+        self.window, self._per_layer_type = sliding_window_layout(model.config)
+        """Sliding-window attention the masks must apply (None: none), and whether only some
+        layers use it (then the decoder gets one mask per layer type)."""
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> list[int]:
@@ -148,16 +163,24 @@ class ModelRunner:
         hidden = self._forward(input_ids, positions[:, None], allowed)  # [B, 1, D]
         return hidden[:, 0]
 
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[B, S, L] booleans -> additive mask [B, 1, S, L] (works with eager and sdpa attention)."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
+
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        # An additive mask [B, 1, S, L] works with every attention implementation (eager and sdpa).
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
-            ~allowed, torch.finfo(self.dtype).min
-        )
-        if self.lean is not None:
-            return self.lean(input_ids, positions, mask[:, None], self.cache)
+        causal = self._additive(allowed)
+        if self.lean is not None:  # the lean forward takes no sliding-window models
+            return self.lean(input_ids, positions, causal, self.cache)
+        mask: torch.Tensor | dict[str, torch.Tensor] = causal
+        if self.window is not None:
+            # As transformers' sliding-window overlay: query q sees keys k with q - window < k.
+            key_index = torch.arange(allowed.shape[-1], device=self.device)  # [L]
+            sliding = self._additive(allowed & (key_index[None, None, :] > positions[:, :, None] - self.window))
+            mask = {"full_attention": causal, "sliding_attention": sliding} if self._per_layer_type else sliding
         out = self.decoder(
             input_ids=input_ids,
-            attention_mask=mask[:, None],
+            attention_mask=mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,

@@ -97,7 +97,7 @@ class NextLayerPrefetcher:
         self._experts_per_token = self.config.experts_per_token or model.top_k
         decoder_layers = [model.hf_model.model.layers[decoder_id] for decoder_id in model.decoder_layer_ids]
         blocks = [decoder_layer.mlp for decoder_layer in decoder_layers]
-        self._routers = [block.gate for block in blocks]
+        self._routers = [block.router_module for block in blocks]
         self._norms: list[torch.nn.Module | None] = [
             getattr(decoder_layer, "post_attention_layernorm", None) for decoder_layer in decoder_layers
         ]

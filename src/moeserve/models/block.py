@@ -19,8 +19,6 @@ from moeserve.moe.types import RouterOutput
 class MoEBlock(nn.Module):
     """Drop-in replacement for one family MoE block: ``forward(hidden [B, S, D]) -> [B, S, D]``."""
 
-    gate: nn.Module
-    """The family's router: ``gate(hidden [T, D]) -> (logits [T, E], topk_weights [T, k], topk_ids [T, k])``."""
 
     def __init__(self, original: nn.Module, family: Family, layer: MoELayer) -> None:
         super().__init__()
@@ -29,11 +27,18 @@ class MoEBlock(nn.Module):
         self.family = family
         self.moe = layer
 
+    @property
+    def router_module(self) -> nn.Module:
+        """The family's router (``gate`` in most families, see ``Family.router_attr``)."""
+        return getattr(self, self.family.router_attr)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         flat = hidden.reshape(-1, shape[-1])  # [T, D]
-        logits, topk_weights, topk_ids = self.gate(flat)  # [T, E], [T, k], [T, k]
+        logits, topk_weights, topk_ids = self.router_module(flat)  # [T, E], [T, k], [T, k]
         out = self.moe(flat, RouterOutput(topk_ids=topk_ids, topk_weights=topk_weights, logits=logits))
         if self.family.shared_experts is not None:
-            out = out + self.family.shared_experts(self, flat)
+            shared = self.family.shared_experts(self, flat)
+            if shared is not None:
+                out = out + shared
         return out.view(shape)

@@ -1,10 +1,11 @@
 """One small adapter per checkpoint family: where its MoE blocks are and what they add.
 
-transformers 5 gives every supported family the same MoE block shape: ``block.gate(x)``
-returns ``(router_logits [T, E], topk_weights [T, k], topk_ids [T, k])`` and ``block.experts``
-holds ``gate_up_proj [E, 2I, D]`` and ``down_proj [E, D, I]`` with an ``act_fn``. A family
-adapter names the block class and the family's shared-expert term, nothing more; routing
-stays the checkpoint's own router, so outputs match transformers' forward.
+transformers 5 gives every supported family the same MoE block shape: its router
+(``block.gate``, Phi-3.5-MoE's ``block.router``) returns ``(router_logits [T, E], topk_weights
+[T, k], topk_ids [T, k])`` and ``block.experts`` holds ``gate_up_proj [E, 2I, D]`` and
+``down_proj [E, D, I]`` with an ``act_fn``. A family adapter names the block class, its router,
+the config field of its top-k and the family's shared-expert term, nothing more; routing stays
+the checkpoint's own router, so outputs match transformers' forward.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from moeserve.registry import Registry
 
-SharedExperts = Callable[[Any, torch.Tensor], torch.Tensor]
+SharedExperts = Callable[[Any, torch.Tensor], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,22 @@ class Family:
     num_experts_field: str
     """config field holding the number of routed experts."""
     shared_experts: SharedExperts | None = None
-    """Output of the always-on shared expert(s) for flat hidden [T, D], or None."""
+    """Output of the always-on shared expert(s) for flat hidden [T, D] (None from it: this
+    block has none), or None when the family has none."""
+    router_attr: str = "gate"
+    """Attribute of the block holding its router."""
+    top_k_field: str = "num_experts_per_tok"
+    """config field holding the number of experts each token is routed to (an int, or one per layer)."""
+
+    def top_k(self, config: Any) -> int:
+        """Experts per token from ``config``; a per-layer list must hold one value (moeserve runs
+        one top-k per model)."""
+        value = getattr(config, self.top_k_field)
+        if isinstance(value, list | tuple):
+            if len(set(value)) != 1:
+                raise ValueError(f"{self.model_type}: {self.top_k_field} differs between layers ({value}); not supported")
+            value = value[0]
+        return int(value)
 
 
 def _qwen2_shared(block: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -39,8 +55,13 @@ def _qwen2_shared(block: Any, hidden: torch.Tensor) -> torch.Tensor:
     return F.sigmoid(block.shared_expert_gate(hidden)) * block.shared_expert(hidden)
 
 
-def _deepseek_shared(block: Any, hidden: torch.Tensor) -> torch.Tensor:
-    return block.shared_experts(hidden)
+def _deepseek_shared(block: Any, hidden: torch.Tensor) -> torch.Tensor | None:
+    # DeepSeek-V2/V3, GLM-4.5, dots.llm1, EXAONE-MoE; ERNIE-4.5 sets it to None without shared experts.
+    return block.shared_experts(hidden) if block.shared_experts is not None else None
+
+
+def _hunyuan_shared(block: Any, hidden: torch.Tensor) -> torch.Tensor:
+    return block.shared_mlp(hidden)
 
 
 FAMILIES: Registry[Family] = Registry("model family")
@@ -51,5 +72,13 @@ for _family in (
     Family("olmoe", "OlmoeSparseMoeBlock", "num_experts"),
     Family("deepseek_v2", "DeepseekV2Moe", "n_routed_experts", _deepseek_shared),
     Family("deepseek_v3", "DeepseekV3MoE", "n_routed_experts", _deepseek_shared),
+    Family("glm4_moe", "Glm4MoeMoE", "n_routed_experts", _deepseek_shared),
+    Family("glm4_moe_lite", "Glm4MoeLiteMoE", "n_routed_experts", _deepseek_shared),
+    Family("dots1", "Dots1MoE", "n_routed_experts", _deepseek_shared),
+    Family("exaone_moe", "ExaoneMoeSparseMoEBlock", "num_experts", _deepseek_shared),
+    Family("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", "moe_num_experts", _deepseek_shared),
+    Family("hunyuan_v1_moe", "HunYuanMoEV1Moe", "num_experts", _hunyuan_shared, top_k_field="moe_topk"),
+    Family("phimoe", "PhimoeSparseMoeBlock", "num_local_experts", router_attr="router"),
+    Family("flex_olmo", "FlexOlmoSparseMoeBlock", "num_experts"),
 ):
     FAMILIES.register(_family.model_type)(_family)

@@ -52,7 +52,7 @@ class MoEModel:
 
     @property
     def top_k(self) -> int:
-        return int(self.config.num_experts_per_tok)
+        return self.family.top_k(self.config)
 
     @property
     def name(self) -> str:

@@ -136,20 +136,27 @@ def reference_shape(bytes_per_parameter: int = 4) -> ExpertShape:
 
 def checkpoint_shape(folder: str | Path, name: str | None = None) -> ExpertShape:
     """Expert shape of a HF checkpoint folder, from its safetensors (through the ExpertStore: D, I,
-    experts per layer, MoE layers) and ``config.json`` (``num_experts_per_tok``; 1 if absent).
-    ``name`` defaults to the folder's name. Errors name the folder (``ExpertStore``'s)."""
+    experts per layer, MoE layers) and ``config.json`` (the top-k: the family's field, e.g.
+    ``num_experts_per_tok``; 1 if absent). ``name`` defaults to the folder's name. Errors name the
+    folder (``ExpertStore``'s)."""
     from moeserve.memory.store import ExpertStore
+    from moeserve.models.families import FAMILIES
 
     folder = Path(folder)
     store = ExpertStore(folder)
     spec = store.layer_spec(store.layers[0])
     config = json.loads((folder / "config.json").read_text("utf-8"))
+    top_k = int(config.get("num_experts_per_tok", 0))
+    if not top_k and config.get("model_type") in FAMILIES:
+        from transformers import AutoConfig  # the family's own names (ERNIE-4.5's moe_k, Hunyuan's moe_topk)
+
+        top_k = FAMILIES.get(config["model_type"]).top_k(AutoConfig.from_pretrained(folder, local_files_only=True))
     return ExpertShape(
         name or folder.name,
         spec.hidden_size,
         spec.intermediate_size,
         spec.num_experts,
-        int(config.get("num_experts_per_tok", 0)) or 1,
+        top_k or 1,
         len(store.layers),
     )
 
