@@ -184,7 +184,7 @@ def _randomise_qk_norms(model) -> None:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "olmoe-clip", "deepseek_v2", "deepseek_v3",
-                                    "glm4_moe_lite"])
+                                    "glm4_moe_lite", "dots1"])
 def test_lean_decoder_matches_transformers_decoder(tiny_checkpoints, family, tmp_path):
     """The lean forward (fused q/k/v, one-op RMSNorm, folded decode attention; Qwen3-MoE's
     per-head and OLMoE's whole-projection query/key norms, OLMoE's q/k/v clipping) against

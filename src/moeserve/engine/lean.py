@@ -14,7 +14,7 @@ rotary embedding module and the KV cache are the model's own objects, called as 
 calls them; the q/k/v weights are re-pointed at slices of the fused one, so nothing is copied.
 
 Only families whose decoder layer is checked to be exactly pre-norm attention + MoE with plain
-q/k/v/o projections (Qwen3-MoE and OLMoE: plus their query/key norms, see ``QK_NORM_PER_HEAD``) take this path (:func:`lean_decoder` says why not otherwise); every other
+q/k/v/o projections (Qwen3-MoE, OLMoE and dots.llm1: plus their query/key norms, see ``QK_NORM_PER_HEAD``) take this path (:func:`lean_decoder` says why not otherwise); every other
 model runs transformers' decoder. DeepSeek-V2/V3 (multi-head latent attention) take
 :class:`LeanMLADecoder`, which decodes in latent space (GLM-4.7-Flash's ``glm4_moe_lite`` too). The plain reference is transformers'
 decoder itself; tests compare the two on prefill and decode.
@@ -36,6 +36,7 @@ SUPPORTED_LAYERS = {
     "Qwen2MoeDecoderLayer": "Qwen2MoeAttention",
     "Qwen3MoeDecoderLayer": "Qwen3MoeAttention",
     "OlmoeDecoderLayer": "OlmoeAttention",
+    "Dots1DecoderLayer": "Dots1Attention",
 }
 """Decoder layer class -> attention class whose forward this module reproduces."""
 MLA_LAYERS = {
@@ -44,10 +45,10 @@ MLA_LAYERS = {
     "Glm4MoeLiteDecoderLayer": "Glm4MoeLiteAttention",  # GLM-4.7-Flash: DeepSeek-V3's attention
 }
 """Decoder layers with multi-head latent attention, run by :class:`LeanMLADecoder`."""
-MLA_DENSE_MLP = {"DeepseekV2DecoderLayer": "DeepseekV2MLP", "DeepseekV3DecoderLayer": "DeepseekV3MLP",
-                 "Glm4MoeLiteDecoderLayer": "Glm4MoeLiteMLP"}
-"""The dense MLP class of each MLA family's first layers (``first_k_dense_replace``)."""
-QK_NORM_PER_HEAD = {"Qwen3MoeAttention": True, "OlmoeAttention": False}
+DENSE_MLP = {"DeepseekV2DecoderLayer": "DeepseekV2MLP", "DeepseekV3DecoderLayer": "DeepseekV3MLP",
+             "Glm4MoeLiteDecoderLayer": "Glm4MoeLiteMLP", "Dots1DecoderLayer": "Dots1MLP"}
+"""The dense MLP class of the families whose first layers are dense (``first_k_dense_replace``)."""
+QK_NORM_PER_HEAD = {"Qwen3MoeAttention": True, "OlmoeAttention": False, "Dots1Attention": True}
 """Attention classes that normalise queries and keys before the rotary embedding: over each
 head's Dh (Qwen3-MoE) or over the whole projection (OLMoE, which may also clip q/k/v)."""
 
@@ -78,21 +79,30 @@ def unsupported_reason(hf_model: Any) -> str | None:
         return f"{type(decoder).__name__} has no embed_tokens / rotary_emb / norm / layers"
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return f"attention implementation {config._attn_implementation!r}"
+    if sliding_window_layout(config)[0] is not None:
+        return "sliding-window attention"
     for index, layer in enumerate(decoder.layers):
         layer_class, attention = type(layer).__name__, getattr(layer, "self_attn", None)
-        if layer_class in MLA_LAYERS:
-            if MLA_LAYERS[layer_class] != type(attention).__name__:
-                return f"layer {index}: {layer_class} with {type(attention).__name__}"
-            if not (hasattr(layer.mlp, "moe") or type(layer.mlp).__name__ == MLA_DENSE_MLP[layer_class]):
-                return f"layer {index}: {type(layer.mlp).__name__} is neither a moeserve MoE block nor the family's dense MLP"
-            continue
-        if SUPPORTED_LAYERS.get(layer_class) != type(attention).__name__:
+        if (MLA_LAYERS.get(layer_class) or SUPPORTED_LAYERS.get(layer_class)) != type(attention).__name__:
             return f"layer {index}: {layer_class} with {type(attention).__name__}"
-        if getattr(attention, "sliding_window", None) or getattr(config, "sliding_window", None):
+        if getattr(attention, "sliding_window", None):
             return f"layer {index}: sliding-window attention"
-        if not hasattr(layer.mlp, "moe"):  # a dense MLP layer, or a block moeserve did not replace
-            return f"layer {index}: {type(layer.mlp).__name__} is not a moeserve MoE block"
+        if not (hasattr(layer.mlp, "moe") or type(layer.mlp).__name__ == DENSE_MLP.get(layer_class)):
+            # a block moeserve did not replace, or a dense MLP of a family not known to have them
+            return f"layer {index}: {type(layer.mlp).__name__} is neither a moeserve MoE block nor the family's dense MLP"
     return None
+
+
+def sliding_window_layout(config: Any) -> tuple[int | None, bool]:
+    """(window, per layer type) of a transformers config: the sliding window its attention masks
+    apply, None when none does; True when ``config.layer_types`` gives only some layers one."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return (int(window), True) if window and "sliding_attention" in layer_types else (None, False)
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return int(window), False
+    return None, False
 
 
 def _fuse(parameters: list[torch.Tensor]) -> torch.Tensor:

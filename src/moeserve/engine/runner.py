@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from moeserve.engine.generate import sample_next
-from moeserve.engine.lean import lean_decoder
+from moeserve.engine.lean import lean_decoder, sliding_window_layout
 from moeserve.engine.request import Request
 from moeserve.engine.scheduler import Batch, SlotMove
 from moeserve.models.loader import MoEModel
@@ -82,18 +82,6 @@ class SlotKVCache:
         for store in (self.keys, self.values):
             for buffer in store.values():
                 buffer[move.target, :, : move.length] = buffer[move.source, :, : move.length]
-
-
-def sliding_window_layout(config: Any) -> tuple[int | None, bool]:
-    """(window, per layer type) of a transformers config: the sliding window its attention masks
-    apply, None when none does; True when ``config.layer_types`` gives only some layers one."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return (int(window), True) if window and "sliding_attention" in layer_types else (None, False)
-    if window and getattr(config, "use_sliding_window", True) is not False:
-        return int(window), False
-    return None, False
 
 
 class ModelRunner:
