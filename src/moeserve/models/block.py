@@ -19,7 +19,6 @@ from moeserve.moe.types import RouterOutput
 class MoEBlock(nn.Module):
     """Drop-in replacement for one family MoE block: ``forward(hidden [B, S, D]) -> [B, S, D]``."""
 
-
     def __init__(self, original: nn.Module, family: Family, layer: MoELayer) -> None:
         super().__init__()
         for name, child in original.named_children():
@@ -29,7 +28,8 @@ class MoEBlock(nn.Module):
 
     @property
     def router_module(self) -> nn.Module:
-        """The family's router (``gate`` in most families, see ``Family.router_attr``)."""
+        """The family's router (``gate`` in most families, see ``Family.router_attr``):
+        ``router(hidden [T, D]) -> (logits [T, E], topk_weights [T, k], topk_ids [T, k])``."""
         return getattr(self, self.family.router_attr)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -205,10 +205,11 @@ def save_random_checkpoint(model_type: str, folder: Path, seed: int = 0, **overr
 
 
 def _randomise_router_biases(model: torch.nn.Module) -> None:
-    # DeepSeek's score-correction bias is zero at init; make it non-zero so the test of
-    # group-limited routing exercises it. Routers initialised to zero get random weights too.
+    # DeepSeek's score-correction bias (a buffer; ERNIE-4.5's is a parameter) is zero at init;
+    # make it non-zero so the tests exercise the biased expert choice. Routers initialised to
+    # zero get random weights too.
     with torch.no_grad():
-        for name, tensor in model.named_buffers():
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith("e_score_correction_bias"):
                 tensor.normal_(0, 0.1)
         for name, param in model.named_parameters():
