@@ -43,6 +43,24 @@ def test_sampling_is_reproducible_with_a_seed(reference_model):
     assert generate(reference_model, PROMPT, sampling, lean=False).token_ids == first.token_ids
 
 
+def test_a_family_without_a_lean_forward_generates_through_transformers(tiny_checkpoints):
+    """Qwen3-Next (linear-attention layers, which the engine does not run): generate's step
+    function falls back to transformers' forward and cache, and decodes as a full forward does."""
+    from moeserve.engine.generate import _Forward
+    from moeserve.models.loader import load_model
+
+    model = load_model(tiny_checkpoints["qwen3_next"], load_tokenizer=False)
+    forward = _Forward(model, context=16, lean=True)
+    assert forward.decoder == "transformers"
+    ids = [3, 1, 4, 1, 5, 9]
+    with torch.inference_mode():
+        logits = forward(ids)
+        for _ in range(4):
+            ids.append(int(logits.argmax()))
+            logits = forward(ids[-1:])
+            torch.testing.assert_close(logits, model.logits(torch.tensor([ids]))[0, -1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "glm4_moe_lite"])
 def test_lean_single_request_forward_matches_transformers(tiny_checkpoints, family):
     """generate's step function (prompt, then one token at a time, one KV slot) through the lean

@@ -90,7 +90,21 @@ class _IdsTokenizer:
         return " ".join(map(str, ids))
 
 
-@pytest.mark.parametrize("family", SUPPORTED_TINY_FAMILIES)
+ENGINE_FAMILIES = [f for f in SUPPORTED_TINY_FAMILIES if f != "qwen3_next"]
+"""Every family but Qwen3-Next, whose linear-attention layers the engine refuses (tested below)."""
+
+
+def test_the_engine_refuses_linear_attention_layers_clearly(tiny_checkpoints):
+    from moeserve.engine.runner import ModelRunner
+    from moeserve.errors import MoeserveError
+    from moeserve.models.loader import load_model
+
+    model = load_model(tiny_checkpoints["qwen3_next"], load_tokenizer=False)
+    with pytest.raises(MoeserveError, match="cannot run this model: it has linear_attention layers.*moeserve generate"):
+        ModelRunner(model, 2, 64)
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
 def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, family):
     from transformers import DynamicCache
 

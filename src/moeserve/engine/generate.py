@@ -117,12 +117,13 @@ class _Forward:
     """One request's next-token logits, step by step: ``prompt_ids`` first, then one token each."""
 
     def __init__(self, model: MoEModel, context: int, lean: bool) -> None:
+        from moeserve.engine.lean import lean_decoder
         from moeserve.engine.runner import ModelRunner
 
         self.model = model
-        self.runner = ModelRunner(model, num_slots=1, context=context, lean=True) if lean else None
-        if self.runner is not None and self.runner.lean is None:
-            self.runner = None  # no lean forward for this family: transformers' it is
+        # Without a lean forward for this family: transformers' forward and cache.
+        use_runner = lean and lean_decoder(model.hf_model) is not None
+        self.runner = ModelRunner(model, num_slots=1, context=context, lean=True) if use_runner else None
         self.decoder = "lean" if self.runner is not None else "transformers"
         self._request: Request | None = None
         self._cache: Any = None  # transformers DynamicCache, made on the first reference step

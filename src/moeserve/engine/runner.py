@@ -25,6 +25,7 @@ from moeserve.engine.generate import sample_next
 from moeserve.engine.lean import lean_decoder, sliding_window_layout
 from moeserve.engine.request import Request
 from moeserve.engine.scheduler import Batch, SlotMove
+from moeserve.errors import MoeserveError
 from moeserve.models.loader import MoEModel
 
 
@@ -84,10 +85,28 @@ class SlotKVCache:
                 buffer[move.target, :, : move.length] = buffer[move.source, :, : move.length]
 
 
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+"""Layer types whose state is keys and values, which :class:`SlotKVCache` holds."""
+
+
+def engine_unsupported_reason(config: Any) -> str | None:
+    """Why the engine cannot run a model of ``config`` (None when it can): layers whose state is
+    not keys and values (Qwen3-Next's linear attention keeps a recurrent state and a convolution
+    window per request, which the slot KV cache does not hold)."""
+    others = sorted(set(getattr(config, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
+    if others:
+        return (f"it has {', '.join(others)} layers, whose per-request state the engine's KV cache does not hold; "
+                "`moeserve generate` runs it (one request, transformers' cache)")
+    return None
+
+
 class ModelRunner:
     """Runs a scheduler :class:`Batch` through the model and picks each request's next token."""
 
     def __init__(self, model: MoEModel, num_slots: int, context: int, lean: bool = True) -> None:
+        reason = engine_unsupported_reason(model.config)
+        if reason is not None:
+            raise MoeserveError(f"{model.name}: the serving engine cannot run this model: {reason}")
         self.model = model
         self.decoder = model.hf_model.get_decoder()
         self.lean = lean_decoder(model.hf_model) if lean else None

@@ -51,7 +51,7 @@ class Family:
 
 
 def _qwen2_shared(block: Any, hidden: torch.Tensor) -> torch.Tensor:
-    # Qwen2-MoE scales its shared expert by a learned sigmoid gate per token.
+    # Qwen2-MoE (and Qwen3-Next) scale their shared expert by a learned sigmoid gate per token.
     return F.sigmoid(block.shared_expert_gate(hidden)) * block.shared_expert(hidden)
 
 
@@ -80,5 +80,6 @@ for _family in (
     Family("hunyuan_v1_moe", "HunYuanMoEV1Moe", "num_experts", _hunyuan_shared, top_k_field="moe_topk"),
     Family("phimoe", "PhimoeSparseMoeBlock", "num_local_experts", router_attr="router"),
     Family("flex_olmo", "FlexOlmoSparseMoeBlock", "num_experts"),
+    Family("qwen3_next", "Qwen3NextSparseMoeBlock", "num_experts", _qwen2_shared),
 ):
     FAMILIES.register(_family.model_type)(_family)

@@ -166,6 +166,23 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
         "FlexOlmoConfig",
         {"intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 2},
     ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        {
+            "intermediate_size": 64,
+            "moe_intermediate_size": 24,
+            "shared_expert_intermediate_size": 40,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+            "head_dim": 8,
+            "layer_types": ["linear_attention", "full_attention"],  # Gated DeltaNet, then attention
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+        },
+    ),
 }
 
 SUPPORTED_TINY_FAMILIES = tuple(_TINY)
