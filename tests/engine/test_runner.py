@@ -104,26 +104,23 @@ def test_the_engine_refuses_linear_attention_layers_clearly(tiny_checkpoints):
         ModelRunner(model, 2, 64)
 
 
-@pytest.mark.parametrize("family", ENGINE_FAMILIES)
-def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, family):
+def _engine_matches_one_request_at_a_time(model, runner, prompts: list[list[int]], tokens: int = 6) -> None:
+    """Greedy tokens of ``prompts`` through an engine over ``runner`` (2 slots: admission mid-run,
+    padded prefills) equal transformers' forward with its own cache, one request at a time."""
     from transformers import DynamicCache
 
     from moeserve.engine.engine import Engine
-    from moeserve.engine.runner import ModelRunner
-    from moeserve.models.loader import load_model
 
-    model = load_model(tiny_checkpoints[family], load_tokenizer=False)
-    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
     reference = []
     with torch.inference_mode():
         for prompt in prompts:
-            cache, ids, tokens = DynamicCache(config=model.config), torch.tensor([prompt]), []
-            for _ in range(6):
-                tokens.append(int(model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
-                ids = torch.tensor([tokens[-1:]])
-            reference.append(tokens)
-    engine = Engine(ModelRunner(model, 2, 64), _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2, min_prefill_fill=0.0), max_context=64), None)
-    ids = [engine.add_request(p, SamplingParams(max_tokens=6)).request_id for p in prompts]
+            cache, ids, generated = DynamicCache(config=model.config), torch.tensor([prompt]), []
+            for _ in range(tokens):
+                generated.append(int(model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
+                ids = torch.tensor([generated[-1:]])
+            reference.append(generated)
+    engine = Engine(runner, _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2, min_prefill_fill=0.0), max_context=64), None)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=tokens)).request_id for p in prompts]
     got: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_work():
         for output in engine.step():
@@ -131,14 +128,20 @@ def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, famil
     assert [got[i] for i in ids] == reference
 
 
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_every_family_batches_like_one_request_at_a_time(tiny_checkpoints, family):
+    from moeserve.engine.runner import ModelRunner
+    from moeserve.models.loader import load_model
+
+    model = load_model(tiny_checkpoints[family], load_tokenizer=False)
+    _engine_matches_one_request_at_a_time(model, ModelRunner(model, 2, 64), [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]])
+
+
 @pytest.mark.parametrize("family", ["mixtral", "exaone_moe"])
 def test_sliding_window_models_batch_like_one_request_at_a_time(tmp_path, family):
     """A window of 3 positions, prompts and generations longer than it: every layer slides
     (Mixtral's ``sliding_window``) or some do (EXAONE-MoE's ``layer_types``); the reference is
     transformers' forward with its own (sliding-window) cache, one request at a time."""
-    from transformers import DynamicCache
-
-    from moeserve.engine.engine import Engine
     from moeserve.engine.runner import ModelRunner
     from moeserve.models.loader import load_model
     from moeserve.models.random_init import save_random_checkpoint
@@ -149,22 +152,7 @@ def test_sliding_window_models_batch_like_one_request_at_a_time(tmp_path, family
     model = load_model(save_random_checkpoint(family, tmp_path / family, **overrides), load_tokenizer=False)
     runner = ModelRunner(model, 2, 64)
     assert runner.window == 3 and runner.lean is None
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [7, 8], [9, 10, 11, 12, 13]]
-    reference = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            cache, ids, tokens = DynamicCache(config=model.config), torch.tensor([prompt]), []
-            for _ in range(6):
-                tokens.append(int(model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
-                ids = torch.tensor([tokens[-1:]])
-            reference.append(tokens)
-    engine = Engine(runner, _IdsTokenizer(), EngineConfig(SchedulerConfig(max_running=2, min_prefill_fill=0.0), max_context=64), None)
-    ids = [engine.add_request(p, SamplingParams(max_tokens=6)).request_id for p in prompts]
-    got: dict[str, list[int]] = {i: [] for i in ids}
-    while engine.has_work():
-        for output in engine.step():
-            got[output.request_id] += output.token_ids
-    assert [got[i] for i in ids] == reference
+    _engine_matches_one_request_at_a_time(model, runner, [[1, 2, 3, 4, 5, 6, 7], [7, 8], [9, 10, 11, 12, 13]])
 
 
 def _logits_per_step(model, lean: bool, prompts: list[list[int]], tokens: int) -> tuple[list[torch.Tensor], list[list[int]]]:

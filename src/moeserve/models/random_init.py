@@ -12,6 +12,27 @@ from typing import Any
 
 import torch
 
+_ROUTED_AND_SHARED: dict[str, Any] = {
+    "intermediate_size": 64,
+    "moe_intermediate_size": 24,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
+    "num_hidden_layers": 3,
+}
+"""DeepSeek-V3-style MoE fields (routed and shared experts, a dense first layer), shared by the
+families that took that block (DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, dots.llm1)."""
+_MLA: dict[str, Any] = {
+    "kv_lora_rank": 16,
+    "q_lora_rank": 24,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "num_key_value_heads": 4,
+}
+"""Multi-head latent attention fields (DeepSeek-V3, GLM-4.7-Flash)."""
+
 # Per family: config class name and the fields that make a tiny model (2-3 layers, 8 experts).
 _TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": (
@@ -60,75 +81,17 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
             "num_key_value_heads": 4,
         },
     ),
-    "deepseek_v3": (
-        "DeepseekV3Config",
-        {
-            "intermediate_size": 64,
-            "moe_intermediate_size": 24,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "n_group": 4,
-            "topk_group": 2,
-            "first_k_dense_replace": 1,
-            "kv_lora_rank": 16,
-            "q_lora_rank": 24,
-            "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 8,
-            "v_head_dim": 8,
-            "routed_scaling_factor": 2.5,
-            "num_hidden_layers": 3,
-            "num_key_value_heads": 4,
-        },
-    ),
+    "deepseek_v3": ("DeepseekV3Config", {**_ROUTED_AND_SHARED, **_MLA, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5}),
     "glm4_moe": (
         "Glm4MoeConfig",
-        {
-            "intermediate_size": 64,
-            "moe_intermediate_size": 24,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "n_group": 4,
-            "topk_group": 2,
-            "first_k_dense_replace": 1,
-            "routed_scaling_factor": 2.5,
-            "use_qk_norm": True,
-            "num_hidden_layers": 3,
-        },
+        {**_ROUTED_AND_SHARED, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "use_qk_norm": True},
     ),
-    "glm4_moe_lite": (
+    "glm4_moe_lite": (  # no first_k_dense_replace: its mlp_layer_types default makes the first layer dense
         "Glm4MoeLiteConfig",
-        {
-            "intermediate_size": 64,
-            "moe_intermediate_size": 24,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "kv_lora_rank": 16,
-            "q_lora_rank": 24,
-            "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 8,
-            "v_head_dim": 8,
-            "routed_scaling_factor": 1.8,
-            "num_hidden_layers": 3,
-            "num_key_value_heads": 4,
-        },
+        {**{k: v for k, v in _ROUTED_AND_SHARED.items() if k != "first_k_dense_replace"}, **_MLA,
+         "routed_scaling_factor": 1.8},
     ),
-    "dots1": (
-        "Dots1Config",
-        {
-            "intermediate_size": 64,
-            "moe_intermediate_size": 24,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "first_k_dense_replace": 1,
-            "norm_topk_prob": True,
-            "routed_scaling_factor": 2.5,
-            "num_hidden_layers": 3,
-        },
-    ),
+    "dots1": ("Dots1Config", {**_ROUTED_AND_SHARED, "norm_topk_prob": True, "routed_scaling_factor": 2.5}),
     "exaone_moe": (
         "ExaoneMoeConfig",
         {
