@@ -214,7 +214,7 @@ def generate(
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     host_memory: Annotated[str | None, typer.Option(help=HOST_MEMORY_HELP)] = None,
-    lean: Annotated[bool, typer.Option("--lean/--no-lean", help="Run moeserve's lean decoder forward where the family has one (Mixtral, Qwen2/3-MoE, OLMoE, dots.llm1, DeepSeek-V2/V3, GLM-4.7-Flash; the server's path); --no-lean runs transformers' forward, the reference.")] = True,
+    lean: Annotated[bool, typer.Option("--lean/--no-lean", help="Run moeserve's lean decoder forward where the family has one (Mixtral, Qwen2/3-MoE, OLMoE, dots.llm1, GLM-4.5, DeepSeek-V2/V3, GLM-4.7-Flash; the server's path); --no-lean runs transformers' forward, the reference.")] = True,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

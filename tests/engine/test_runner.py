@@ -186,10 +186,11 @@ def _randomise_qk_norms(model) -> None:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "olmoe-clip", "deepseek_v2", "deepseek_v3",
-                                    "glm4_moe_lite", "dots1"])
+                                    "glm4_moe_lite", "dots1", "glm4_moe", "glm4_moe-plain"])
 def test_lean_decoder_matches_transformers_decoder(tiny_checkpoints, family, tmp_path):
     """The lean forward (fused q/k/v, one-op RMSNorm, folded decode attention; Qwen3-MoE's
-    per-head and OLMoE's whole-projection query/key norms, OLMoE's q/k/v clipping) against
+    per-head and OLMoE's whole-projection query/key norms, OLMoE's q/k/v clipping, GLM-4.5's
+    partial rotary embedding with and without query/key norms, dense first layers) against
     transformers' decoder on the same batches: prefill of different lengths, admission mid-run,
     decode steps over rows at different positions."""
     from moeserve.models.loader import load_model
@@ -197,6 +198,8 @@ def test_lean_decoder_matches_transformers_decoder(tiny_checkpoints, family, tmp
 
     if family == "olmoe-clip":
         folder = save_random_checkpoint("olmoe", tmp_path / "olmoe-clip", clip_qkv=0.3)
+    elif family == "glm4_moe-plain":  # GLM-4.5 as released: q/k/v biases, no query/key norms
+        folder = save_random_checkpoint("glm4_moe", tmp_path / family, use_qk_norm=False, attention_bias=True)
     else:
         folder = tiny_checkpoints[family]
     model = load_model(folder, load_tokenizer=False)

@@ -4,7 +4,7 @@ This is the path behind ``moeserve generate`` and the library's :func:`generate`
 text through a callback as tokens arrive and reports time to first token and throughput.
 
 Two forwards compute each step. By default (``lean=True``) a family with a lean forward
-(``moeserve.engine.lean``: Mixtral, Qwen2/3-MoE, OLMoE, dots.llm1, and DeepSeek-V2/V3 and GLM-4.7-Flash with latent-space
+(``moeserve.engine.lean``: Mixtral, Qwen2/3-MoE, OLMoE, dots.llm1, GLM-4.5, and DeepSeek-V2/V3 and GLM-4.7-Flash with latent-space
 attention) runs it through the serving engine's :class:`~moeserve.engine.runner.ModelRunner`
 with one KV slot, as the server would run a lone request. ``lean=False``, and every other
 family, runs transformers' own forward with its ``DynamicCache``: the plain reference the

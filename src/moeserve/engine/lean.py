@@ -14,7 +14,8 @@ rotary embedding module and the KV cache are the model's own objects, called as 
 calls them; the q/k/v weights are re-pointed at slices of the fused one, so nothing is copied.
 
 Only families whose decoder layer is checked to be exactly pre-norm attention + MoE with plain
-q/k/v/o projections (Qwen3-MoE, OLMoE and dots.llm1: plus their query/key norms, see ``QK_NORM_PER_HEAD``) take this path (:func:`lean_decoder` says why not otherwise); every other
+q/k/v/o projections (Qwen3-MoE, OLMoE, dots.llm1 and GLM-4.5: plus their query/key norms, see
+``QK_NORM_PER_HEAD``; GLM-4.5's partial rotary embedding too) take this path (:func:`lean_decoder` says why not otherwise); every other
 model runs transformers' decoder. DeepSeek-V2/V3 (multi-head latent attention) take
 :class:`LeanMLADecoder`, which decodes in latent space (GLM-4.7-Flash's ``glm4_moe_lite`` too). The plain reference is transformers'
 decoder itself; tests compare the two on prefill and decode.
@@ -37,6 +38,7 @@ SUPPORTED_LAYERS = {
     "Qwen3MoeDecoderLayer": "Qwen3MoeAttention",
     "OlmoeDecoderLayer": "OlmoeAttention",
     "Dots1DecoderLayer": "Dots1Attention",
+    "Glm4MoeDecoderLayer": "Glm4MoeAttention",
 }
 """Decoder layer class -> attention class whose forward this module reproduces."""
 MLA_LAYERS = {
@@ -46,9 +48,10 @@ MLA_LAYERS = {
 }
 """Decoder layers with multi-head latent attention, run by :class:`LeanMLADecoder`."""
 DENSE_MLP = {"DeepseekV2DecoderLayer": "DeepseekV2MLP", "DeepseekV3DecoderLayer": "DeepseekV3MLP",
-             "Glm4MoeLiteDecoderLayer": "Glm4MoeLiteMLP", "Dots1DecoderLayer": "Dots1MLP"}
+             "Glm4MoeLiteDecoderLayer": "Glm4MoeLiteMLP", "Dots1DecoderLayer": "Dots1MLP",
+             "Glm4MoeDecoderLayer": "Glm4MoeMLP"}
 """The dense MLP class of the families whose first layers are dense (``first_k_dense_replace``)."""
-QK_NORM_PER_HEAD = {"Qwen3MoeAttention": True, "OlmoeAttention": False, "Dots1Attention": True}
+QK_NORM_PER_HEAD = {"Qwen3MoeAttention": True, "OlmoeAttention": False, "Dots1Attention": True, "Glm4MoeAttention": True}
 """Attention classes that normalise queries and keys before the rotary embedding: over each
 head's Dh (Qwen3-MoE) or over the whole projection (OLMoE, which may also clip q/k/v)."""
 
@@ -125,7 +128,11 @@ def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding exactly as transformers applies it (rotate_half convention)."""
+    """Rotary embedding exactly as transformers applies it (rotate_half convention). With a
+    partial rotary embedding (GLM-4.5: cos/sin cover the first half of Dh) the rest passes through."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat((_rotate(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return torch.addcmul(x * cos, rotated, sin)
@@ -167,7 +174,8 @@ class LeanDecoder:
             biases = [p.bias for p in projections]
             qkv_bias = _fuse(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
             heads = attention.q_proj.out_features // attention.head_dim
-            qk_norm = type(attention).__name__ in QK_NORM_PER_HEAD
+            # GLM-4.5 has query/key norms only with ``use_qk_norm``.
+            qk_norm = type(attention).__name__ in QK_NORM_PER_HEAD and hasattr(attention, "q_norm")
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm,
