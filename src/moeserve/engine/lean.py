@@ -53,7 +53,8 @@ DENSE_MLP = {"DeepseekV2DecoderLayer": "DeepseekV2MLP", "DeepseekV3DecoderLayer"
 """The dense MLP class of the families whose first layers are dense (``first_k_dense_replace``)."""
 QK_NORM_PER_HEAD = {"Qwen3MoeAttention": True, "OlmoeAttention": False, "Dots1Attention": True, "Glm4MoeAttention": True}
 """Attention classes that normalise queries and keys before the rotary embedding: over each
-head's Dh (Qwen3-MoE) or over the whole projection (OLMoE, which may also clip q/k/v)."""
+head's Dh (Qwen3-MoE, dots.llm1, GLM-4.5 when it has them) or over the whole projection (OLMoE,
+which may also clip q/k/v)."""
 
 
 @dataclass

@@ -29,8 +29,6 @@ class Family:
     model_type: str
     block_class: str
     """Class name of the family's sparse MoE block in transformers."""
-    num_experts_field: str
-    """config field holding the number of routed experts."""
     shared_experts: SharedExperts | None = None
     """Output of the always-on shared expert(s) for flat hidden [T, D] (None from it: this
     block has none), or None when the family has none."""
@@ -66,20 +64,20 @@ def _hunyuan_shared(block: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 FAMILIES: Registry[Family] = Registry("model family")
 for _family in (
-    Family("mixtral", "MixtralSparseMoeBlock", "num_local_experts"),
-    Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", "num_experts", _qwen2_shared),
-    Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", "num_experts"),
-    Family("olmoe", "OlmoeSparseMoeBlock", "num_experts"),
-    Family("deepseek_v2", "DeepseekV2Moe", "n_routed_experts", _deepseek_shared),
-    Family("deepseek_v3", "DeepseekV3MoE", "n_routed_experts", _deepseek_shared),
-    Family("glm4_moe", "Glm4MoeMoE", "n_routed_experts", _deepseek_shared),
-    Family("glm4_moe_lite", "Glm4MoeLiteMoE", "n_routed_experts", _deepseek_shared),
-    Family("dots1", "Dots1MoE", "n_routed_experts", _deepseek_shared),
-    Family("exaone_moe", "ExaoneMoeSparseMoEBlock", "num_experts", _deepseek_shared),
-    Family("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", "moe_num_experts", _deepseek_shared),
-    Family("hunyuan_v1_moe", "HunYuanMoEV1Moe", "num_experts", _hunyuan_shared, top_k_field="moe_topk"),
-    Family("phimoe", "PhimoeSparseMoeBlock", "num_local_experts", router_attr="router"),
-    Family("flex_olmo", "FlexOlmoSparseMoeBlock", "num_experts"),
-    Family("qwen3_next", "Qwen3NextSparseMoeBlock", "num_experts", _qwen2_shared),
+    Family("mixtral", "MixtralSparseMoeBlock"),
+    Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", _qwen2_shared),
+    Family("qwen3_moe", "Qwen3MoeSparseMoeBlock"),
+    Family("olmoe", "OlmoeSparseMoeBlock"),
+    Family("deepseek_v2", "DeepseekV2Moe", _deepseek_shared),
+    Family("deepseek_v3", "DeepseekV3MoE", _deepseek_shared),
+    Family("glm4_moe", "Glm4MoeMoE", _deepseek_shared),
+    Family("glm4_moe_lite", "Glm4MoeLiteMoE", _deepseek_shared),
+    Family("dots1", "Dots1MoE", _deepseek_shared),
+    Family("exaone_moe", "ExaoneMoeSparseMoEBlock", _deepseek_shared),
+    Family("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", _deepseek_shared),
+    Family("hunyuan_v1_moe", "HunYuanMoEV1Moe", _hunyuan_shared, top_k_field="moe_topk"),
+    Family("phimoe", "PhimoeSparseMoeBlock", router_attr="router"),
+    Family("flex_olmo", "FlexOlmoSparseMoeBlock"),
+    Family("qwen3_next", "Qwen3NextSparseMoeBlock", _qwen2_shared),
 ):
     FAMILIES.register(_family.model_type)(_family)
